@@ -1,0 +1,1 @@
+//! klingq-storage.

@@ -1,0 +1,1 @@
+//! SeaweedFS for tests (filled in by the storage work).
