@@ -1,0 +1,404 @@
+//! Jobs: ids, states, the checkpoint each state carries, and the job as users see it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::request::GenerationRequest;
+use crate::validation::ValidationErrors;
+
+/// A job id: a UUIDv7, so ids sort by creation time. Also the provider's `client_ref`, so a run
+/// can always be traced back to the job that paid for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(Uuid);
+
+impl JobId {
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    /// Milliseconds since the Unix epoch at which the id was made.
+    pub fn created_at_ms(&self) -> u64 {
+        self.0
+            .get_timestamp()
+            .map(|ts| {
+                let (secs, nanos) = ts.to_unix();
+                secs * 1000 + u64::from(nanos) / 1_000_000
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Default for JobId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.as_hyphenated().fmt(f)
+    }
+}
+
+impl FromStr for JobId {
+    type Err = uuid::Error;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(text).map(Self)
+    }
+}
+
+/// A batch id, made like a job id.
+pub type BatchId = JobId;
+
+/// Every state a job passes through. `succeeded`, `failed`, `cancelled` and `dead` are terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting in the ready stream for a worker.
+    Queued,
+    /// Waiting for a time: a not-before time, a retry backoff, a budget or a credit pause.
+    Scheduled,
+    /// Creating the provider run (the checkpoint is written before the request).
+    Submitting,
+    /// The provider run exists; the worker polls it.
+    Generating,
+    /// The run succeeded; the video is being fetched.
+    Downloading,
+    /// The video is streaming into object storage.
+    Uploading,
+    /// The object is stored; the completion event is being written.
+    Publishing,
+    Succeeded,
+    /// Ended for a permanent reason (moderation, invalid input, deadline): see the job's error.
+    Failed,
+    Cancelled,
+    /// Given up on by the queue (attempts exhausted, undecodable, panicked): re-drivable.
+    Dead,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 11] = [
+        JobState::Queued,
+        JobState::Scheduled,
+        JobState::Submitting,
+        JobState::Generating,
+        JobState::Downloading,
+        JobState::Uploading,
+        JobState::Publishing,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+        JobState::Dead,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Scheduled => "scheduled",
+            JobState::Submitting => "submitting",
+            JobState::Generating => "generating",
+            JobState::Downloading => "downloading",
+            JobState::Uploading => "uploading",
+            JobState::Publishing => "publishing",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::Dead => "dead",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::Dead
+        )
+    }
+
+    /// States in which a worker holds the job (between delivery and the end of the attempt).
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            JobState::Submitting
+                | JobState::Generating
+                | JobState::Downloading
+                | JobState::Uploading
+                | JobState::Publishing
+        )
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        JobState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == text)
+            .ok_or_else(|| format!("unknown job state {text:?}"))
+    }
+}
+
+/// Delivery priority. Workers take `high` before `normal` before `low`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+    Low,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+}
+
+impl FromStr for Priority {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Priority::ALL
+            .into_iter()
+            .find(|p| p.as_str() == text)
+            .ok_or_else(|| format!("unknown priority {text:?}: use high, normal or low"))
+    }
+}
+
+/// The most bytes of user metadata a job may carry, serialized.
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+
+/// What a backend service submits: the generation request and optional delivery settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub request: GenerationRequest,
+    /// Any JSON object of the user's; echoed in the job record and its completion event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    #[serde(default)]
+    pub priority: Priority,
+    /// The job is not submitted before this time.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub not_before: Option<OffsetDateTime>,
+}
+
+impl JobSpec {
+    pub fn new(request: GenerationRequest) -> Self {
+        Self {
+            request,
+            metadata: None,
+            webhook_url: None,
+            idempotency_key: None,
+            priority: Priority::Normal,
+            not_before: None,
+        }
+    }
+
+    /// Checks the request and the job's own fields, naming each path (`request.prompt`, ...).
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut errors = match self.request.validate() {
+            Ok(()) => ValidationErrors::default(),
+            Err(errors) => errors.prefixed("request"),
+        };
+        if let Some(metadata) = &self.metadata {
+            if !metadata.is_object() {
+                errors.push("metadata", "type", "must be a JSON object");
+            } else {
+                let n_bytes = metadata.to_string().len();
+                if n_bytes > MAX_METADATA_BYTES {
+                    errors.push(
+                        "metadata",
+                        "max_length",
+                        format!("must be at most {MAX_METADATA_BYTES} bytes as JSON, got {n_bytes}"),
+                    );
+                }
+            }
+        }
+        if let Some(url) = &self.webhook_url {
+            let lower = url.to_ascii_lowercase();
+            if !(lower.starts_with("http://") || lower.starts_with("https://"))
+                || !crate::request::is_acceptable_url(url)
+            {
+                errors.push("webhook_url", "url", "must be an http(s) URL with a host");
+            }
+        }
+        if let Some(key) = &self.idempotency_key
+            && (key.is_empty() || key.len() > 255)
+        {
+            errors.push(
+                "idempotency_key",
+                "max_length",
+                format!("must be 1 to 255 bytes, got {}", key.len()),
+            );
+        }
+        errors.into_result()
+    }
+}
+
+/// Where a job stands with the provider: written before and right after the create call.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProviderCheckpoint {
+    /// The provider's run id, once known. With it, the job never creates another run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    /// When the create request was (about to be) sent, in ms since the epoch. Set without a
+    /// `run_id`, it means the outcome of that request is unknown: reconcile by client_ref.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_at_ms: Option<u64>,
+    /// How many create requests were sent for this job (each under the same client_ref).
+    #[serde(default)]
+    pub creates: u32,
+    /// The run's last known status as the provider spells it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// Size the provider reported for the output, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_size: Option<u64>,
+    /// The provider's cost for the run, in USD, when it reported one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    /// Set when the run finished successfully: from here on the job never polls or creates.
+    #[serde(default)]
+    pub finished: bool,
+}
+
+/// The re-hosted video.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredVideo {
+    pub bucket: String,
+    pub key: String,
+    /// A presigned GET URL or a public URL. Presigned URLs are secrets: never log them.
+    pub url: String,
+    pub size: u64,
+    /// Hex sha256 of the object's bytes.
+    pub sha256: String,
+    pub content_type: String,
+}
+
+/// Why a job failed: the step, the provider's code and message, and field errors when any.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobError {
+    /// The pipeline step that failed: `submit`, `generate`, `download`, `upload`, `publish`, or
+    /// `queue` for failures of the queue itself (attempts exhausted, undecodable payload).
+    pub step: String,
+    /// A stable code: the provider's (`CONTENT_POLICY_VIOLATION`, `VALIDATION_ERROR`, ...) or ours.
+    pub code: String,
+    pub message: String,
+    /// Field errors the provider returned, when it did.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<Value>,
+    /// Whether the provider cost is already committed (a run was created and may be billed).
+    #[serde(default)]
+    pub cost_committed: bool,
+}
+
+/// The checkpoint a job carries between attempts; each field says how far it got.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    #[serde(default)]
+    pub provider: ProviderCheckpoint,
+    /// Set once the object is in storage and verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub video: Option<StoredVideo>,
+    /// Retries spent per step (`submit`, `generate`, `download`, ...), each against its own budget.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub step_retries: BTreeMap<String, u32>,
+    /// Time spent per step in ms, for the job record and the dashboard.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub step_ms: BTreeMap<String, u64>,
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    let now = OffsetDateTime::now_utc();
+    (now.unix_timestamp_nanos() / 1_000_000) as u64
+}
+
+/// Formats epoch milliseconds as RFC 3339.
+pub fn format_ms(ms: u64) -> String {
+    let nanos = i128::from(ms) * 1_000_000;
+    OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_sort_by_time_and_parse_back() {
+        let first = JobId::new();
+        let second = JobId::new();
+        assert!(first < second);
+        assert_eq!(first.to_string().parse::<JobId>().unwrap(), first);
+        let age = now_ms().abs_diff(first.created_at_ms());
+        assert!(age < 60_000, "{age}");
+    }
+
+    #[test]
+    fn states_round_trip_and_classify() {
+        for state in JobState::ALL {
+            assert_eq!(state.as_str().parse::<JobState>().unwrap(), state);
+            assert_eq!(
+                serde_json::to_value(state).unwrap(),
+                serde_json::json!(state.as_str())
+            );
+            assert!(!(state.is_terminal() && state.is_active()));
+        }
+        assert_eq!(
+            JobState::ALL.iter().filter(|s| s.is_terminal()).count(),
+            4
+        );
+    }
+
+    #[test]
+    fn job_spec_checks_its_own_fields() {
+        let mut spec = JobSpec::new(GenerationRequest::new("https://e.com/a.png", ""));
+        spec.metadata = Some(serde_json::json!([1]));
+        spec.webhook_url = Some("ftp://x".into());
+        spec.idempotency_key = Some(String::new());
+        let errors = spec.validate().unwrap_err();
+        let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec!["request.prompt", "metadata", "webhook_url", "idempotency_key"]
+        );
+        spec.metadata = Some(serde_json::json!({"k": "v".repeat(MAX_METADATA_BYTES)}));
+        let errors = spec.validate().unwrap_err();
+        assert!(errors.iter().any(|e| e.path == "metadata" && e.rule == "max_length"));
+    }
+
+    #[test]
+    fn formats_epoch_ms() {
+        assert_eq!(format_ms(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_ms(1_500), "1970-01-01T00:00:01.5Z");
+    }
+}
