@@ -1,1 +1,36 @@
-//! klingq-queue.
+//! klingq's job queue on Redis, and its backend for apalis 1.0 workers.
+//!
+//! This is the only crate that knows Redis key names ([`Keys`]). Producers use [`Queue`] to
+//! enqueue jobs and batches, read records, cancel, list dead letters and re-drive them. Workers
+//! run a stock apalis `WorkerBuilder` over [`QueueBackend`]; handlers take a [`Lease`] to read
+//! their checkpoint and save progress, and end an attempt with `Ok` ([`Completion`]) or a
+//! [`JobFailure`] saying whether to retry, defer, fail or stop.
+//!
+//! # Layout in Redis
+//! See [`Keys`] and ARCHITECTURE.md. One job is a hash; a delivery is an entry in a ready
+//! stream (one per priority) read by the consumer group `workers`; a delay is a member of a
+//! sorted set; a dead job is a member of the dead set; state changes that touch several keys
+//! run as Lua scripts (`src/lua/`), so a job, its batch counters and its completion event
+//! always agree.
+
+mod completion;
+mod config;
+mod error;
+mod keys;
+mod layer;
+mod lease;
+mod queue;
+mod record;
+mod scripts;
+mod worker;
+
+pub use completion::EventExtras;
+pub use config::QueueConfig;
+pub use error::{JobFailure, LeaseError, QueueError};
+pub use keys::Keys;
+pub use layer::{Completion, Outcome, SettleLayer, SettleService};
+pub use lease::Lease;
+pub use queue::{CancelOutcome, Enqueued, NewJob, Queue, RedriveOutcome};
+pub use record::{BatchRecord, JobRecord, QueueStats, StoredEvent};
+pub use worker::{QueueBackend, WorkerHandle, WorkerOptions, WorkerStats, consumer_name};
+

@@ -1,0 +1,123 @@
+-- Shared prelude of every klingq queue script. Each script is this prelude followed by its body.
+-- ARGV[1]: the hash-tagged key prefix `{ns}`; ARGV[2]: retention of finished records in
+-- seconds; ARGV[3]: approximate maximum length of the events stream. A script's own arguments
+-- start at ARGV[4]. Every key a script touches is under the prefix, so it lives in one
+-- Cluster slot with KEYS[1], which routes the call.
+local P = ARGV[1]
+local RETENTION = tonumber(ARGV[2])
+local MAXLEN = ARGV[3]
+local GROUP = 'workers'
+local TERMINAL = { succeeded = true, failed = true, cancelled = true, dead = true }
+local T = redis.call('TIME')
+local NOW = tonumber(T[1]) * 1000 + math.floor(tonumber(T[2]) / 1000)
+
+local function jobkey(id) return P .. ':job:' .. id end
+local function readykey(queue, prio) return P .. ':q:' .. queue .. ':ready:' .. prio end
+
+-- RFC 3339 UTC time of epoch milliseconds (Redis' Lua has no os.date).
+local function iso(ms)
+  local secs = math.floor(ms / 1000)
+  local days = math.floor(secs / 86400)
+  local rem = secs - days * 86400
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local y = yoe + era * 400
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  if m <= 2 then y = y + 1 end
+  return string.format('%04d-%02d-%02dT%02d:%02d:%02d.%03dZ', y, m, d,
+    math.floor(rem / 3600), math.floor(rem % 3600 / 60), rem % 60, ms % 1000)
+end
+
+local function append_event(event_id, event_type, subject, body)
+  redis.call('XADD', P .. ':events', 'MAXLEN', '~', MAXLEN, '*',
+    'id', event_id, 'type', event_type, 'subject', subject, 'event', body)
+end
+
+-- Marks a batch done once it is sealed and every job in it is terminal, and publishes
+-- `batch.completed` exactly once per completion.
+local function check_batch_done(batch)
+  local bk = P .. ':batch:' .. batch
+  local b = redis.call('HMGET', bk, 'sealed', 'total', 'terminal', 'done')
+  if b[1] ~= '1' or b[4] == '1' or tonumber(b[3] or 0) < tonumber(b[2] or 0) then return end
+  redis.call('HSET', bk, 'done', 1, 'finished_ms', NOW)
+  local completions = redis.call('HINCRBY', bk, 'completions', 1)
+  local all = redis.call('HGETALL', bk)
+  local counts, est, charged = {}, 0, 0
+  for i = 1, #all, 2 do
+    local k, v = all[i], all[i + 1]
+    if string.sub(k, 1, 2) == 'n:' then
+      local n = tonumber(v)
+      if n ~= 0 then counts[string.sub(k, 3)] = n end
+    elseif k == 'est_micros' then est = tonumber(v)
+    elseif k == 'charged_micros' then charged = tonumber(v) end
+  end
+  local event_id = 'evt_batch_' .. batch .. '_' .. (completions - 1)
+  local body = cjson.encode({ id = event_id, type = 'batch.completed', timestamp = iso(NOW),
+    data = { batch_id = batch, total = tonumber(b[2]), counts = counts,
+      estimated_usd = est / 1e6, charged_usd = charged / 1e6 } })
+  append_event(event_id, 'batch.completed', batch, body)
+  redis.call('EXPIRE', bk, RETENTION)
+  redis.call('EXPIRE', bk .. ':jobs', RETENTION)
+end
+
+-- Moves a job to a state, keeping its batch's per-state counters; returns the old state.
+local function set_state(jk, new_state)
+  local f = redis.call('HMGET', jk, 'state', 'batch')
+  local old, batch = f[1], f[2]
+  redis.call('HSET', jk, 'state', new_state, 'updated_ms', NOW)
+  if old == new_state or not batch then return old end
+  local bk = P .. ':batch:' .. batch
+  if old then redis.call('HINCRBY', bk, 'n:' .. old, -1) end
+  redis.call('HINCRBY', bk, 'n:' .. new_state, 1)
+  local was_terminal = old and TERMINAL[old]
+  if TERMINAL[new_state] and not was_terminal then
+    redis.call('HINCRBY', bk, 'terminal', 1)
+    check_batch_done(batch)
+  elseif was_terminal and not TERMINAL[new_state] then
+    redis.call('HINCRBY', bk, 'terminal', -1)
+    redis.call('HSET', bk, 'done', 0)
+    redis.call('PERSIST', bk)
+    redis.call('PERSIST', bk .. ':jobs')
+  end
+  return old
+end
+
+-- Puts a job on its ready stream and records the entry.
+local function make_ready(jk, id)
+  local f = redis.call('HMGET', jk, 'q', 'prio')
+  local entry = redis.call('XADD', readykey(f[1], f[2]), '*', 'id', id)
+  redis.call('HSET', jk, 'entry', entry)
+  redis.call('HDEL', jk, 'run_at_ms')
+  set_state(jk, 'queued')
+  return entry
+end
+
+-- Ends a job: terminal state, error, charge, dead-letter index, event, retention.
+local function finish(jk, id, state, reason, err, event_id, event_type, event, charged)
+  local queue = redis.call('HGET', jk, 'q')
+  if charged > 0 then
+    redis.call('HINCRBY', jk, 'charged_micros', charged)
+    local batch = redis.call('HGET', jk, 'batch')
+    if batch then redis.call('HINCRBY', P .. ':batch:' .. batch, 'charged_micros', charged) end
+  end
+  redis.call('HSET', jk, 'finished_ms', NOW, 'reason', reason)
+  redis.call('HDEL', jk, 'entry', 'worker', 'run_at_ms')
+  if err ~= '' then redis.call('HSET', jk, 'error', err) end
+  redis.call('ZREM', P .. ':q:' .. queue .. ':delayed', id)
+  if state == 'dead' then redis.call('ZADD', P .. ':q:' .. queue .. ':dead', NOW, id) end
+  if event ~= '' then append_event(event_id, event_type, id, event) end
+  set_state(jk, state)
+  redis.call('EXPIRE', jk, RETENTION)
+end
+
+-- The lease check: the entry is pending and held by this consumer.
+local function owner_of(stream, entry)
+  local p = redis.call('XPENDING', stream, GROUP, entry, entry, 1)
+  if #p == 0 then return nil end
+  return p[1][2]
+end

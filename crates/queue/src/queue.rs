@@ -1,0 +1,812 @@
+//! [`Queue`]: the handle producers, operators and workers share. It enqueues jobs and batches,
+//! reads records, cancels, lists and re-drives dead letters, reports statistics and reads the
+//! events stream.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use klingq_core::job::now_ms;
+use klingq_core::{JobError, JobId, JobState, Priority, redact_url};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, Script, Value};
+use serde_json::Value as Json;
+
+use crate::completion::{self, EventExtras, EventSubject};
+use crate::config::QueueConfig;
+use crate::error::QueueError;
+use crate::keys::{GROUP, Keys};
+use crate::record::{BatchRecord, JobRecord, QueueStats, StoredEvent};
+use crate::scripts;
+
+/// A job to enqueue. The payload is the queue's argument type, already serialized.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: JobId,
+    pub payload: String,
+    pub priority: Priority,
+    /// Not delivered before this time (ms since the epoch).
+    pub run_at_ms: Option<u64>,
+    /// Same key within its TTL: the first job's id comes back and nothing is written.
+    pub idempotency_key: Option<String>,
+    /// Estimated cost, added to the batch's estimate.
+    pub estimated_micros: u64,
+    /// Overrides the queue's maximum attempts for this job.
+    pub max_attempts: Option<u32>,
+}
+
+impl NewJob {
+    /// A job carrying `args` as JSON, with a fresh id and default options.
+    pub fn new<T: serde::Serialize>(args: &T) -> Result<Self, QueueError> {
+        Ok(Self {
+            id: JobId::new(),
+            payload: serde_json::to_string(args)?,
+            priority: Priority::Normal,
+            run_at_ms: None,
+            idempotency_key: None,
+            estimated_micros: 0,
+            max_attempts: None,
+        })
+    }
+}
+
+/// The outcome of one enqueue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enqueued {
+    /// The job's id: the new one, or the first job's when deduplicated.
+    pub id: String,
+    /// False when an idempotency key (or the same job id) matched an existing job.
+    pub created: bool,
+}
+
+/// The outcome of a cancel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// Cancelled from `previous`. `cost_committed` says a provider run may already be billed.
+    Cancelled {
+        previous: JobState,
+        cost_committed: bool,
+    },
+    /// Already in a terminal state: nothing changed.
+    AlreadyTerminal(JobState),
+}
+
+/// The outcome of re-driving one dead job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedriveOutcome {
+    Redriven,
+    /// Not dead: nothing changed.
+    NotDead(JobState),
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: QueueConfig,
+    pub(crate) keys: Keys,
+    pub(crate) client: redis::Client,
+    pub(crate) conn: ConnectionManager,
+    /// A key in the namespace's slot: every script names it as KEYS[1] so Cluster routes it.
+    route_key: String,
+}
+
+/// A connection to one queue of one namespace. Cheap to clone.
+#[derive(Clone)]
+pub struct Queue {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("redis", &redact_url(&self.inner.config.redis_url))
+            .field("namespace", &self.inner.config.namespace)
+            .field("queue", &self.inner.config.queue)
+            .finish()
+    }
+}
+
+impl Queue {
+    /// Connects and loads the scripts. Fails if Redis does not answer.
+    pub async fn connect(config: QueueConfig) -> Result<Self, QueueError> {
+        let client = redis::Client::open(config.redis_url.as_str())?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(config.command_timeout()))
+            .set_number_of_retries(3)
+            .set_max_delay(Duration::from_secs(2));
+        let mut conn = ConnectionManager::new_with_config(client.clone(), manager_config).await?;
+        Self::load_scripts(&mut conn).await?;
+        let keys = Keys::new(&config.namespace);
+        let route_key = keys.custom("route");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                keys,
+                client,
+                conn,
+                route_key,
+            }),
+        })
+    }
+
+    /// The same connection, for another queue of the namespace (e.g. webhook deliveries).
+    pub fn for_queue(&self, queue: &str) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config: self.inner.config.for_queue(queue),
+                keys: self.inner.keys.clone(),
+                client: self.inner.client.clone(),
+                conn: self.inner.conn.clone(),
+                route_key: self.inner.route_key.clone(),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &QueueConfig {
+        &self.inner.config
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.inner.keys
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.config.queue
+    }
+
+    /// A multiplexed, reconnecting connection for other crates' keys (limits, budgets).
+    pub fn connection(&self) -> ConnectionManager {
+        self.inner.conn.clone()
+    }
+
+    /// A new dedicated connection, for blocking reads that must not stall shared traffic.
+    pub async fn dedicated_connection(
+        &self,
+        response_timeout: Duration,
+    ) -> Result<redis::aio::MultiplexedConnection, QueueError> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(response_timeout));
+        Ok(self
+            .inner
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?)
+    }
+
+    /// An EVALSHA of `script` with the prelude's arguments (prefix, retention, events length);
+    /// the script's own arguments are appended by the caller.
+    pub(crate) fn script_cmd(&self, script: &Script) -> Cmd {
+        let config = &self.inner.config;
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash())
+            .arg(1)
+            .arg(&self.inner.route_key)
+            .arg(self.inner.keys.prefix())
+            .arg(config.retention_secs.max(1))
+            .arg(config.events_max_len.max(1));
+        cmd
+    }
+
+    /// Loads every script (after a Redis restart or SCRIPT FLUSH emptied the cache).
+    async fn load_scripts(conn: &mut ConnectionManager) -> Result<(), QueueError> {
+        for script in scripts::all() {
+            script.prepare_invoke().load_async(conn).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs a script command or pipeline, reloading the scripts once on NOSCRIPT, and again
+    /// on transient errors for about `budget`. Every script is safe to run twice.
+    pub(crate) async fn run_scripts<T: redis::FromRedisValue>(
+        &self,
+        pipe_or_cmd: &ScriptBatch,
+        budget: Duration,
+    ) -> Result<T, QueueError> {
+        self.retrying(budget, || {
+            let mut conn = self.inner.conn.clone();
+            async move {
+                match pipe_or_cmd.query(&mut conn).await {
+                    Err(error) if error.kind() == noscript() => {
+                        Self::load_scripts(&mut conn).await?;
+                        Ok(pipe_or_cmd.query(&mut conn).await?)
+                    }
+                    other => Ok(other?),
+                }
+            }
+        })
+        .await
+    }
+
+    pub(crate) async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        cmd: Cmd,
+    ) -> Result<T, QueueError> {
+        self.run_scripts(&ScriptBatch::One(cmd), Duration::from_secs(10))
+            .await
+    }
+
+    /// Runs `op` again on transient Redis errors, with jittered exponential backoff, for at
+    /// most about `budget`.
+    pub(crate) async fn retrying<T, F, Fut>(&self, budget: Duration, op: F) -> Result<T, QueueError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, QueueError>>,
+    {
+        let policy = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(2))
+            .with_jitter()
+            .with_total_delay(Some(budget))
+            .without_max_times();
+        op.retry(policy)
+            .when(|error: &QueueError| error.is_transient())
+            .notify(|error: &QueueError, delay: Duration| {
+                tracing::warn!(%error, ?delay, "redis call failed; retrying");
+            })
+            .await
+    }
+
+    fn enqueue_cmd(&self, batch: &str, job: &NewJob) -> Cmd {
+        let config = &self.inner.config;
+        let mut cmd = self.script_cmd(&scripts::ENQUEUE);
+        cmd
+            .arg(job.id.to_string())
+            .arg(&config.queue)
+            .arg(&job.payload)
+            .arg(job.priority.as_str())
+            .arg(job.max_attempts.unwrap_or(config.max_attempts).max(1))
+            .arg(job.run_at_ms.unwrap_or(0))
+            .arg(job.idempotency_key.as_deref().unwrap_or(""))
+            .arg(config.idempotency_ttl_secs.max(1))
+            .arg(batch)
+            .arg(job.estimated_micros);
+        cmd
+    }
+
+    /// Enqueues one job (with its optional batch, which must be open).
+    pub async fn enqueue(&self, job: &NewJob, batch: Option<&str>) -> Result<Enqueued, QueueError> {
+        let reply: (i64, String) = self
+            .run_script(self.enqueue_cmd(batch.unwrap_or(""), job))
+            .await?;
+        Ok(Enqueued {
+            id: reply.1,
+            created: reply.0 == 1,
+        })
+    }
+
+    /// Enqueues many jobs in pipelined chunks (`enqueue_chunk` per round trip). Re-running a
+    /// chunk after a dropped connection is harmless: enqueue is idempotent per job id.
+    pub async fn enqueue_many(
+        &self,
+        jobs: &[NewJob],
+        batch: Option<&str>,
+    ) -> Result<Vec<Enqueued>, QueueError> {
+        let mut results = Vec::with_capacity(jobs.len());
+        let chunk_size = self.inner.config.enqueue_chunk.max(1);
+        for chunk in jobs.chunks(chunk_size) {
+            let mut pipe = redis::pipe();
+            for job in chunk {
+                pipe.add_command(self.enqueue_cmd(batch.unwrap_or(""), job));
+            }
+            let replies: Vec<(i64, String)> = self
+                .run_scripts(&ScriptBatch::Many(pipe), Duration::from_secs(30))
+                .await?;
+            results.extend(replies.into_iter().map(|(created, id)| Enqueued {
+                id,
+                created: created == 1,
+            }));
+        }
+        Ok(results)
+    }
+
+    /// Opens a batch before its jobs are enqueued. `info` is kept as the batch's description.
+    pub async fn open_batch(
+        &self,
+        batch_id: &str,
+        info: &Json,
+        budget_micros: u64,
+    ) -> Result<(), QueueError> {
+        let mut cmd = self.script_cmd(&scripts::BATCH_OPEN);
+        cmd.arg(batch_id).arg(info.to_string()).arg(budget_micros);
+        let _: i64 = self.run_script(cmd).await?;
+        Ok(())
+    }
+
+    /// Seals a batch once all its jobs are enqueued; it is done when they are all terminal.
+    pub async fn seal_batch(&self, batch_id: &str) -> Result<u64, QueueError> {
+        let mut cmd = self.script_cmd(&scripts::BATCH_SEAL);
+        cmd.arg(batch_id);
+        let total: i64 = self.run_script(cmd).await?;
+        if total < 0 {
+            return Err(QueueError::BatchNotFound(batch_id.to_owned()));
+        }
+        Ok(total as u64)
+    }
+
+    /// The job's record, or `None` if it does not exist (or has expired).
+    pub async fn job(&self, job_id: &str) -> Result<Option<JobRecord>, QueueError> {
+        let key = self.inner.keys.job(job_id);
+        let fields: HashMap<String, String> = self
+            .retrying(Duration::from_secs(5), || {
+                let mut conn = self.inner.conn.clone();
+                let key = key.clone();
+                async move { Ok(redis::cmd("HGETALL").arg(key).query_async(&mut conn).await?) }
+            })
+            .await?;
+        Ok(JobRecord::from_hash(job_id, fields))
+    }
+
+    /// Records of many jobs in one round trip; missing ones are left out.
+    pub async fn jobs(&self, job_ids: &[String]) -> Result<Vec<JobRecord>, QueueError> {
+        if job_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in job_ids {
+            pipe.cmd("HGETALL").arg(self.inner.keys.job(id));
+        }
+        let hashes: Vec<HashMap<String, String>> = self
+            .retrying(Duration::from_secs(5), || {
+                let mut conn = self.inner.conn.clone();
+                let pipe = &pipe;
+                async move { Ok(pipe.query_async(&mut conn).await?) }
+            })
+            .await?;
+        Ok(job_ids
+            .iter()
+            .zip(hashes)
+            .filter_map(|(id, fields)| JobRecord::from_hash(id, fields))
+            .collect())
+    }
+
+    pub async fn batch(&self, batch_id: &str) -> Result<Option<BatchRecord>, QueueError> {
+        let key = self.inner.keys.batch(batch_id);
+        let fields: HashMap<String, String> = self
+            .retrying(Duration::from_secs(5), || {
+                let mut conn = self.inner.conn.clone();
+                let key = key.clone();
+                async move { Ok(redis::cmd("HGETALL").arg(key).query_async(&mut conn).await?) }
+            })
+            .await?;
+        Ok(BatchRecord::from_hash(batch_id, fields))
+    }
+
+    /// Job ids of a batch in enqueue order, `limit` from `offset`.
+    pub async fn batch_job_ids(
+        &self,
+        batch_id: &str,
+        offset: u64,
+        limit: u64,
+    ) -> Result<Vec<String>, QueueError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let key = self.inner.keys.batch_jobs(batch_id);
+        self.query(
+            redis::cmd("LRANGE")
+                .arg(key)
+                .arg(offset)
+                .arg(offset + limit - 1),
+        )
+        .await
+    }
+
+    /// Batch ids, newest first.
+    pub async fn batch_ids(&self, offset: u64, limit: u64) -> Result<Vec<String>, QueueError> {
+        self.newest(&self.inner.keys.batches(), offset, limit).await
+    }
+
+    /// Job ids of this queue, newest first (within the retention).
+    pub async fn job_ids(&self, offset: u64, limit: u64) -> Result<Vec<String>, QueueError> {
+        self.newest(&self.inner.keys.jobs_index(&self.inner.config.queue), offset, limit)
+            .await
+    }
+
+    async fn newest(&self, key: &str, offset: u64, limit: u64) -> Result<Vec<String>, QueueError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.query(
+            redis::cmd("ZREVRANGE")
+                .arg(key)
+                .arg(offset)
+                .arg(offset + limit - 1),
+        )
+        .await
+    }
+
+    pub(crate) async fn query<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> Result<T, QueueError> {
+        self.retrying(Duration::from_secs(5), || {
+            let mut conn = self.inner.conn.clone();
+            async move { Ok(cmd.query_async(&mut conn).await?) }
+        })
+        .await
+    }
+
+    /// Cancels a job that has not finished. A job a worker holds is cancelled at once; the
+    /// worker notices at its next checkpoint. A provider run already created stays billed.
+    pub async fn cancel(&self, job_id: &str, reason: &str) -> Result<CancelOutcome, QueueError> {
+        let record = self
+            .job(job_id)
+            .await?
+            .ok_or_else(|| QueueError::NotFound(job_id.to_owned()))?;
+        if record.state.is_terminal() {
+            return Ok(CancelOutcome::AlreadyTerminal(record.state));
+        }
+        let has_run = record
+            .checkpoint
+            .as_ref()
+            .and_then(|c| c.pointer("/provider/run_id"))
+            .is_some_and(|run| !run.is_null());
+        let cost_committed = has_run || record.state.is_active();
+        let error = JobError {
+            step: step_of(record.state).to_owned(),
+            code: "CANCELLED".to_owned(),
+            message: if cost_committed {
+                format!("{reason}; the provider run was already created, so its cost is committed")
+            } else {
+                reason.to_owned()
+            },
+            details: Vec::new(),
+            cost_committed,
+        };
+        let event = self.event_for(&record, JobState::Cancelled, Some(&error), EventExtras::default());
+        let mut cmd = self.script_cmd(&scripts::CANCEL);
+        cmd.arg(job_id).arg(reason).arg(serde_json::to_string(&error)?);
+        push_event_args(&mut cmd, event.as_ref());
+        let (outcome, previous): (String, String) = self.run_script(cmd).await?;
+        let previous = previous.parse::<JobState>().ok();
+        match (outcome.as_str(), previous) {
+            ("cancelled", Some(previous)) => Ok(CancelOutcome::Cancelled {
+                previous,
+                cost_committed,
+            }),
+            ("terminal", Some(state)) => Ok(CancelOutcome::AlreadyTerminal(state)),
+            ("missing", _) => Err(QueueError::NotFound(job_id.to_owned())),
+            _ => Err(QueueError::Protocol(format!("cancel replied {outcome} {previous:?}"))),
+        }
+    }
+
+    pub(crate) fn event_for(
+        &self,
+        record: &JobRecord,
+        state: JobState,
+        error: Option<&JobError>,
+        extras: EventExtras,
+    ) -> Option<completion::BuiltEvent> {
+        if !self.inner.config.completion_events {
+            return None;
+        }
+        completion::build(
+            &EventSubject {
+                job_id: &record.id,
+                batch_id: record.batch_id.as_deref(),
+                redrives: record.redrives,
+                payload: &record.payload,
+            },
+            state,
+            error,
+            extras,
+            now_ms(),
+        )
+    }
+
+    /// Dead jobs of this queue, most recent first.
+    pub async fn dead_letters(&self, offset: u64, limit: u64) -> Result<Vec<JobRecord>, QueueError> {
+        let ids = self
+            .newest(&self.inner.keys.dead(&self.inner.config.queue), offset, limit)
+            .await?;
+        self.jobs(&ids).await
+    }
+
+    /// Re-drives one dead job: attempts reset, back to ready, a new completion event later.
+    pub async fn redrive(&self, job_id: &str) -> Result<RedriveOutcome, QueueError> {
+        let mut cmd = self.script_cmd(&scripts::REDRIVE);
+        cmd.arg(job_id);
+        let previous: String = self.run_script(cmd).await?;
+        match previous.as_str() {
+            "" => Err(QueueError::NotFound(job_id.to_owned())),
+            "dead" => Ok(RedriveOutcome::Redriven),
+            other => Ok(RedriveOutcome::NotDead(
+                other
+                    .parse()
+                    .map_err(|e: String| QueueError::Protocol(e))?,
+            )),
+        }
+    }
+
+    /// Re-drives every dead job of this queue (in pages); returns how many.
+    pub async fn redrive_all(&self) -> Result<u64, QueueError> {
+        let mut n_redriven = 0;
+        loop {
+            let ids: Vec<String> = self
+                .newest(&self.inner.keys.dead(&self.inner.config.queue), 0, 500)
+                .await?;
+            if ids.is_empty() {
+                return Ok(n_redriven);
+            }
+            for id in &ids {
+                if let Ok(RedriveOutcome::Redriven) = self.redrive(id).await {
+                    n_redriven += 1;
+                }
+            }
+        }
+    }
+
+    /// Moves due delayed jobs to ready, in bounded steps; returns how many moved.
+    pub async fn promote_due(&self) -> Result<u64, QueueError> {
+        let limit = self.inner.config.promote_batch.max(1);
+        let mut n_moved = 0;
+        loop {
+            let mut cmd = self.script_cmd(&scripts::PROMOTE);
+            cmd.arg(&self.inner.config.queue).arg(limit);
+            let moved: u64 = self.run_script(cmd).await?;
+            n_moved += moved;
+            if moved < limit as u64 {
+                return Ok(n_moved);
+            }
+        }
+    }
+
+    /// Queue depth: waiting, in flight, scheduled, dead, and the oldest waiting job's age.
+    pub async fn stats(&self) -> Result<QueueStats, QueueError> {
+        let queue = &self.inner.config.queue;
+        let keys = &self.inner.keys;
+        let mut stats = QueueStats {
+            queue: queue.clone(),
+            ..QueueStats::default()
+        };
+        let now = now_ms();
+        for priority in Priority::ALL {
+            let stream = keys.ready(queue, priority);
+            let mut pipe = redis::pipe();
+            pipe.cmd("XLEN").arg(&stream);
+            pipe.cmd("XINFO").arg("GROUPS").arg(&stream);
+            let (len, groups): (u64, Value) = match self
+                .retrying(Duration::from_secs(5), || {
+                    let mut conn = self.inner.conn.clone();
+                    let pipe = &pipe;
+                    async move { Ok(pipe.query_async(&mut conn).await?) }
+                })
+                .await
+            {
+                Ok(reply) => reply,
+                // No stream yet: nothing was ever enqueued at this priority.
+                Err(QueueError::Redis(error)) if error.code() == Some("ERR") => continue,
+                Err(error) => return Err(error),
+            };
+            let (pending, last_delivered) = group_info(&groups);
+            let waiting = len.saturating_sub(pending);
+            stats.in_flight += pending;
+            stats.waiting += waiting;
+            stats
+                .waiting_by_priority
+                .insert(priority.as_str().to_owned(), waiting);
+            if waiting > 0 {
+                let start = match &last_delivered {
+                    Some(id) if id != "0-0" => format!("({id}"),
+                    _ => "-".to_owned(),
+                };
+                let first: Value = self
+                    .query(redis::cmd("XRANGE").arg(&stream).arg(start).arg("+").arg("COUNT").arg(1))
+                    .await?;
+                if let Some(ms) = first_entry_ms(&first) {
+                    stats.oldest_waiting_ms = stats.oldest_waiting_ms.max(now.saturating_sub(ms));
+                }
+            }
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZCARD").arg(keys.delayed(queue));
+        pipe.cmd("ZCARD").arg(keys.dead(queue));
+        let (scheduled, dead): (u64, u64) = self
+            .retrying(Duration::from_secs(5), || {
+                let mut conn = self.inner.conn.clone();
+                let pipe = &pipe;
+                async move { Ok(pipe.query_async(&mut conn).await?) }
+            })
+            .await?;
+        stats.scheduled = scheduled;
+        stats.dead = dead;
+        Ok(stats)
+    }
+
+    /// Events after `cursor` (`0` or `0-0` for the start, `$` for new ones only). With
+    /// `block`, waits up to that long for one on a dedicated connection.
+    pub async fn read_events(
+        &self,
+        cursor: &str,
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<StoredEvent>, QueueError> {
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT").arg(count.max(1));
+        if let Some(block) = block {
+            cmd.arg("BLOCK").arg(block.as_millis() as u64);
+        }
+        cmd.arg("STREAMS").arg(self.inner.keys.events()).arg(cursor);
+        let reply: Value = match block {
+            Some(block) => {
+                let mut conn = self
+                    .dedicated_connection(block + self.inner.config.command_timeout())
+                    .await?;
+                cmd.query_async(&mut conn).await?
+            }
+            None => self.query(&cmd).await?,
+        };
+        let mut events = Vec::new();
+        for (_stream, entries) in parse_streams(&reply) {
+            for (cursor, fields) in entries {
+                let field = |name: &str| fields.get(name).cloned().unwrap_or_default();
+                events.push(StoredEvent {
+                    id: field("id"),
+                    event_type: field("type"),
+                    body: field("event"),
+                    cursor,
+                });
+            }
+        }
+        Ok(events)
+    }
+
+    /// Number of events in the stream (bounded by `events_max_len`).
+    pub async fn events_len(&self) -> Result<u64, QueueError> {
+        self.query(redis::cmd("XLEN").arg(self.inner.keys.events()))
+            .await
+    }
+}
+
+/// The pipeline step a job in `state` was in.
+pub(crate) fn step_of(state: JobState) -> &'static str {
+    match state {
+        JobState::Submitting => "submit",
+        JobState::Generating => "generate",
+        JobState::Downloading => "download",
+        JobState::Uploading => "upload",
+        JobState::Publishing => "publish",
+        _ => "queue",
+    }
+}
+
+/// Appends the event arguments scripts take: id, type, body (empty strings for none).
+pub(crate) fn push_event_args(cmd: &mut Cmd, event: Option<&completion::BuiltEvent>) {
+    match event {
+        Some(event) => cmd
+            .arg(&event.id)
+            .arg(event.event_type)
+            .arg(&event.body),
+        None => cmd.arg("").arg("").arg(""),
+    };
+}
+
+fn noscript() -> redis::ErrorKind {
+    redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+/// One script command or a pipeline of them.
+pub(crate) enum ScriptBatch {
+    One(Cmd),
+    Many(redis::Pipeline),
+}
+
+impl ScriptBatch {
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut ConnectionManager,
+    ) -> redis::RedisResult<T> {
+        match self {
+            ScriptBatch::One(cmd) => cmd.query_async(conn).await,
+            ScriptBatch::Many(pipe) => pipe.query_async(conn).await,
+        }
+    }
+}
+
+/// Pending count and last-delivered id of the `workers` group from an XINFO GROUPS reply.
+fn group_info(reply: &Value) -> (u64, Option<String>) {
+    let Value::Array(groups) = reply else {
+        return (0, None);
+    };
+    for group in groups {
+        let fields = flat_map(group);
+        if fields.get("name").map(String::as_str) == Some(GROUP) {
+            let pending = fields.get("pending").and_then(|p| p.parse().ok()).unwrap_or(0);
+            return (pending, fields.get("last-delivered-id").cloned());
+        }
+    }
+    (0, None)
+}
+
+/// Milliseconds part of the first entry id in an XRANGE reply.
+fn first_entry_ms(reply: &Value) -> Option<u64> {
+    let Value::Array(entries) = reply else {
+        return None;
+    };
+    let Value::Array(entry) = entries.first()? else {
+        return None;
+    };
+    let id = value_string(entry.first()?)?;
+    id.split('-').next()?.parse().ok()
+}
+
+/// A reply's flat field/value array (or RESP3 map) as a string map.
+pub(crate) fn flat_map(value: &Value) -> HashMap<String, String> {
+    let mut map = HashMap::new();
+    match value {
+        Value::Array(items) => {
+            for pair in items.chunks(2) {
+                if let [key, value] = pair
+                    && let (Some(key), Some(value)) = (value_string(key), value_string(value))
+                {
+                    map.insert(key, value);
+                }
+            }
+        }
+        Value::Map(pairs) => {
+            for (key, value) in pairs {
+                if let (Some(key), Some(value)) = (value_string(key), value_string(value)) {
+                    map.insert(key, value);
+                }
+            }
+        }
+        _ => {}
+    }
+    map
+}
+
+/// A scalar reply as a string.
+pub(crate) fn value_string(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+        Value::SimpleString(text) => Some(text.clone()),
+        Value::Int(n) => Some(n.to_string()),
+        Value::Okay => Some("OK".to_owned()),
+        Value::Double(d) => Some(d.to_string()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        _ => None,
+    }
+}
+
+/// Stream entries from an XREAD/XREADGROUP reply: per stream, (entry id, fields).
+pub(crate) fn parse_streams(reply: &Value) -> Vec<(String, Vec<(String, HashMap<String, String>)>)> {
+    let mut streams = Vec::new();
+    let items: Vec<(&Value, &Value)> = match reply {
+        Value::Array(items) => items
+            .iter()
+            .filter_map(|item| match item {
+                Value::Array(pair) if pair.len() == 2 => Some((&pair[0], &pair[1])),
+                _ => None,
+            })
+            .collect(),
+        Value::Map(pairs) => pairs.iter().map(|(k, v)| (k, v)).collect(),
+        _ => Vec::new(),
+    };
+    for (name, entries) in items {
+        let Some(name) = value_string(name) else {
+            continue;
+        };
+        streams.push((name, parse_entries(entries)));
+    }
+    streams
+}
+
+/// Entries of one stream: `[[id, [field, value, ...]], ...]`. Deleted entries (nil fields)
+/// are kept with no fields.
+pub(crate) fn parse_entries(value: &Value) -> Vec<(String, HashMap<String, String>)> {
+    let Value::Array(entries) = value else {
+        return Vec::new();
+    };
+    entries
+        .iter()
+        .filter_map(|entry| match entry {
+            Value::Array(parts) if !parts.is_empty() => {
+                let id = value_string(&parts[0])?;
+                let fields = parts.get(1).map(flat_map).unwrap_or_default();
+                Some((id, fields))
+            }
+            _ => None,
+        })
+        .collect()
+}

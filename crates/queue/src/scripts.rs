@@ -1,0 +1,47 @@
+//! The Lua scripts that change several keys at once. Each is the shared prelude
+//! (`lua/prelude.lua`: key helpers, state changes with batch counters, events) plus a body.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+macro_rules! script {
+    ($name:ident, $file:literal) => {
+        pub(crate) static $name: LazyLock<Script> = LazyLock::new(|| {
+            Script::new(concat!(
+                include_str!("lua/prelude.lua"),
+                "\n",
+                include_str!($file)
+            ))
+        });
+    };
+}
+
+script!(ENQUEUE, "lua/enqueue.lua");
+script!(BATCH_OPEN, "lua/batch_open.lua");
+script!(BATCH_SEAL, "lua/batch_seal.lua");
+script!(START, "lua/start.lua");
+script!(SETTLE, "lua/settle.lua");
+script!(CHECKPOINT, "lua/checkpoint.lua");
+script!(RENEW, "lua/renew.lua");
+script!(PROMOTE, "lua/promote.lua");
+script!(CANCEL, "lua/cancel.lua");
+script!(REDRIVE, "lua/redrive.lua");
+script!(RELEASE_MANY, "lua/release_many.lua");
+
+/// Every script, for loading them all at connect time (avoids a NOSCRIPT round trip later).
+pub(crate) fn all() -> [&'static Script; 11] {
+    [
+        &ENQUEUE,
+        &BATCH_OPEN,
+        &BATCH_SEAL,
+        &START,
+        &SETTLE,
+        &CHECKPOINT,
+        &RENEW,
+        &PROMOTE,
+        &CANCEL,
+        &REDRIVE,
+        &RELEASE_MANY,
+    ]
+}

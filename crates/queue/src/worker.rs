@@ -1,0 +1,975 @@
+//! [`QueueBackend`]: the apalis 1.0 `Backend` that delivers this queue's jobs to a worker.
+//!
+//! - Fetch: `XREADGROUP` on a dedicated connection (a BLOCK would stall every command behind it
+//!   on a shared one), never more entries than the worker has free slots, high priority first.
+//! - Start: one script counts the attempt of every fetched entry before any handler runs, so an
+//!   attempt whose worker dies still counts.
+//! - Lease: the entry's idle time in the stream's pending list. A keeper task renews every held
+//!   entry each `lease_timeout / 3`, checking ownership, and flags entries another worker took.
+//! - Recovery: every `reclaim_interval`, `XAUTOCLAIM` takes entries idle for a whole lease.
+//! - Promotion: the keeper moves due delayed jobs to ready in bounded steps.
+//! - Errors: a Redis error never reaches apalis (it would end the worker): the backend drops
+//!   the fetch connection, backs off and reconnects; handlers in flight keep running.
+//! - Shutdown: `poll_close` unblocks a pending read and puts fetched-but-unstarted entries back.
+
+use std::collections::{HashMap, VecDeque};
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use apalis_core::backend::{Backend, BackendConfig};
+use apalis_core::task::Task;
+use apalis_core::task::builder::TaskBuilder;
+use apalis_core::task::task_id::TaskId;
+use apalis_core::worker::context::WorkerContext;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use klingq_core::job::now_ms;
+use klingq_core::{JobError, JobState, Priority};
+use redis::Value;
+use redis::aio::MultiplexedConnection;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use crate::completion::{self, BuiltEvent, EventExtras, EventSubject};
+use crate::error::QueueError;
+use crate::keys::GROUP;
+use crate::layer::SettleLayer;
+use crate::lease::{Delivery, Lease, LeaseInner};
+use crate::queue::{Queue, ScriptBatch, parse_entries, parse_streams, push_event_args, value_string};
+use crate::scripts;
+
+/// A unique consumer name for this process: host, pid, start time and a random suffix.
+pub fn consumer_name(prefix: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "host".to_owned());
+    let suffix: u32 = rand::random();
+    format!(
+        "{prefix}-{host}-{}-{}-{suffix:08x}",
+        std::process::id(),
+        now_ms()
+    )
+}
+
+/// An entry this worker holds: fetched, maybe running, not yet settled.
+#[derive(Debug, Clone)]
+pub(crate) struct Held {
+    pub(crate) stream: String,
+    pub(crate) job_id: String,
+    pub(crate) lost: Arc<AtomicBool>,
+}
+
+/// State shared by the backend, its keeper, its layer and every lease.
+pub(crate) struct Shared {
+    pub(crate) queue: Queue,
+    pub(crate) consumer: String,
+    /// The worker's handler concurrency: fetches never exceed the free slots.
+    pub(crate) concurrency: usize,
+    /// Entry id → what it is; renewed by the keeper until settled.
+    pub(crate) held: Mutex<HashMap<String, Held>>,
+    /// Handlers running now (between the layer's call and its settle).
+    pub(crate) running: AtomicUsize,
+    /// The fetch connection's CLIENT ID, to unblock its read on shutdown (0: none).
+    pub(crate) fetch_client_id: AtomicI64,
+    pub(crate) worker: OnceLock<WorkerContext>,
+    /// Stops the keeper.
+    pub(crate) stop: watch::Sender<bool>,
+    /// XAUTOCLAIM cursors per stream.
+    reclaim_cursors: Mutex<HashMap<String, String>>,
+    pub(crate) stats: WorkerStats,
+}
+
+/// Counters of one worker, for metrics.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    pub fetched: AtomicUsize,
+    pub reclaimed: AtomicUsize,
+    pub succeeded: AtomicUsize,
+    pub failed: AtomicUsize,
+    pub retried: AtomicUsize,
+    pub deferred: AtomicUsize,
+    pub dead: AtomicUsize,
+    pub leases_lost: AtomicUsize,
+    pub redis_errors: AtomicUsize,
+}
+
+impl Shared {
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.worker.get().is_some_and(|w| w.is_shutting_down()) || *self.stop.borrow()
+    }
+
+    fn stream_keys(&self) -> Vec<String> {
+        let keys = self.queue.keys();
+        Priority::ALL
+            .iter()
+            .map(|p| keys.ready(self.queue.name(), *p))
+            .collect()
+    }
+
+    fn note_redis_error(&self, what: &str, error: &QueueError) {
+        self.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(consumer = %self.consumer, %error, "{what} failed");
+    }
+}
+
+/// How a delivery is settled.
+#[derive(Debug)]
+pub(crate) enum Settle {
+    Finish {
+        state: JobState,
+        reason: String,
+        error: Option<JobError>,
+        event: Option<BuiltEvent>,
+        charged_micros: u64,
+    },
+    Retry {
+        delay: Duration,
+        reason: String,
+        error: Option<JobError>,
+    },
+    Defer {
+        delay: Duration,
+        reason: String,
+    },
+}
+
+/// Settles a delivery, retrying Redis errors for up to a lease; then forgets the entry.
+/// If Redis stays away, the entry stays pending and is handed out again after its lease.
+pub(crate) async fn settle(shared: &Shared, delivery: &Delivery, settle: Settle) {
+    let mut cmd = shared.queue.script_cmd(&scripts::SETTLE);
+    cmd.arg(&delivery.stream)
+        .arg(&delivery.entry)
+        .arg(&shared.consumer)
+        .arg(&delivery.job_id);
+    match &settle {
+        Settle::Finish {
+            state,
+            reason,
+            error,
+            event,
+            charged_micros,
+        } => {
+            cmd.arg("finish")
+                .arg(state.as_str())
+                .arg(0)
+                .arg(reason)
+                .arg(error_json(error.as_ref()));
+            push_event_args(&mut cmd, event.as_ref());
+            cmd.arg(*charged_micros);
+        }
+        Settle::Retry {
+            delay,
+            reason,
+            error,
+        } => {
+            cmd.arg("retry")
+                .arg("")
+                .arg(delay.as_millis() as u64)
+                .arg(reason)
+                .arg(error_json(error.as_ref()));
+            push_event_args(&mut cmd, None);
+            cmd.arg(0);
+        }
+        Settle::Defer { delay, reason } => {
+            cmd.arg("defer")
+                .arg("")
+                .arg(delay.as_millis() as u64)
+                .arg(reason)
+                .arg("");
+            push_event_args(&mut cmd, None);
+            cmd.arg(0);
+        }
+    }
+    let budget = shared.queue.config().lease_timeout();
+    let outcome: Result<String, _> = shared
+        .queue
+        .run_scripts(&ScriptBatch::One(cmd), budget)
+        .await;
+    match outcome {
+        Ok(reply) if reply == "lost" => {
+            shared.stats.leases_lost.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(job_id = %delivery.job_id, "settle refused: another worker holds the job");
+        }
+        Ok(_) => {}
+        Err(error) => shared.note_redis_error("settle", &error),
+    }
+    shared
+        .held
+        .lock()
+        .expect("held map poisoned")
+        .remove(&delivery.entry);
+}
+
+fn error_json(error: Option<&JobError>) -> String {
+    error
+        .and_then(|e| serde_json::to_string(e).ok())
+        .unwrap_or_default()
+}
+
+/// Builds the completion event of a delivery ending in `state`.
+pub(crate) fn delivery_event(
+    shared: &Shared,
+    delivery: &Delivery,
+    state: JobState,
+    error: Option<&JobError>,
+    extras: EventExtras,
+) -> Option<BuiltEvent> {
+    if !shared.queue.config().completion_events {
+        return None;
+    }
+    let payload: serde_json::Value =
+        serde_json::from_str(&delivery.payload).unwrap_or(serde_json::Value::Null);
+    completion::build(
+        &EventSubject {
+            job_id: &delivery.job_id,
+            batch_id: delivery.batch.as_deref(),
+            redrives: delivery.redrives,
+            payload: &payload,
+        },
+        state,
+        error,
+        extras,
+        now_ms(),
+    )
+}
+
+/// Dead-letters a delivery the queue itself gives up on (undecodable, attempts exhausted).
+async fn dead_letter(shared: Arc<Shared>, delivery: Delivery, code: &str, message: String) {
+    let error = JobError {
+        step: "queue".to_owned(),
+        code: code.to_owned(),
+        message: message.clone(),
+        details: Vec::new(),
+        cost_committed: false,
+    };
+    let event = delivery_event(&shared, &delivery, JobState::Dead, Some(&error), EventExtras::default());
+    shared.stats.dead.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(job_id = %delivery.job_id, code, %message, "job dead-lettered");
+    settle(
+        &shared,
+        &delivery,
+        Settle::Finish {
+            state: JobState::Dead,
+            reason: message,
+            error: Some(error),
+            event,
+            charged_micros: 0,
+        },
+    )
+    .await;
+}
+
+/// A handle on a running worker's queue state, kept by the process after the worker stops.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    shared: Arc<Shared>,
+}
+
+impl WorkerHandle {
+    pub fn consumer(&self) -> &str {
+        &self.shared.consumer
+    }
+
+    /// Entries this worker holds now (fetched or running, not settled).
+    pub fn held(&self) -> usize {
+        self.shared.held.lock().expect("held map poisoned").len()
+    }
+
+    /// Handlers running now.
+    pub fn running(&self) -> usize {
+        self.shared.running.load(Ordering::Relaxed)
+    }
+
+    pub fn stats(&self) -> &WorkerStats {
+        &self.shared.stats
+    }
+
+    /// Puts every entry still held back on the ready streams, without counting an attempt:
+    /// for a shutdown whose grace period ran out. Jobs resume from their checkpoints.
+    pub async fn release_held(&self) -> usize {
+        let held: Vec<(String, Held)> = self
+            .shared
+            .held
+            .lock()
+            .expect("held map poisoned")
+            .drain()
+            .collect();
+        release(&self.shared, held).await
+    }
+}
+
+async fn release(shared: &Shared, entries: Vec<(String, Held)>) -> usize {
+    let mut n_released = 0;
+    for chunk in entries.chunks(256) {
+        let mut cmd = shared.queue.script_cmd(&scripts::RELEASE_MANY);
+        cmd.arg(&shared.consumer);
+        for (entry, held) in chunk {
+            cmd.arg(&held.stream).arg(entry).arg(&held.job_id);
+        }
+        match shared
+            .queue
+            .run_scripts::<usize>(&ScriptBatch::One(cmd), Duration::from_secs(5))
+            .await
+        {
+            Ok(n) => n_released += n,
+            Err(error) => shared.note_redis_error("release", &error),
+        }
+    }
+    n_released
+}
+
+/// Options of one worker's backend.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Unique per process (see [`consumer_name`]): leases are checked by consumer name.
+    pub consumer: String,
+    /// Must equal the worker's `.concurrency(n)`: fetches never exceed free slots.
+    pub concurrency: usize,
+}
+
+type FetchOutput = (Option<MultiplexedConnection>, Result<Vec<Delivery>, QueueError>);
+
+/// The apalis backend of one queue for one worker. See the module docs.
+pub struct QueueBackend<Args> {
+    shared: Arc<Shared>,
+    buffer: VecDeque<Task<Args>>,
+    fetch: Option<BoxFuture<'static, FetchOutput>>,
+    conn: Option<MultiplexedConnection>,
+    backoff: Option<Pin<Box<tokio::time::Sleep>>>,
+    n_failures: u32,
+    last_reclaim: Option<Instant>,
+    keeper_started: bool,
+    close: Option<BoxFuture<'static, ()>>,
+    _args: PhantomData<fn() -> Args>,
+}
+
+// Nothing in the backend is structurally pinned; `Task<Args>` sits in a VecDeque.
+impl<Args> Unpin for QueueBackend<Args> {}
+
+impl<Args> QueueBackend<Args> {
+    pub fn new(queue: Queue, options: WorkerOptions) -> Self {
+        let (stop, _) = watch::channel(false);
+        Self {
+            shared: Arc::new(Shared {
+                queue,
+                consumer: options.consumer,
+                concurrency: options.concurrency.max(1),
+                held: Mutex::new(HashMap::new()),
+                running: AtomicUsize::new(0),
+                fetch_client_id: AtomicI64::new(0),
+                worker: OnceLock::new(),
+                stop,
+                reclaim_cursors: Mutex::new(HashMap::new()),
+                stats: WorkerStats::default(),
+            }),
+            buffer: VecDeque::new(),
+            fetch: None,
+            conn: None,
+            backoff: None,
+            n_failures: 0,
+            last_reclaim: None,
+            keeper_started: false,
+            close: None,
+            _args: PhantomData,
+        }
+    }
+
+    pub fn handle(&self) -> WorkerHandle {
+        WorkerHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    fn free_slots(&self) -> usize {
+        let running = self.shared.running.load(Ordering::Relaxed);
+        let max = self.shared.queue.config().fetch_batch.max(1);
+        self.shared
+            .concurrency
+            .saturating_sub(running + self.buffer.len())
+            .clamp(1, max)
+    }
+}
+
+impl<Args> Drop for QueueBackend<Args> {
+    fn drop(&mut self) {
+        let _ = self.shared.stop.send(true);
+    }
+}
+
+impl<Args: DeserializeOwned + Send + Sync + 'static> QueueBackend<Args> {
+    /// Turns deliveries into tasks; dead-letters the undecodable and the exhausted.
+    fn accept(&mut self, deliveries: Vec<Delivery>) {
+        for delivery in deliveries {
+            self.shared.stats.fetched.fetch_add(1, Ordering::Relaxed);
+            if delivery.attempts > delivery.max_attempts {
+                let message = format!(
+                    "gave up after {} attempts (attempts whose worker died count too)",
+                    delivery.max_attempts
+                );
+                tokio::spawn(dead_letter(
+                    self.shared.clone(),
+                    delivery,
+                    "ATTEMPTS_EXHAUSTED",
+                    message,
+                ));
+                continue;
+            }
+            let args = match serde_json::from_str::<Args>(&delivery.payload) {
+                Ok(args) => args,
+                Err(error) => {
+                    let message = format!("payload could not be decoded: {error}");
+                    tokio::spawn(dead_letter(
+                        self.shared.clone(),
+                        delivery,
+                        "UNDECODABLE_PAYLOAD",
+                        message,
+                    ));
+                    continue;
+                }
+            };
+            let lost = Arc::new(AtomicBool::new(false));
+            self.shared.held.lock().expect("held map poisoned").insert(
+                delivery.entry.clone(),
+                Held {
+                    stream: delivery.stream.clone(),
+                    job_id: delivery.job_id.clone(),
+                    lost: lost.clone(),
+                },
+            );
+            let attempt = delivery.attempts.saturating_sub(1) as usize;
+            let max_attempts = delivery.max_attempts as usize;
+            let task_id = TaskId::from_string(delivery.job_id.clone());
+            let lease = Lease {
+                inner: Arc::new(LeaseInner {
+                    shared: self.shared.clone(),
+                    delivery,
+                    lost,
+                }),
+            };
+            let task = TaskBuilder::new(args)
+                .task_id(task_id)
+                .attempt(attempt)
+                .max_attempts(max_attempts)
+                .data(lease)
+                .build();
+            self.buffer.push_back(task);
+        }
+    }
+
+    fn start_keeper(&mut self) {
+        if self.keeper_started {
+            return;
+        }
+        self.keeper_started = true;
+        tokio::spawn(keeper(self.shared.clone(), self.shared.stop.subscribe()));
+    }
+}
+
+impl<Args: DeserializeOwned + Send + Sync + 'static> Backend for QueueBackend<Args> {
+    type Task = Task<Args>;
+    type Error = QueueError;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut Context<'_>,
+        worker: &WorkerContext,
+    ) -> Poll<Result<(), Self::Error>> {
+        let _ = self.shared.worker.set(worker.clone());
+        self.start_keeper();
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        _worker: &WorkerContext,
+    ) -> Poll<Option<Result<Self::Task, Self::Error>>> {
+        loop {
+            if let Some(task) = self.buffer.pop_front() {
+                return Poll::Ready(Some(Ok(task)));
+            }
+            if let Some(sleep) = &mut self.backoff {
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                self.backoff = None;
+            }
+            if self.fetch.is_none() {
+                let reclaim_due = self
+                    .last_reclaim
+                    .is_none_or(|t| t.elapsed() >= self.shared.queue.config().reclaim_interval());
+                if reclaim_due {
+                    self.last_reclaim = Some(Instant::now());
+                }
+                self.fetch = Some(
+                    fetch(
+                        self.shared.clone(),
+                        self.conn.take(),
+                        self.free_slots(),
+                        reclaim_due,
+                    )
+                    .boxed(),
+                );
+            }
+            let fetch = self.fetch.as_mut().expect("fetch set above");
+            let (conn, result) = match fetch.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(output) => output,
+            };
+            self.fetch = None;
+            self.conn = conn;
+            match result {
+                Ok(deliveries) => {
+                    self.n_failures = 0;
+                    self.accept(deliveries);
+                }
+                Err(error) => {
+                    self.shared.note_redis_error("fetch", &error);
+                    self.conn = None;
+                    self.n_failures += 1;
+                    let delay = Duration::from_millis(50 * 2u64.pow(self.n_failures.min(7)))
+                        .min(Duration::from_secs(5));
+                    self.backoff = Some(Box::pin(tokio::time::sleep(delay)));
+                }
+            }
+        }
+    }
+
+    fn poll_close(
+        &mut self,
+        cx: &mut Context<'_>,
+        _worker: &WorkerContext,
+    ) -> Poll<Result<(), Self::Error>> {
+        if self.close.is_none() {
+            let shared = self.shared.clone();
+            let fetch = self.fetch.take();
+            let buffered: Vec<String> = self
+                .buffer
+                .drain(..)
+                .filter_map(|task| {
+                    task.ctx()
+                        .data()
+                        .get::<Lease>()
+                        .map(|lease| lease.inner.delivery.entry.clone())
+                })
+                .collect();
+            self.close = Some(
+                async move {
+                    let client_id = shared.fetch_client_id.load(Ordering::Relaxed);
+                    if let Some(fetch) = fetch {
+                        if client_id > 0 {
+                            let _: Result<Value, _> = shared
+                                .queue
+                                .query(redis::cmd("CLIENT").arg("UNBLOCK").arg(client_id))
+                                .await;
+                        }
+                        // Entries the last read returned were started (attempt counted):
+                        // they are released below with the buffered ones.
+                        if let (_, Ok(deliveries)) = fetch.await {
+                            let mut held = shared.held.lock().expect("held map poisoned");
+                            for delivery in deliveries {
+                                held.insert(
+                                    delivery.entry.clone(),
+                                    Held {
+                                        stream: delivery.stream,
+                                        job_id: delivery.job_id,
+                                        lost: Arc::new(AtomicBool::new(false)),
+                                    },
+                                );
+                            }
+                        }
+                    }
+                    let mut to_release: Vec<(String, Held)> = Vec::new();
+                    {
+                        let mut held = shared.held.lock().expect("held map poisoned");
+                        for entry in buffered {
+                            if let Some(h) = held.remove(&entry) {
+                                to_release.push((entry, h));
+                            }
+                        }
+                        // Entries fetched by the interrupted read and never buffered.
+                        let running_entries = shared.running.load(Ordering::Relaxed);
+                        if running_entries == 0 {
+                            to_release.extend(held.drain());
+                        }
+                    }
+                    let n_released = release(&shared, to_release).await;
+                    if n_released > 0 {
+                        tracing::info!(n_released, "released unstarted jobs on shutdown");
+                    }
+                    let _ = shared.stop.send(true);
+                }
+                .boxed(),
+            );
+        }
+        let close = self.close.as_mut().expect("close set above");
+        close.as_mut().poll(cx).map(Ok)
+    }
+}
+
+impl<Args: DeserializeOwned + Send + Sync + 'static> BackendConfig for QueueBackend<Args> {
+    type Args = Args;
+    type Id = String;
+    type Kind = apalis_core::backend::finalize::Ephemeral;
+    type Config = crate::config::QueueConfig;
+    type Layer = SettleLayer;
+
+    fn config(&self) -> &Self::Config {
+        self.shared.queue.config()
+    }
+
+    fn middleware(&mut self, _worker: &mut WorkerContext) -> Self::Layer {
+        SettleLayer::new(self.shared.clone())
+    }
+}
+
+/// One fetch: connect if needed, reclaim expired leases when due, read (high priority first,
+/// then a blocking read on all streams), then start what was read.
+async fn fetch(
+    shared: Arc<Shared>,
+    conn: Option<MultiplexedConnection>,
+    count: usize,
+    reclaim: bool,
+) -> FetchOutput {
+    let mut conn = match conn {
+        Some(conn) => conn,
+        None => match connect_fetch(&shared).await {
+            Ok(conn) => conn,
+            Err(error) => return (None, Err(error)),
+        },
+    };
+    match read(&shared, &mut conn, count, reclaim).await {
+        Ok(entries) => {
+            let result = start(&shared, entries).await;
+            (Some(conn), result)
+        }
+        Err(error) => (None, Err(error)),
+    }
+}
+
+async fn connect_fetch(shared: &Shared) -> Result<MultiplexedConnection, QueueError> {
+    let config = shared.queue.config();
+    let mut conn = shared
+        .queue
+        .dedicated_connection(config.block_timeout() + config.command_timeout())
+        .await?;
+    for stream in shared.stream_keys() {
+        let created: redis::RedisResult<Value> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&stream)
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        if let Err(error) = created
+            && error.code() != Some("BUSYGROUP")
+        {
+            return Err(error.into());
+        }
+    }
+    let client_id: i64 = redis::cmd("CLIENT").arg("ID").query_async(&mut conn).await?;
+    shared.fetch_client_id.store(client_id, Ordering::Relaxed);
+    Ok(conn)
+}
+
+/// Entries read: (stream, entry, job id).
+type Entries = Vec<(String, String, String)>;
+
+async fn read(
+    shared: &Shared,
+    conn: &mut MultiplexedConnection,
+    count: usize,
+    reclaim: bool,
+) -> Result<Entries, QueueError> {
+    let streams = shared.stream_keys();
+    let mut entries: Entries = Vec::new();
+    if reclaim {
+        reclaim_expired(shared, conn, &streams, count, &mut entries).await?;
+        if !entries.is_empty() {
+            shared
+                .stats
+                .reclaimed
+                .fetch_add(entries.len(), Ordering::Relaxed);
+            tracing::info!(n = entries.len(), "reclaimed jobs whose lease expired");
+            return Ok(entries);
+        }
+    }
+    for stream in &streams {
+        let wanted = count - entries.len();
+        let reply: Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(&shared.consumer)
+            .arg("COUNT")
+            .arg(wanted)
+            .arg("STREAMS")
+            .arg(stream)
+            .arg(">")
+            .query_async(conn)
+            .await?;
+        collect(&reply, &mut entries);
+        if entries.len() >= count {
+            return Ok(entries);
+        }
+    }
+    if !entries.is_empty() || shared.is_shutting_down() {
+        return Ok(entries);
+    }
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP")
+        .arg(GROUP)
+        .arg(&shared.consumer)
+        .arg("COUNT")
+        .arg(count)
+        .arg("BLOCK")
+        .arg(shared.queue.config().block_timeout().as_millis() as u64)
+        .arg("STREAMS");
+    for stream in &streams {
+        cmd.arg(stream);
+    }
+    for _ in &streams {
+        cmd.arg(">");
+    }
+    let reply: Value = cmd.query_async(conn).await?;
+    collect(&reply, &mut entries);
+    Ok(entries)
+}
+
+fn collect(reply: &Value, entries: &mut Entries) {
+    for (stream, stream_entries) in parse_streams(reply) {
+        for (entry, fields) in stream_entries {
+            if let Some(job_id) = fields.get("id") {
+                entries.push((stream.clone(), entry, job_id.clone()));
+            }
+        }
+    }
+}
+
+async fn reclaim_expired(
+    shared: &Shared,
+    conn: &mut MultiplexedConnection,
+    streams: &[String],
+    count: usize,
+    entries: &mut Entries,
+) -> Result<(), QueueError> {
+    let lease_ms = shared.queue.config().lease_timeout().as_millis() as u64;
+    for stream in streams {
+        let cursor = shared
+            .reclaim_cursors
+            .lock()
+            .expect("cursor map poisoned")
+            .get(stream)
+            .cloned()
+            .unwrap_or_else(|| "0-0".to_owned());
+        let reply: Value = redis::cmd("XAUTOCLAIM")
+            .arg(stream)
+            .arg(GROUP)
+            .arg(&shared.consumer)
+            .arg(lease_ms)
+            .arg(&cursor)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(conn)
+            .await?;
+        let Value::Array(parts) = reply else {
+            continue;
+        };
+        let next = parts.first().and_then(value_string).unwrap_or_else(|| "0-0".to_owned());
+        shared
+            .reclaim_cursors
+            .lock()
+            .expect("cursor map poisoned")
+            .insert(stream.clone(), next);
+        let claimed = parts.get(1).map(parse_entries).unwrap_or_default();
+        let held = shared.held.lock().expect("held map poisoned");
+        for (entry, fields) in claimed {
+            // Our own entries come back when renewals lapsed (Redis was away): they still run here.
+            if held.contains_key(&entry) {
+                continue;
+            }
+            if let Some(job_id) = fields.get("id") {
+                entries.push((stream.clone(), entry, job_id.clone()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs the start script on read entries: counts attempts and reads the jobs.
+async fn start(shared: &Shared, entries: Entries) -> Result<Vec<Delivery>, QueueError> {
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut cmd = shared.queue.script_cmd(&scripts::START);
+    cmd.arg(&shared.consumer);
+    let stream_of: HashMap<String, String> = entries
+        .iter()
+        .map(|(stream, entry, _)| (entry.clone(), stream.clone()))
+        .collect();
+    for (stream, entry, job_id) in &entries {
+        cmd.arg(stream).arg(entry).arg(job_id);
+    }
+    let reply: Vec<Value> = shared
+        .queue
+        .run_scripts(&ScriptBatch::One(cmd), Duration::from_secs(10))
+        .await?;
+    let mut deliveries = Vec::with_capacity(reply.len() / 11);
+    for row in reply.chunks(11) {
+        let text = |i: usize| row.get(i).and_then(value_string).unwrap_or_default();
+        let number = |i: usize| text(i).parse::<u64>().unwrap_or(0);
+        let entry = text(0);
+        let Some(stream) = stream_of.get(&entry) else {
+            continue;
+        };
+        let non_empty = |s: String| (!s.is_empty()).then_some(s);
+        deliveries.push(Delivery {
+            stream: stream.clone(),
+            entry,
+            job_id: text(1),
+            attempts: number(2) as u32,
+            max_attempts: number(3) as u32,
+            payload: text(4),
+            batch: non_empty(text(5)),
+            redrives: number(6) as u32,
+            checkpoint: non_empty(text(7)),
+            created_ms: number(8),
+            state: text(9).parse().unwrap_or(JobState::Queued),
+        });
+    }
+    Ok(deliveries)
+}
+
+/// Renews leases, promotes due jobs and tidies up, until stopped.
+async fn keeper(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let config = shared.queue.config().clone();
+    let mut renew = tokio::time::interval(config.renew_interval());
+    let mut promote = tokio::time::interval(config.promote_interval());
+    let mut tidy = tokio::time::interval(Duration::from_secs(60));
+    for timer in [&mut renew, &mut promote, &mut tidy] {
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
+    loop {
+        tokio::select! {
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    return;
+                }
+            }
+            _ = renew.tick() => renew_leases(&shared).await,
+            _ = promote.tick() => {
+                if let Err(error) = shared.queue.promote_due().await {
+                    shared.note_redis_error("promote", &error);
+                }
+            }
+            _ = tidy.tick() => {
+                if let Err(error) = tidy_up(&shared).await {
+                    shared.note_redis_error("tidy", &error);
+                }
+            }
+        }
+    }
+}
+
+async fn renew_leases(shared: &Shared) {
+    let held: Vec<(String, String)> = shared
+        .held
+        .lock()
+        .expect("held map poisoned")
+        .iter()
+        .map(|(entry, held)| (held.stream.clone(), entry.clone()))
+        .collect();
+    for chunk in held.chunks(256) {
+        let mut cmd = shared.queue.script_cmd(&scripts::RENEW);
+        cmd.arg(&shared.consumer);
+        for (stream, entry) in chunk {
+            cmd.arg(stream).arg(entry);
+        }
+        let budget = shared.queue.config().renew_interval();
+        match shared
+            .queue
+            .run_scripts::<Vec<String>>(&ScriptBatch::One(cmd), budget)
+            .await
+        {
+            Ok(lost) => {
+                let held = shared.held.lock().expect("held map poisoned");
+                for entry in lost {
+                    // Entries settled meanwhile are gone from the map: not a loss.
+                    if let Some(h) = held.get(&entry) {
+                        if !h.lost.swap(true, Ordering::Relaxed) {
+                            shared.stats.leases_lost.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(job_id = %h.job_id, "lease lost: another worker took the job");
+                        }
+                    }
+                }
+            }
+            Err(error) => shared.note_redis_error("lease renewal", &error),
+        }
+    }
+}
+
+/// Drops expired ids from the indexes and removes long-idle consumers with nothing pending.
+async fn tidy_up(shared: &Shared) -> Result<(), QueueError> {
+    let queue = &shared.queue;
+    let config = queue.config();
+    let keys = queue.keys();
+    let horizon = now_ms().saturating_sub(config.retention_secs * 1000);
+    let mut pipe = redis::pipe();
+    pipe.cmd("ZREMRANGEBYSCORE")
+        .arg(keys.dead(queue.name()))
+        .arg("-inf")
+        .arg(horizon)
+        .ignore();
+    pipe.cmd("ZREMRANGEBYSCORE")
+        .arg(keys.jobs_index(queue.name()))
+        .arg("-inf")
+        .arg(horizon)
+        .ignore();
+    pipe.cmd("ZREMRANGEBYSCORE")
+        .arg(keys.batches())
+        .arg("-inf")
+        .arg(horizon)
+        .ignore();
+    let mut conn = queue.connection();
+    let _: () = pipe.query_async(&mut conn).await?;
+    let idle_limit_ms = (config.lease_timeout().as_millis() as u64 * 10).max(3_600_000);
+    for stream in shared.stream_keys() {
+        let consumers: Value = match redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&stream)
+            .arg(GROUP)
+            .query_async(&mut conn)
+            .await
+        {
+            Ok(value) => value,
+            Err(_) => continue,
+        };
+        let Value::Array(consumers) = consumers else {
+            continue;
+        };
+        for consumer in consumers {
+            let fields = crate::queue::flat_map(&consumer);
+            let pending: u64 = fields.get("pending").and_then(|p| p.parse().ok()).unwrap_or(1);
+            let idle: u64 = fields.get("idle").and_then(|p| p.parse().ok()).unwrap_or(0);
+            if let Some(name) = fields.get("name")
+                && pending == 0
+                && idle > idle_limit_ms
+                && *name != shared.consumer
+            {
+                let _: Result<i64, _> = redis::cmd("XGROUP")
+                    .arg("DELCONSUMER")
+                    .arg(&stream)
+                    .arg(GROUP)
+                    .arg(name)
+                    .query_async(&mut conn)
+                    .await;
+            }
+        }
+    }
+    Ok(())
+}
