@@ -235,7 +235,9 @@ impl JobSpec {
                     errors.push(
                         "metadata",
                         "max_length",
-                        format!("must be at most {MAX_METADATA_BYTES} bytes as JSON, got {n_bytes}"),
+                        format!(
+                            "must be at most {MAX_METADATA_BYTES} bytes as JSON, got {n_bytes}"
+                        ),
                     );
                 }
             }
@@ -345,7 +347,10 @@ pub fn format_ms(ms: u64) -> String {
     let nanos = i128::from(ms) * 1_000_000;
     OffsetDateTime::from_unix_timestamp_nanos(nanos)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 
@@ -373,10 +378,7 @@ mod tests {
             );
             assert!(!(state.is_terminal() && state.is_active()));
         }
-        assert_eq!(
-            JobState::ALL.iter().filter(|s| s.is_terminal()).count(),
-            4
-        );
+        assert_eq!(JobState::ALL.iter().filter(|s| s.is_terminal()).count(), 4);
     }
 
     #[test]
@@ -389,11 +391,20 @@ mod tests {
         let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(
             paths,
-            vec!["request.prompt", "metadata", "webhook_url", "idempotency_key"]
+            vec![
+                "request.prompt",
+                "metadata",
+                "webhook_url",
+                "idempotency_key"
+            ]
         );
         spec.metadata = Some(serde_json::json!({"k": "v".repeat(MAX_METADATA_BYTES)}));
         let errors = spec.validate().unwrap_err();
-        assert!(errors.iter().any(|e| e.path == "metadata" && e.rule == "max_length"));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.path == "metadata" && e.rule == "max_length")
+        );
     }
 
     #[test]

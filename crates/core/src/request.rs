@@ -117,7 +117,7 @@ impl VideoDuration {
     pub fn new(seconds: u32) -> Option<Self> {
         (u32::from(Self::MIN_SECONDS)..=u32::from(Self::MAX_SECONDS))
             .contains(&seconds)
-            .then(|| VideoDuration(seconds as u8))
+            .then_some(VideoDuration(seconds as u8))
     }
 
     pub fn seconds(self) -> u32 {
@@ -128,7 +128,12 @@ impl VideoDuration {
         let seconds = match value {
             Value::String(text) => text.trim().parse::<u32>().ok(),
             Value::Number(number) => number.as_u64().and_then(|n| u32::try_from(n).ok()),
-            _ => return Err(format!("must be a string \"3\" to \"15\", got {}", kind(value))),
+            _ => {
+                return Err(format!(
+                    "must be a string \"3\" to \"15\", got {}",
+                    kind(value)
+                ));
+            }
         };
         seconds
             .and_then(Self::new)
@@ -200,7 +205,11 @@ impl GenerationRequest {
     pub fn parse(value: &Value) -> Result<Self, ValidationErrors> {
         let mut errors = ValidationErrors::default();
         let Some(object) = value.as_object() else {
-            errors.push("", "type", format!("must be a JSON object, got {}", kind(value)));
+            errors.push(
+                "",
+                "type",
+                format!("must be a JSON object, got {}", kind(value)),
+            );
             return Err(errors);
         };
         for key in object.keys() {
@@ -208,7 +217,10 @@ impl GenerationRequest {
                 errors.push(
                     key.clone(),
                     "unknown_field",
-                    format!("is not a field of the request; known fields: {}", FIELDS.join(", ")),
+                    format!(
+                        "is not a field of the request; known fields: {}",
+                        FIELDS.join(", ")
+                    ),
                 );
             }
         }
@@ -271,12 +283,20 @@ impl GenerationRequest {
             if complete && (shots.is_empty() || shots.len() > MAX_SHOTS) {
                 errors.push(
                     "multi_prompt",
-                    if shots.is_empty() { "min_items" } else { "max_items" },
+                    if shots.is_empty() {
+                        "min_items"
+                    } else {
+                        "max_items"
+                    },
                     format!("must have 1 to {MAX_SHOTS} shots, got {}", shots.len()),
                 );
             }
             for (index, shot) in shots.iter().enumerate() {
-                check_prompt(errors, &format!("multi_prompt[{index}].prompt"), &shot.prompt);
+                check_prompt(
+                    errors,
+                    &format!("multi_prompt[{index}].prompt"),
+                    &shot.prompt,
+                );
             }
             let total: u32 = shots.iter().map(|shot| shot.duration.seconds()).sum();
             if complete && total > MAX_TOTAL_SECONDS {
@@ -315,7 +335,11 @@ impl GenerationRequest {
             }
             for (index, voice_id) in voice_ids.iter().enumerate() {
                 if voice_id.trim().is_empty() {
-                    errors.push(format!("voice_ids[{index}]"), "required", "must not be empty");
+                    errors.push(
+                        format!("voice_ids[{index}]"),
+                        "required",
+                        "must not be empty",
+                    );
                 }
             }
         }
@@ -606,8 +630,11 @@ impl Reader<'_> {
             let prompt = match object.get("prompt") {
                 Some(Value::String(text)) => text.clone(),
                 None | Some(Value::Null) => {
-                    self.errors
-                        .push(format!("{path}.prompt"), "required", "every shot needs a prompt");
+                    self.errors.push(
+                        format!("{path}.prompt"),
+                        "required",
+                        "every shot needs a prompt",
+                    );
                     continue;
                 }
                 Some(other) => {
@@ -621,7 +648,8 @@ impl Reader<'_> {
                 Some(value) => match VideoDuration::from_json(value) {
                     Ok(duration) => duration,
                     Err(message) => {
-                        self.errors.push(format!("{path}.duration"), "one_of", message);
+                        self.errors
+                            .push(format!("{path}.duration"), "one_of", message);
                         continue;
                     }
                 },
@@ -705,7 +733,10 @@ mod tests {
         assert_eq!(request.shot_type, None);
         let wire = serde_json::to_value(&request).unwrap();
         assert_eq!(wire["duration"], json!("5"));
-        assert_eq!(request, GenerationRequest::new("https://example.com/cat.png", "a cat"));
+        assert_eq!(
+            request,
+            GenerationRequest::new("https://example.com/cat.png", "a cat")
+        );
     }
 
     #[test]
@@ -731,7 +762,10 @@ mod tests {
             pair("negative_prompt", "max_length"),
             pair("cfg_scale", "range"),
         ] {
-            assert!(errors.contains(&expected), "missing {expected:?} in {errors:?}");
+            assert!(
+                errors.contains(&expected),
+                "missing {expected:?} in {errors:?}"
+            );
         }
         assert_eq!(errors.len(), 9, "{errors:?}");
     }
@@ -752,40 +786,51 @@ mod tests {
             vec![pair("shot_type", "required")]
         );
         assert_eq!(
-            rules(json!({"start_image_url": "https://e.com/a.png", "shot_type": "customize",
-                "multi_prompt": [shot("5"), shot("5"), shot("6")]})),
+            rules(
+                json!({"start_image_url": "https://e.com/a.png", "shot_type": "customize",
+                "multi_prompt": [shot("5"), shot("5"), shot("6")]})
+            ),
             vec![pair("multi_prompt", "sum")]
         );
         assert_eq!(
-            rules(json!({"start_image_url": "https://e.com/a.png", "shot_type": "customize",
-                "multi_prompt": vec![shot("3"); 7]})),
-            vec![pair("multi_prompt", "max_items"), pair("multi_prompt", "sum")]
+            rules(
+                json!({"start_image_url": "https://e.com/a.png", "shot_type": "customize",
+                "multi_prompt": vec![shot("3"); 7]})
+            ),
+            vec![
+                pair("multi_prompt", "max_items"),
+                pair("multi_prompt", "sum")
+            ]
         );
         assert_eq!(
-            rules(json!({"start_image_url": "https://e.com/a.png", "shot_type": "customize",
-                "multi_prompt": []})),
+            rules(
+                json!({"start_image_url": "https://e.com/a.png", "shot_type": "customize",
+                "multi_prompt": []})
+            ),
             vec![pair("multi_prompt", "min_items")]
         );
         assert_eq!(
-            rules(json!({"start_image_url": "https://e.com/a.png", "shot_type": "customize",
-                "multi_prompt": [{"duration": "3"}, {"prompt": "p", "duration": 2}]})),
+            rules(
+                json!({"start_image_url": "https://e.com/a.png", "shot_type": "customize",
+                "multi_prompt": [{"duration": "3"}, {"prompt": "p", "duration": 2}]})
+            ),
             vec![
                 pair("multi_prompt[0].prompt", "required"),
                 pair("multi_prompt[1].duration", "one_of")
             ]
         );
         assert!(
-            rules(json!({"start_image_url": "https://e.com/a.png", "shot_type": "customize",
-                "multi_prompt": [shot("5"), shot("10")]}))
+            rules(
+                json!({"start_image_url": "https://e.com/a.png", "shot_type": "customize",
+                "multi_prompt": [shot("5"), shot("10")]})
+            )
             .is_empty()
         );
     }
 
     #[test]
     fn element_rules() {
-        let base = |elements: Value| {
-            json!({"start_image_url": "https://e.com/a.png", "prompt": "p", "elements": elements})
-        };
+        let base = |elements: Value| json!({"start_image_url": "https://e.com/a.png", "prompt": "p", "elements": elements});
         assert!(
             rules(base(json!([
                 {"frontal_image_url": "https://e.com/f.png", "reference_image_urls": ["https://e.com/r.png"]},
@@ -794,7 +839,9 @@ mod tests {
             .is_empty()
         );
         assert_eq!(
-            rules(base(json!([{"video_url": "https://e.com/1.mp4"}, {"video_url": "https://e.com/2.mp4"}]))),
+            rules(base(
+                json!([{"video_url": "https://e.com/1.mp4"}, {"video_url": "https://e.com/2.mp4"}])
+            )),
             vec![pair("elements", "max_items")]
         );
         assert_eq!(
@@ -807,11 +854,15 @@ mod tests {
             vec![pair("elements[0].reference_image_urls", "max_items")]
         );
         assert_eq!(
-            rules(base(json!([{"reference_image_urls": ["https://e.com/1.png"]}]))),
+            rules(base(
+                json!([{"reference_image_urls": ["https://e.com/1.png"]}])
+            )),
             vec![pair("elements[0].frontal_image_url", "required")]
         );
         assert_eq!(
-            rules(base(json!([{"video_url": "https://e.com/v.mp4", "frontal_image_url": "https://e.com/f.png"}]))),
+            rules(base(
+                json!([{"video_url": "https://e.com/v.mp4", "frontal_image_url": "https://e.com/f.png"}])
+            )),
             vec![pair("elements[0]", "element_kind")]
         );
         assert_eq!(
@@ -831,7 +882,9 @@ mod tests {
         assert!(!is_acceptable_url("data:image/png;base64"));
         assert!(!is_acceptable_url("https://exa mple.com/a.png"));
         assert_eq!(
-            rules(json!({"start_image_url": "file:///etc/passwd", "prompt": "p", "end_image_url": "x"})),
+            rules(
+                json!({"start_image_url": "file:///etc/passwd", "prompt": "p", "end_image_url": "x"})
+            ),
             vec![pair("start_image_url", "url"), pair("end_image_url", "url")]
         );
     }
@@ -839,8 +892,10 @@ mod tests {
     #[test]
     fn types_are_checked_once_per_field() {
         assert_eq!(
-            rules(json!({"start_image_url": 3, "prompt": ["p"], "generate_audio": "yes",
-                "cfg_scale": "0.5", "voice_ids": [1]})),
+            rules(
+                json!({"start_image_url": 3, "prompt": ["p"], "generate_audio": "yes",
+                "cfg_scale": "0.5", "voice_ids": [1]})
+            ),
             vec![
                 pair("prompt", "type"),
                 pair("voice_ids[0]", "type"),
@@ -861,7 +916,13 @@ mod tests {
             .unwrap();
             assert_eq!(request.billed_seconds(), seconds);
         }
-        for bad in [json!("2"), json!(16), json!("five"), json!(5.5), json!(true)] {
+        for bad in [
+            json!("2"),
+            json!(16),
+            json!("five"),
+            json!(5.5),
+            json!(true),
+        ] {
             let errors = rules(json!({
                 "prompt": "p", "start_image_url": "https://e.com/a.png", "duration": bad
             }));

@@ -103,6 +103,9 @@ mod tests {
         ] {
             assert!(key.starts_with("{klingq}:"), "{key}");
         }
-        assert_eq!(keys.ready("videos", Priority::Low), "{klingq}:q:videos:ready:low");
+        assert_eq!(
+            keys.ready("videos", Priority::Low),
+            "{klingq}:q:videos:ready:low"
+        );
     }
 }

@@ -102,13 +102,23 @@ where
 }
 
 /// Maps a handler's result to how its job is settled.
-async fn settle_result<R: Outcome>(shared: &Shared, lease: &Lease, result: &Result<R, BoxDynError>) {
+async fn settle_result<R: Outcome>(
+    shared: &Shared,
+    lease: &Lease,
+    result: &Result<R, BoxDynError>,
+) {
     let delivery = &lease.inner.delivery;
     let action = match result {
         Ok(outcome) => {
             let completion = outcome.completion();
             shared.stats.succeeded.fetch_add(1, Ordering::Relaxed);
-            let event = delivery_event(shared, delivery, JobState::Succeeded, None, completion.extras);
+            let event = delivery_event(
+                shared,
+                delivery,
+                JobState::Succeeded,
+                None,
+                completion.extras,
+            );
             Settle::Finish {
                 state: JobState::Succeeded,
                 reason: String::new(),
@@ -178,7 +188,10 @@ fn dead(shared: &Shared, lease: &Lease, reason: String, error: JobError) -> Sett
 }
 
 /// How an error settles the job; `None` when it is not this worker's to settle.
-fn classify(error: &(dyn std::error::Error + Send + Sync + 'static), lease: &Lease) -> Option<Settle> {
+fn classify(
+    error: &(dyn std::error::Error + Send + Sync + 'static),
+    lease: &Lease,
+) -> Option<Settle> {
     if let Some(failure) = error.downcast_ref::<JobFailure>() {
         return match failure {
             JobFailure::Retry {
@@ -240,7 +253,9 @@ fn classify(error: &(dyn std::error::Error + Send + Sync + 'static), lease: &Lea
 /// Exponential backoff with full jitter for errors the handler did not classify: 1 s doubling
 /// per attempt, capped at 10 minutes.
 fn retry_backoff(attempt: u32) -> Duration {
-    let ceiling_ms = 1_000u64.saturating_mul(1 << attempt.saturating_sub(1).min(20)).min(600_000);
+    let ceiling_ms = 1_000u64
+        .saturating_mul(1 << attempt.saturating_sub(1).min(20))
+        .min(600_000);
     Duration::from_millis(rand::random_range(ceiling_ms / 2..=ceiling_ms))
 }
 

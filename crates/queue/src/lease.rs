@@ -140,7 +140,12 @@ impl Lease {
         self.write(state, "", reason).await
     }
 
-    async fn write(&self, state: JobState, checkpoint: &str, reason: &str) -> Result<(), LeaseError> {
+    async fn write(
+        &self,
+        state: JobState,
+        checkpoint: &str,
+        reason: &str,
+    ) -> Result<(), LeaseError> {
         if self.is_lost() {
             return Err(LeaseError::Lost);
         }
@@ -158,7 +163,10 @@ impl Lease {
         let budget = shared.queue.config().lease_timeout() / 2;
         let reply: String = shared
             .queue
-            .run_scripts(&crate::queue::ScriptBatch::One(cmd), budget.max(Duration::from_secs(1)))
+            .run_scripts(
+                &crate::queue::ScriptBatch::One(cmd),
+                budget.max(Duration::from_secs(1)),
+            )
             .await
             .map_err(|error: QueueError| LeaseError::Redis(error))?;
         match reply.as_str() {

@@ -33,4 +33,3 @@ pub use lease::Lease;
 pub use queue::{CancelOutcome, Enqueued, NewJob, Queue, RedriveOutcome};
 pub use record::{BatchRecord, JobRecord, QueueStats, StoredEvent};
 pub use worker::{QueueBackend, WorkerHandle, WorkerOptions, WorkerStats, consumer_name};
-

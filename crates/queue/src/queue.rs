@@ -250,8 +250,7 @@ impl Queue {
     fn enqueue_cmd(&self, batch: &str, job: &NewJob) -> Cmd {
         let config = &self.inner.config;
         let mut cmd = self.script_cmd(&scripts::ENQUEUE);
-        cmd
-            .arg(job.id.to_string())
+        cmd.arg(job.id.to_string())
             .arg(&config.queue)
             .arg(&job.payload)
             .arg(job.priority.as_str())
@@ -331,7 +330,12 @@ impl Queue {
             .retrying(Duration::from_secs(5), || {
                 let mut conn = self.inner.conn.clone();
                 let key = key.clone();
-                async move { Ok(redis::cmd("HGETALL").arg(key).query_async(&mut conn).await?) }
+                async move {
+                    Ok(redis::cmd("HGETALL")
+                        .arg(key)
+                        .query_async(&mut conn)
+                        .await?)
+                }
             })
             .await?;
         Ok(JobRecord::from_hash(job_id, fields))
@@ -366,7 +370,12 @@ impl Queue {
             .retrying(Duration::from_secs(5), || {
                 let mut conn = self.inner.conn.clone();
                 let key = key.clone();
-                async move { Ok(redis::cmd("HGETALL").arg(key).query_async(&mut conn).await?) }
+                async move {
+                    Ok(redis::cmd("HGETALL")
+                        .arg(key)
+                        .query_async(&mut conn)
+                        .await?)
+                }
             })
             .await?;
         Ok(BatchRecord::from_hash(batch_id, fields))
@@ -399,8 +408,12 @@ impl Queue {
 
     /// Job ids of this queue, newest first (within the retention).
     pub async fn job_ids(&self, offset: u64, limit: u64) -> Result<Vec<String>, QueueError> {
-        self.newest(&self.inner.keys.jobs_index(&self.inner.config.queue), offset, limit)
-            .await
+        self.newest(
+            &self.inner.keys.jobs_index(&self.inner.config.queue),
+            offset,
+            limit,
+        )
+        .await
     }
 
     async fn newest(&self, key: &str, offset: u64, limit: u64) -> Result<Vec<String>, QueueError> {
@@ -454,9 +467,16 @@ impl Queue {
             details: Vec::new(),
             cost_committed,
         };
-        let event = self.event_for(&record, JobState::Cancelled, Some(&error), EventExtras::default());
+        let event = self.event_for(
+            &record,
+            JobState::Cancelled,
+            Some(&error),
+            EventExtras::default(),
+        );
         let mut cmd = self.script_cmd(&scripts::CANCEL);
-        cmd.arg(job_id).arg(reason).arg(serde_json::to_string(&error)?);
+        cmd.arg(job_id)
+            .arg(reason)
+            .arg(serde_json::to_string(&error)?);
         push_event_args(&mut cmd, event.as_ref());
         let (outcome, previous): (String, String) = self.run_script(cmd).await?;
         let previous = previous.parse::<JobState>().ok();
@@ -467,7 +487,9 @@ impl Queue {
             }),
             ("terminal", Some(state)) => Ok(CancelOutcome::AlreadyTerminal(state)),
             ("missing", _) => Err(QueueError::NotFound(job_id.to_owned())),
-            _ => Err(QueueError::Protocol(format!("cancel replied {outcome} {previous:?}"))),
+            _ => Err(QueueError::Protocol(format!(
+                "cancel replied {outcome} {previous:?}"
+            ))),
         }
     }
 
@@ -496,9 +518,17 @@ impl Queue {
     }
 
     /// Dead jobs of this queue, most recent first.
-    pub async fn dead_letters(&self, offset: u64, limit: u64) -> Result<Vec<JobRecord>, QueueError> {
+    pub async fn dead_letters(
+        &self,
+        offset: u64,
+        limit: u64,
+    ) -> Result<Vec<JobRecord>, QueueError> {
         let ids = self
-            .newest(&self.inner.keys.dead(&self.inner.config.queue), offset, limit)
+            .newest(
+                &self.inner.keys.dead(&self.inner.config.queue),
+                offset,
+                limit,
+            )
             .await?;
         self.jobs(&ids).await
     }
@@ -512,9 +542,7 @@ impl Queue {
             "" => Err(QueueError::NotFound(job_id.to_owned())),
             "dead" => Ok(RedriveOutcome::Redriven),
             other => Ok(RedriveOutcome::NotDead(
-                other
-                    .parse()
-                    .map_err(|e: String| QueueError::Protocol(e))?,
+                other.parse().map_err(|e: String| QueueError::Protocol(e))?,
             )),
         }
     }
@@ -592,7 +620,14 @@ impl Queue {
                     _ => "-".to_owned(),
                 };
                 let first: Value = self
-                    .query(redis::cmd("XRANGE").arg(&stream).arg(start).arg("+").arg("COUNT").arg(1))
+                    .query(
+                        redis::cmd("XRANGE")
+                            .arg(&stream)
+                            .arg(start)
+                            .arg("+")
+                            .arg("COUNT")
+                            .arg(1),
+                    )
                     .await?;
                 if let Some(ms) = first_entry_ms(&first) {
                     stats.oldest_waiting_ms = stats.oldest_waiting_ms.max(now.saturating_sub(ms));
@@ -674,10 +709,7 @@ pub(crate) fn step_of(state: JobState) -> &'static str {
 /// Appends the event arguments scripts take: id, type, body (empty strings for none).
 pub(crate) fn push_event_args(cmd: &mut Cmd, event: Option<&completion::BuiltEvent>) {
     match event {
-        Some(event) => cmd
-            .arg(&event.id)
-            .arg(event.event_type)
-            .arg(&event.body),
+        Some(event) => cmd.arg(&event.id).arg(event.event_type).arg(&event.body),
         None => cmd.arg("").arg("").arg(""),
     };
 }
@@ -712,7 +744,10 @@ fn group_info(reply: &Value) -> (u64, Option<String>) {
     for group in groups {
         let fields = flat_map(group);
         if fields.get("name").map(String::as_str) == Some(GROUP) {
-            let pending = fields.get("pending").and_then(|p| p.parse().ok()).unwrap_or(0);
+            let pending = fields
+                .get("pending")
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
             return (pending, fields.get("last-delivered-id").cloned());
         }
     }
@@ -770,7 +805,7 @@ pub(crate) fn value_string(value: &Value) -> Option<String> {
 }
 
 /// Stream entries from an XREAD/XREADGROUP reply: per stream, (entry id, fields).
-pub(crate) fn parse_streams(reply: &Value) -> Vec<(String, Vec<(String, HashMap<String, String>)>)> {
+pub(crate) fn parse_streams(reply: &Value) -> Vec<(String, Vec<StreamEntry>)> {
     let mut streams = Vec::new();
     let items: Vec<(&Value, &Value)> = match reply {
         Value::Array(items) => items
@@ -792,9 +827,12 @@ pub(crate) fn parse_streams(reply: &Value) -> Vec<(String, Vec<(String, HashMap<
     streams
 }
 
+/// One stream entry: its id and fields.
+pub(crate) type StreamEntry = (String, HashMap<String, String>);
+
 /// Entries of one stream: `[[id, [field, value, ...]], ...]`. Deleted entries (nil fields)
 /// are kept with no fields.
-pub(crate) fn parse_entries(value: &Value) -> Vec<(String, HashMap<String, String>)> {
+pub(crate) fn parse_entries(value: &Value) -> Vec<StreamEntry> {
     let Value::Array(entries) = value else {
         return Vec::new();
     };

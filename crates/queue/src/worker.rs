@@ -39,7 +39,9 @@ use crate::error::QueueError;
 use crate::keys::GROUP;
 use crate::layer::SettleLayer;
 use crate::lease::{Delivery, Lease, LeaseInner};
-use crate::queue::{Queue, ScriptBatch, parse_entries, parse_streams, push_event_args, value_string};
+use crate::queue::{
+    Queue, ScriptBatch, parse_entries, parse_streams, push_event_args, value_string,
+};
 use crate::scripts;
 
 /// A unique consumer name for this process: host, pid, start time and a random suffix.
@@ -247,7 +249,13 @@ async fn dead_letter(shared: Arc<Shared>, delivery: Delivery, code: &str, messag
         details: Vec::new(),
         cost_committed: false,
     };
-    let event = delivery_event(&shared, &delivery, JobState::Dead, Some(&error), EventExtras::default());
+    let event = delivery_event(
+        &shared,
+        &delivery,
+        JobState::Dead,
+        Some(&error),
+        EventExtras::default(),
+    );
     shared.stats.dead.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(job_id = %delivery.job_id, code, %message, "job dead-lettered");
     settle(
@@ -332,7 +340,10 @@ pub struct WorkerOptions {
     pub concurrency: usize,
 }
 
-type FetchOutput = (Option<MultiplexedConnection>, Result<Vec<Delivery>, QueueError>);
+type FetchOutput = (
+    Option<MultiplexedConnection>,
+    Result<Vec<Delivery>, QueueError>,
+);
 
 /// The apalis backend of one queue for one worker. See the module docs.
 pub struct QueueBackend<Args> {
@@ -673,7 +684,10 @@ async fn connect_fetch(shared: &Shared) -> Result<MultiplexedConnection, QueueEr
             return Err(error.into());
         }
     }
-    let client_id: i64 = redis::cmd("CLIENT").arg("ID").query_async(&mut conn).await?;
+    let client_id: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut conn)
+        .await?;
     shared.fetch_client_id.store(client_id, Ordering::Relaxed);
     Ok(conn)
 }
@@ -780,7 +794,10 @@ async fn reclaim_expired(
         let Value::Array(parts) = reply else {
             continue;
         };
-        let next = parts.first().and_then(value_string).unwrap_or_else(|| "0-0".to_owned());
+        let next = parts
+            .first()
+            .and_then(value_string)
+            .unwrap_or_else(|| "0-0".to_owned());
         shared
             .reclaim_cursors
             .lock()
@@ -900,11 +917,11 @@ async fn renew_leases(shared: &Shared) {
                 let held = shared.held.lock().expect("held map poisoned");
                 for entry in lost {
                     // Entries settled meanwhile are gone from the map: not a loss.
-                    if let Some(h) = held.get(&entry) {
-                        if !h.lost.swap(true, Ordering::Relaxed) {
-                            shared.stats.leases_lost.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(job_id = %h.job_id, "lease lost: another worker took the job");
-                        }
+                    if let Some(h) = held.get(&entry)
+                        && !h.lost.swap(true, Ordering::Relaxed)
+                    {
+                        shared.stats.leases_lost.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(job_id = %h.job_id, "lease lost: another worker took the job");
                     }
                 }
             }
@@ -954,7 +971,10 @@ async fn tidy_up(shared: &Shared) -> Result<(), QueueError> {
         };
         for consumer in consumers {
             let fields = crate::queue::flat_map(&consumer);
-            let pending: u64 = fields.get("pending").and_then(|p| p.parse().ok()).unwrap_or(1);
+            let pending: u64 = fields
+                .get("pending")
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(1);
             let idle: u64 = fields.get("idle").and_then(|p| p.parse().ok()).unwrap_or(0);
             if let Some(name) = fields.get("name")
                 && pending == 0

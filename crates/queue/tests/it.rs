@@ -199,7 +199,11 @@ async fn wait_state(queue: &Queue, id: &str, state: JobState, timeout: Duration)
     .unwrap();
 }
 
-async fn wait_batch_done(queue: &Queue, batch: &str, timeout: Duration) -> klingq_queue::BatchRecord {
+async fn wait_batch_done(
+    queue: &Queue,
+    batch: &str,
+    timeout: Duration,
+) -> klingq_queue::BatchRecord {
     wait_for(&format!("batch {batch} to be done"), timeout, || async {
         queue.batch(batch).await.unwrap().filter(|b| b.done)
     })
@@ -240,17 +244,26 @@ async fn batch_is_processed_exactly_once_with_counts_and_one_batch_event() {
     assert_eq!(record.charged_micros, 1_400_000_000);
 
     let events = queue.read_events("0", 10_000, None).await.unwrap();
-    let batch_events: Vec<_> = events.iter().filter(|e| e.event_type == "batch.completed").collect();
+    let batch_events: Vec<_> = events
+        .iter()
+        .filter(|e| e.event_type == "batch.completed")
+        .collect();
     assert_eq!(batch_events.len(), 1);
     let body: serde_json::Value = serde_json::from_str(&batch_events[0].body).unwrap();
     assert_eq!(body["data"]["counts"]["succeeded"], 2_000);
     assert_eq!(body["data"]["charged_usd"], 1_400.0);
     assert!(body["timestamp"].as_str().unwrap().ends_with('Z'));
-    let job_events = events.iter().filter(|e| e.event_type == "job.succeeded").count();
+    let job_events = events
+        .iter()
+        .filter(|e| e.event_type == "job.succeeded")
+        .count();
     assert_eq!(job_events, 2_000);
 
     let stats = queue.stats().await.unwrap();
-    assert_eq!((stats.waiting, stats.in_flight, stats.scheduled, stats.dead), (0, 0, 0, 0));
+    assert_eq!(
+        (stats.waiting, stats.in_flight, stats.scheduled, stats.dead),
+        (0, 0, 0, 0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,7 +273,10 @@ async fn delayed_job_does_not_run_early() {
     let due = now_ms() + 1_500;
     new_job.run_at_ms = Some(due);
     let id = queue.enqueue(&new_job, None).await.unwrap().id;
-    assert_eq!(queue.job(&id).await.unwrap().unwrap().state, JobState::Scheduled);
+    assert_eq!(
+        queue.job(&id).await.unwrap().unwrap().state,
+        JobState::Scheduled
+    );
     assert_eq!(queue.stats().await.unwrap().scheduled, 1);
 
     let seen = Seen::default();
@@ -285,7 +301,10 @@ async fn idempotency_keys_return_the_first_job() {
     assert_eq!(a.id, b.id);
     assert!(queue.job(&second.id.to_string()).await.unwrap().is_none());
     // Same key inside a pipelined batch too.
-    let replies = queue.enqueue_many(&[second.clone(), job(3, Behavior::Succeed)], None).await.unwrap();
+    let replies = queue
+        .enqueue_many(&[second.clone(), job(3, Behavior::Succeed)], None)
+        .await
+        .unwrap();
     assert_eq!(replies[0].id, a.id);
     assert!(!replies[0].created && replies[1].created);
     assert_eq!(queue.stats().await.unwrap().waiting, 2);
@@ -297,7 +316,11 @@ async fn undecodable_payload_is_dead_lettered_and_the_worker_carries_on() {
     let mut poison = job(0, Behavior::Succeed);
     poison.payload = r#"{"not":"a test job"}"#.to_owned();
     let poison_id = queue.enqueue(&poison, None).await.unwrap().id;
-    let good = queue.enqueue(&job(1, Behavior::Succeed), None).await.unwrap().id;
+    let good = queue
+        .enqueue(&job(1, Behavior::Succeed), None)
+        .await
+        .unwrap()
+        .id;
 
     let seen = Seen::default();
     let worker = spawn_worker(&queue, 4, &seen);
@@ -306,16 +329,30 @@ async fn undecodable_payload_is_dead_lettered_and_the_worker_carries_on() {
     let record = queue.job(&poison_id).await.unwrap().unwrap();
     let error = record.error.unwrap();
     assert_eq!(error.code, "UNDECODABLE_PAYLOAD");
-    assert!(error.message.contains("unknown field") || error.message.contains("missing field"), "{}", error.message);
+    assert!(
+        error.message.contains("unknown field") || error.message.contains("missing field"),
+        "{}",
+        error.message
+    );
     let dead = queue.dead_letters(0, 10).await.unwrap();
-    assert_eq!(dead.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec![poison_id.as_str()]);
+    assert_eq!(
+        dead.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        vec![poison_id.as_str()]
+    );
 
     // Re-driving it gives it a new life; it dies again for the same reason.
-    assert_eq!(queue.redrive(&poison_id).await.unwrap(), RedriveOutcome::Redriven);
-    wait_for("the re-driven job to die again", Duration::from_secs(10), || async {
-        let record = queue.job(&poison_id).await.unwrap()?;
-        (record.state == JobState::Dead && record.redrives == 1).then_some(())
-    })
+    assert_eq!(
+        queue.redrive(&poison_id).await.unwrap(),
+        RedriveOutcome::Redriven
+    );
+    wait_for(
+        "the re-driven job to die again",
+        Duration::from_secs(10),
+        || async {
+            let record = queue.job(&poison_id).await.unwrap()?;
+            (record.state == JobState::Dead && record.redrives == 1).then_some(())
+        },
+    )
     .await
     .unwrap();
     assert_eq!(
@@ -324,7 +361,11 @@ async fn undecodable_payload_is_dead_lettered_and_the_worker_carries_on() {
     );
     worker.stop().await;
     let events = queue.read_events("0", 100, None).await.unwrap();
-    let failed: Vec<_> = events.iter().filter(|e| e.event_type == "job.failed").map(|e| e.id.clone()).collect();
+    let failed: Vec<_> = events
+        .iter()
+        .filter(|e| e.event_type == "job.failed")
+        .map(|e| e.id.clone())
+        .collect();
     assert_eq!(failed.len(), 2, "one event per life");
     assert_ne!(failed[0], failed[1]);
 }
@@ -332,14 +373,32 @@ async fn undecodable_payload_is_dead_lettered_and_the_worker_carries_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_follow_the_handler_delay_and_end_dead_past_max_attempts() {
     let queue = shared_queue("retry", |c| c.max_attempts = 3).await;
-    let flaky = queue.enqueue(&job(1, Behavior::FailTimes(2)), None).await.unwrap().id;
-    let hopeless = queue.enqueue(&job(2, Behavior::AlwaysRetry), None).await.unwrap().id;
-    let deferred = queue.enqueue(&job(3, Behavior::DeferOnce), None).await.unwrap().id;
+    let flaky = queue
+        .enqueue(&job(1, Behavior::FailTimes(2)), None)
+        .await
+        .unwrap()
+        .id;
+    let hopeless = queue
+        .enqueue(&job(2, Behavior::AlwaysRetry), None)
+        .await
+        .unwrap()
+        .id;
+    let deferred = queue
+        .enqueue(&job(3, Behavior::DeferOnce), None)
+        .await
+        .unwrap()
+        .id;
     let seen = Seen::default();
     let worker = spawn_worker(&queue, 4, &seen);
     wait_state(&queue, &flaky, JobState::Succeeded, Duration::from_secs(10)).await;
     wait_state(&queue, &hopeless, JobState::Dead, Duration::from_secs(10)).await;
-    wait_state(&queue, &deferred, JobState::Succeeded, Duration::from_secs(10)).await;
+    wait_state(
+        &queue,
+        &deferred,
+        JobState::Succeeded,
+        Duration::from_secs(10),
+    )
+    .await;
     worker.stop().await;
 
     assert_eq!(seen.runs_of(&flaky), 3);
@@ -355,11 +414,25 @@ async fn retries_follow_the_handler_delay_and_end_dead_past_max_attempts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_fails_one_job_and_a_permanent_error_fails_with_its_reason() {
     let queue = shared_queue("panic", |_| {}).await;
-    let panicking = queue.enqueue(&job(1, Behavior::Panic), None).await.unwrap().id;
-    let failing = queue.enqueue(&job(2, Behavior::Fail), None).await.unwrap().id;
+    let panicking = queue
+        .enqueue(&job(1, Behavior::Panic), None)
+        .await
+        .unwrap()
+        .id;
+    let failing = queue
+        .enqueue(&job(2, Behavior::Fail), None)
+        .await
+        .unwrap()
+        .id;
     let fine: Vec<String> = futures::future::join_all((3..8).map(|n| {
         let queue = queue.clone();
-        async move { queue.enqueue(&job(n, Behavior::Succeed), None).await.unwrap().id }
+        async move {
+            queue
+                .enqueue(&job(n, Behavior::Succeed), None)
+                .await
+                .unwrap()
+                .id
+        }
     }))
     .await;
     let seen = Seen::default();
@@ -370,16 +443,40 @@ async fn a_panic_fails_one_job_and_a_permanent_error_fails_with_its_reason() {
         wait_state(&queue, id, JobState::Succeeded, Duration::from_secs(10)).await;
     }
     worker.stop().await;
-    assert_eq!(queue.job(&panicking).await.unwrap().unwrap().error.unwrap().code, "HANDLER_PANICKED");
+    assert_eq!(
+        queue
+            .job(&panicking)
+            .await
+            .unwrap()
+            .unwrap()
+            .error
+            .unwrap()
+            .code,
+        "HANDLER_PANICKED"
+    );
     let failed = queue.job(&failing).await.unwrap().unwrap().error.unwrap();
-    assert_eq!((failed.step.as_str(), failed.code.as_str()), ("generate", "CONTENT_POLICY_VIOLATION"));
-    assert!(queue.dead_letters(0, 10).await.unwrap().iter().all(|r| r.id == panicking));
+    assert_eq!(
+        (failed.step.as_str(), failed.code.as_str()),
+        ("generate", "CONTENT_POLICY_VIOLATION")
+    );
+    assert!(
+        queue
+            .dead_letters(0, 10)
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.id == panicking)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_records_expire_after_the_retention() {
     let queue = shared_queue("retention", |c| c.retention_secs = 1).await;
-    let id = queue.enqueue(&job(1, Behavior::Succeed), None).await.unwrap().id;
+    let id = queue
+        .enqueue(&job(1, Behavior::Succeed), None)
+        .await
+        .unwrap()
+        .id;
     let seen = Seen::default();
     let worker = spawn_worker(&queue, 2, &seen);
     wait_state(&queue, &id, JobState::Succeeded, Duration::from_secs(10)).await;
@@ -395,14 +492,23 @@ async fn finished_records_expire_after_the_retention() {
 async fn high_priority_jobs_go_first() {
     let queue = shared_queue("prio", |_| {}).await;
     for n in 0..20 {
-        queue.enqueue(&job(n, Behavior::Succeed), None).await.unwrap();
+        queue
+            .enqueue(&job(n, Behavior::Succeed), None)
+            .await
+            .unwrap();
     }
     let mut urgent = job(99, Behavior::Succeed);
     urgent.priority = Priority::High;
     let urgent_id = queue.enqueue(&urgent, None).await.unwrap().id;
     let seen = Seen::default();
     let worker = spawn_worker(&queue, 1, &seen);
-    wait_state(&queue, &urgent_id, JobState::Succeeded, Duration::from_secs(10)).await;
+    wait_state(
+        &queue,
+        &urgent_id,
+        JobState::Succeeded,
+        Duration::from_secs(10),
+    )
+    .await;
     wait_for("all jobs to run", Duration::from_secs(10), || async {
         (seen.total_runs() == 21).then_some(())
     })
@@ -415,16 +521,29 @@ async fn high_priority_jobs_go_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_stops_queued_and_running_jobs() {
     let queue = shared_queue("cancel", |_| {}).await;
-    let running = queue.enqueue(&job(1, Behavior::LoopUntilCancelled), None).await.unwrap().id;
+    let running = queue
+        .enqueue(&job(1, Behavior::LoopUntilCancelled), None)
+        .await
+        .unwrap()
+        .id;
     let mut later = job(2, Behavior::Succeed);
     later.run_at_ms = Some(now_ms() + 60_000);
     let waiting = queue.enqueue(&later, None).await.unwrap().id;
 
     let seen = Seen::default();
     let worker = spawn_worker(&queue, 2, &seen);
-    wait_state(&queue, &running, JobState::Generating, Duration::from_secs(10)).await;
+    wait_state(
+        &queue,
+        &running,
+        JobState::Generating,
+        Duration::from_secs(10),
+    )
+    .await;
     match queue.cancel(&running, "user asked").await.unwrap() {
-        CancelOutcome::Cancelled { previous, cost_committed } => {
+        CancelOutcome::Cancelled {
+            previous,
+            cost_committed,
+        } => {
             assert_eq!(previous, JobState::Generating);
             assert!(cost_committed);
         }
@@ -432,16 +551,21 @@ async fn cancel_stops_queued_and_running_jobs() {
     }
     assert_eq!(
         queue.cancel(&waiting, "user asked").await.unwrap(),
-        CancelOutcome::Cancelled { previous: JobState::Scheduled, cost_committed: false }
+        CancelOutcome::Cancelled {
+            previous: JobState::Scheduled,
+            cost_committed: false
+        }
     );
     assert_eq!(
         queue.cancel(&waiting, "again").await.unwrap(),
         CancelOutcome::AlreadyTerminal(JobState::Cancelled)
     );
     // The running handler notices at its next checkpoint and lets go.
-    wait_for("the worker to drop the cancelled job", Duration::from_secs(10), || async {
-        (worker.handle.held() == 0).then_some(())
-    })
+    wait_for(
+        "the worker to drop the cancelled job",
+        Duration::from_secs(10),
+        || async { (worker.handle.held() == 0).then_some(()) },
+    )
     .await
     .unwrap();
     worker.stop().await;
@@ -451,7 +575,13 @@ async fn cancel_stops_queued_and_running_jobs() {
     assert_eq!(record.state, JobState::Cancelled);
     assert!(record.error.unwrap().cost_committed);
     let events = queue.read_events("0", 10, None).await.unwrap();
-    assert_eq!(events.iter().filter(|e| e.event_type == "job.cancelled").count(), 2);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.event_type == "job.cancelled")
+            .count(),
+        2
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -463,10 +593,16 @@ async fn a_renewed_lease_keeps_a_long_job_from_a_second_worker() {
     .await;
     let seen = Seen::default();
     let first = spawn_worker(&queue, 2, &seen);
-    let id = queue.enqueue(&job(1, Behavior::Sleep(3_500)), None).await.unwrap().id;
-    wait_for("the first worker to take the job", Duration::from_secs(5), || async {
-        (first.handle.running() == 1).then_some(())
-    })
+    let id = queue
+        .enqueue(&job(1, Behavior::Sleep(3_500)), None)
+        .await
+        .unwrap()
+        .id;
+    wait_for(
+        "the first worker to take the job",
+        Duration::from_secs(5),
+        || async { (first.handle.running() == 1).then_some(()) },
+    )
     .await
     .unwrap();
     let second = spawn_worker(&queue, 2, &seen);
@@ -481,7 +617,10 @@ async fn a_renewed_lease_keeps_a_long_job_from_a_second_worker() {
 async fn stats_report_waiting_scheduled_and_the_oldest_age() {
     let queue = shared_queue("stats", |_| {}).await;
     for n in 0..3 {
-        queue.enqueue(&job(n, Behavior::Succeed), None).await.unwrap();
+        queue
+            .enqueue(&job(n, Behavior::Succeed), None)
+            .await
+            .unwrap();
     }
     for n in 0..2 {
         let mut later = job(n, Behavior::Succeed);
@@ -494,7 +633,10 @@ async fn stats_report_waiting_scheduled_and_the_oldest_age() {
     })
     .await
     .unwrap();
-    assert_eq!((stats.waiting, stats.in_flight, stats.scheduled, stats.dead), (3, 0, 2, 0));
+    assert_eq!(
+        (stats.waiting, stats.in_flight, stats.scheduled, stats.dead),
+        (3, 0, 2, 0)
+    );
     assert_eq!(stats.waiting_by_priority.get("normal"), Some(&3));
 }
 
@@ -530,15 +672,22 @@ async fn killed_redis_connections_do_not_stop_the_worker() {
                 .query_async(&mut conn)
                 .await;
         }
-        wait_for("progress after the kill", Duration::from_secs(20), || async {
-            (seen.total_runs() > before + 100 || seen.total_runs() >= 3_000).then_some(())
-        })
+        wait_for(
+            "progress after the kill",
+            Duration::from_secs(20),
+            || async {
+                (seen.total_runs() > before + 100 || seen.total_runs() >= 3_000).then_some(())
+            },
+        )
         .await
         .unwrap();
     }
     wait_for("every job to succeed", Duration::from_secs(60), || async {
         let records = queue.jobs(&ids).await.ok()?;
-        records.iter().all(|r| r.state == JobState::Succeeded).then_some(())
+        records
+            .iter()
+            .all(|r| r.state == JobState::Succeeded)
+            .then_some(())
     })
     .await
     .unwrap();
@@ -562,8 +711,18 @@ async fn a_redis_restart_does_not_end_the_worker() {
     let queue = Queue::connect(config).await.unwrap();
     let seen = Seen::default();
     let worker = spawn_worker(&queue, 4, &seen);
-    let before = queue.enqueue(&job(1, Behavior::Succeed), None).await.unwrap().id;
-    wait_state(&queue, &before, JobState::Succeeded, Duration::from_secs(10)).await;
+    let before = queue
+        .enqueue(&job(1, Behavior::Succeed), None)
+        .await
+        .unwrap()
+        .id;
+    wait_state(
+        &queue,
+        &before,
+        JobState::Succeeded,
+        Duration::from_secs(10),
+    )
+    .await;
 
     // Redis goes away and comes back empty (no persistence here).
     server.restart().await.unwrap();

@@ -1,0 +1,79 @@
+//! The command line: global options and subcommands, and exit codes (0 success, 2 invalid
+//! input, 1 anything else).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::logging::LogFormat;
+use crate::{bench, settings};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "klingq",
+    version,
+    about = "Batch video generation queue for Kling v3 Pro: pays once per video, never loses a job."
+)]
+pub(crate) struct Cli {
+    /// Configuration file (TOML); overrides config/default.toml's defaults, and environment
+    /// variables override it.
+    #[arg(long, global = true, env = "KLINGQ_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub(crate) log_format: LogFormat,
+    /// More logging.
+    #[arg(long, short, global = true)]
+    pub(crate) verbose: bool,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Benchmarks that print what they measured and end with one JSON line.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Configuration: print the defaults or the effective settings.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ConfigCommand {
+    /// Print config/default.toml as generated from the settings registry.
+    Default,
+    /// Print the effective settings (defaults, file, environment), secrets redacted.
+    Show,
+}
+
+/// An error caused by the user's input: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct InvalidInput(pub(crate) String);
+
+pub(crate) fn exit_code_of(error: &anyhow::Error) -> u8 {
+    if error.chain().any(|cause| cause.is::<InvalidInput>()) {
+        2
+    } else {
+        1
+    }
+}
+
+pub(crate) async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Bench(command) => {
+            let settings = settings::load(cli.config.as_deref())?;
+            bench::run(command, settings).await?;
+        }
+        Command::Config(ConfigCommand::Default) => print!("{}", settings::render_default_toml()),
+        Command::Config(ConfigCommand::Show) => {
+            let settings = settings::load(cli.config.as_deref())?;
+            let mut shown = settings.clone();
+            shown.queue.redis_url = klingq_core::redact_url(&shown.queue.redis_url);
+            print!("{}", toml::to_string_pretty(&shown)?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
