@@ -247,54 +247,61 @@ impl Queue {
             .await
     }
 
-    fn enqueue_cmd(&self, batch: &str, job: &NewJob) -> Cmd {
+    /// One enqueue script call for `jobs` (one Redis round trip, one script run).
+    fn enqueue_cmd(&self, batch: &str, jobs: &[NewJob]) -> Cmd {
         let config = &self.inner.config;
         let mut cmd = self.script_cmd(&scripts::ENQUEUE);
-        cmd.arg(job.id.to_string())
-            .arg(&config.queue)
-            .arg(&job.payload)
-            .arg(job.priority.as_str())
-            .arg(job.max_attempts.unwrap_or(config.max_attempts).max(1))
-            .arg(job.run_at_ms.unwrap_or(0))
-            .arg(job.idempotency_key.as_deref().unwrap_or(""))
+        cmd.arg(&config.queue)
             .arg(config.idempotency_ttl_secs.max(1))
-            .arg(batch)
-            .arg(job.estimated_micros);
+            .arg(batch);
+        for job in jobs {
+            cmd.arg(job.id.to_string())
+                .arg(&job.payload)
+                .arg(job.priority.as_str())
+                .arg(job.max_attempts.unwrap_or(config.max_attempts).max(1))
+                .arg(job.run_at_ms.unwrap_or(0))
+                .arg(job.idempotency_key.as_deref().unwrap_or(""))
+                .arg(job.estimated_micros);
+        }
         cmd
     }
 
     /// Enqueues one job (with its optional batch, which must be open).
     pub async fn enqueue(&self, job: &NewJob, batch: Option<&str>) -> Result<Enqueued, QueueError> {
-        let reply: (i64, String) = self
-            .run_script(self.enqueue_cmd(batch.unwrap_or(""), job))
-            .await?;
-        Ok(Enqueued {
-            id: reply.1,
-            created: reply.0 == 1,
-        })
+        let mut replies = self.enqueue_many(std::slice::from_ref(job), batch).await?;
+        replies
+            .pop()
+            .ok_or_else(|| QueueError::Protocol("enqueue returned nothing".to_owned()))
     }
 
-    /// Enqueues many jobs in pipelined chunks (`enqueue_chunk` per round trip). Re-running a
-    /// chunk after a dropped connection is harmless: enqueue is idempotent per job id.
+    /// Enqueues many jobs, `enqueue_chunk` per script call, with a few calls pipelined per
+    /// round trip. Re-running a call after a dropped connection is harmless: enqueue is
+    /// idempotent per job id.
     pub async fn enqueue_many(
         &self,
         jobs: &[NewJob],
         batch: Option<&str>,
     ) -> Result<Vec<Enqueued>, QueueError> {
         let mut results = Vec::with_capacity(jobs.len());
-        let chunk_size = self.inner.config.enqueue_chunk.max(1);
-        for chunk in jobs.chunks(chunk_size) {
+        let chunk_size = self.inner.config.enqueue_chunk.clamp(1, 2_000);
+        for group in jobs.chunks(chunk_size * 4) {
             let mut pipe = redis::pipe();
-            for job in chunk {
-                pipe.add_command(self.enqueue_cmd(batch.unwrap_or(""), job));
+            for chunk in group.chunks(chunk_size) {
+                pipe.add_command(self.enqueue_cmd(batch.unwrap_or(""), chunk));
             }
-            let replies: Vec<(i64, String)> = self
+            let replies: Vec<Vec<Value>> = self
                 .run_scripts(&ScriptBatch::Many(pipe), Duration::from_secs(30))
                 .await?;
-            results.extend(replies.into_iter().map(|(created, id)| Enqueued {
-                id,
-                created: created == 1,
-            }));
+            for reply in replies {
+                for pair in reply.chunks(2) {
+                    let created = matches!(pair.first(), Some(Value::Int(1)));
+                    let id = pair
+                        .get(1)
+                        .and_then(value_string)
+                        .ok_or_else(|| QueueError::Protocol("enqueue reply without an id".to_owned()))?;
+                    results.push(Enqueued { id, created });
+                }
+            }
         }
         Ok(results)
     }

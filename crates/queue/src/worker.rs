@@ -32,7 +32,7 @@ use klingq_core::{JobError, JobState, Priority};
 use redis::Value;
 use redis::aio::MultiplexedConnection;
 use serde::de::DeserializeOwned;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::completion::{self, BuiltEvent, EventExtras, EventSubject};
 use crate::error::QueueError;
@@ -40,7 +40,7 @@ use crate::keys::GROUP;
 use crate::layer::SettleLayer;
 use crate::lease::{Delivery, Lease, LeaseInner};
 use crate::queue::{
-    Queue, ScriptBatch, parse_entries, parse_streams, push_event_args, value_string,
+    Queue, ScriptBatch, parse_entries, parse_streams, value_string,
 };
 use crate::scripts;
 
@@ -83,6 +83,8 @@ pub(crate) struct Shared {
     pub(crate) stop: watch::Sender<bool>,
     /// XAUTOCLAIM cursors per stream.
     reclaim_cursors: Mutex<HashMap<String, String>>,
+    /// Settle script calls waiting to be pipelined by the settler task.
+    settler: OnceLock<mpsc::UnboundedSender<SettleRequest>>,
     pub(crate) stats: WorkerStats,
 }
 
@@ -143,56 +145,40 @@ pub(crate) enum Settle {
 /// Settles a delivery, retrying Redis errors for up to a lease; then forgets the entry.
 /// If Redis stays away, the entry stays pending and is handed out again after its lease.
 pub(crate) async fn settle(shared: &Shared, delivery: &Delivery, settle: Settle) {
-    let mut cmd = shared.queue.script_cmd(&scripts::SETTLE);
-    cmd.arg(&delivery.stream)
-        .arg(&delivery.entry)
-        .arg(&shared.consumer)
-        .arg(&delivery.job_id);
-    match &settle {
+    let mut args: Vec<String> = vec![
+        delivery.stream.clone(),
+        delivery.entry.clone(),
+        shared.consumer.clone(),
+        delivery.job_id.clone(),
+    ];
+    let (action, state, delay, reason, error, event, charged) = match settle {
         Settle::Finish {
             state,
             reason,
             error,
             event,
             charged_micros,
-        } => {
-            cmd.arg("finish")
-                .arg(state.as_str())
-                .arg(0)
-                .arg(reason)
-                .arg(error_json(error.as_ref()));
-            push_event_args(&mut cmd, event.as_ref());
-            cmd.arg(*charged_micros);
-        }
+        } => ("finish", state.as_str(), Duration::ZERO, reason, error, event, charged_micros),
         Settle::Retry {
             delay,
             reason,
             error,
-        } => {
-            cmd.arg("retry")
-                .arg("")
-                .arg(delay.as_millis() as u64)
-                .arg(reason)
-                .arg(error_json(error.as_ref()));
-            push_event_args(&mut cmd, None);
-            cmd.arg(0);
-        }
-        Settle::Defer { delay, reason } => {
-            cmd.arg("defer")
-                .arg("")
-                .arg(delay.as_millis() as u64)
-                .arg(reason)
-                .arg("");
-            push_event_args(&mut cmd, None);
-            cmd.arg(0);
-        }
+        } => ("retry", "", delay, reason, error, None, 0),
+        Settle::Defer { delay, reason } => ("defer", "", delay, reason, None, None, 0),
+    };
+    args.extend([
+        action.to_owned(),
+        state.to_owned(),
+        (delay.as_millis() as u64).to_string(),
+        reason,
+        error_json(error.as_ref()),
+    ]);
+    match event {
+        Some(event) => args.extend([event.id, event.event_type.to_owned(), event.body]),
+        None => args.extend([String::new(), String::new(), String::new()]),
     }
-    let budget = shared.queue.config().lease_timeout();
-    let outcome: Result<String, _> = shared
-        .queue
-        .run_scripts(&ScriptBatch::One(cmd), budget)
-        .await;
-    match outcome {
+    args.push(charged.to_string());
+    match run_settle(shared, args).await {
         Ok(reply) if reply == "lost" => {
             shared.stats.leases_lost.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(job_id = %delivery.job_id, "settle refused: another worker holds the job");
@@ -205,6 +191,64 @@ pub(crate) async fn settle(shared: &Shared, delivery: &Delivery, settle: Settle)
         .lock()
         .expect("held map poisoned")
         .remove(&delivery.entry);
+}
+
+/// One settle's 13 script arguments and where its reply goes.
+type SettleRequest = (Vec<String>, oneshot::Sender<Result<String, QueueError>>);
+
+/// Runs a settle through the settler task, which folds concurrent settles into one script
+/// call; directly when there is no settler.
+async fn run_settle(shared: &Shared, args: Vec<String>) -> Result<String, QueueError> {
+    if let Some(settler) = shared.settler.get() {
+        let (reply_to, reply) = oneshot::channel();
+        if settler.send((args.clone(), reply_to)).is_ok()
+            && let Ok(result) = reply.await
+        {
+            return result;
+        }
+    }
+    let replies = settle_batch(&shared.queue, std::slice::from_ref(&args)).await?;
+    Ok(replies.into_iter().next().unwrap_or_default())
+}
+
+/// Runs one settle script call for many settles. Every settle is safe to run twice (the
+/// ownership check answers 'gone'), so retrying the call after a lost reply is harmless.
+async fn settle_batch(queue: &Queue, settles: &[Vec<String>]) -> Result<Vec<String>, QueueError> {
+    let mut cmd = queue.script_cmd(&scripts::SETTLE);
+    for args in settles {
+        for arg in args {
+            cmd.arg(arg);
+        }
+    }
+    let budget = queue.config().lease_timeout();
+    queue.run_scripts(&ScriptBatch::One(cmd), budget).await
+}
+
+/// Folds whatever settles are waiting (up to 128) into one script call, one round trip.
+async fn settler(queue: Queue, mut requests: mpsc::UnboundedReceiver<SettleRequest>) {
+    while let Some(first) = requests.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 128 {
+            match requests.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        let (args, reply_tos): (Vec<Vec<String>>, Vec<_>) = batch.into_iter().unzip();
+        match settle_batch(&queue, &args).await {
+            Ok(replies) => {
+                for (reply_to, reply) in reply_tos.into_iter().zip(replies) {
+                    let _ = reply_to.send(Ok(reply));
+                }
+            }
+            Err(error) => {
+                let message = error.to_string();
+                for reply_to in reply_tos {
+                    let _ = reply_to.send(Err(QueueError::Protocol(message.clone())));
+                }
+            }
+        }
+    }
 }
 
 fn error_json(error: Option<&JobError>) -> String {
@@ -376,6 +420,7 @@ impl<Args> QueueBackend<Args> {
                 worker: OnceLock::new(),
                 stop,
                 reclaim_cursors: Mutex::new(HashMap::new()),
+                settler: OnceLock::new(),
                 stats: WorkerStats::default(),
             }),
             buffer: VecDeque::new(),
@@ -477,6 +522,10 @@ impl<Args: DeserializeOwned + Send + Sync + 'static> QueueBackend<Args> {
             return;
         }
         self.keeper_started = true;
+        let (sender, receiver) = mpsc::unbounded_channel();
+        if self.shared.settler.set(sender).is_ok() {
+            tokio::spawn(settler(self.shared.queue.clone(), receiver));
+        }
         tokio::spawn(keeper(self.shared.clone(), self.shared.stop.subscribe()));
     }
 }

@@ -4,7 +4,7 @@
 local id, reason, err = ARGV[4], ARGV[5], ARGV[6]
 local event_id, event_type, event = ARGV[7], ARGV[8], ARGV[9]
 local jk = jobkey(id)
-local f = redis.call('HMGET', jk, 'state', 'q', 'entry', 'prio')
+local f = redis.call('HMGET', jk, 'state', 'q', 'entry', 'prio', 'batch')
 if not f[1] then return { 'missing', '' } end
 if TERMINAL[f[1]] then return { 'terminal', f[1] } end
 if f[3] then
@@ -12,5 +12,7 @@ if f[3] then
   redis.call('XACK', stream, GROUP, f[3])
   redis.call('XDEL', stream, f[3])
 end
-finish(jk, id, 'cancelled', reason, err, event_id, event_type, event, 0)
+redis.call('ZREM', P .. ':q:' .. f[2] .. ':delayed', id)
+finish(jk, id, { state = f[1], q = f[2], batch = f[5] }, 'cancelled', reason, err, event_id,
+  event_type, event, 0)
 return { 'cancelled', f[1] }

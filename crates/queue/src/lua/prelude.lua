@@ -65,12 +65,9 @@ local function check_batch_done(batch)
   redis.call('EXPIRE', bk .. ':jobs', RETENTION)
 end
 
--- Moves a job to a state, keeping its batch's per-state counters; returns the old state.
-local function set_state(jk, new_state)
-  local f = redis.call('HMGET', jk, 'state', 'batch')
-  local old, batch = f[1], f[2]
-  redis.call('HSET', jk, 'state', new_state, 'updated_ms', NOW)
-  if old == new_state or not batch then return old end
+-- Keeps a batch's per-state counters when one of its jobs moves from `old` to `new_state`.
+local function count_transition(batch, old, new_state)
+  if old == new_state or not batch then return end
   local bk = P .. ':batch:' .. batch
   if old then redis.call('HINCRBY', bk, 'n:' .. old, -1) end
   redis.call('HINCRBY', bk, 'n:' .. new_state, 1)
@@ -84,34 +81,50 @@ local function set_state(jk, new_state)
     redis.call('PERSIST', bk)
     redis.call('PERSIST', bk .. ':jobs')
   end
+end
+
+-- Moves a job to a state (with extra hash fields), keeping its batch's counters; returns the
+-- old state. `old` and `batch` may be passed when the caller has read them already.
+local function set_state(jk, new_state, fields, old, batch)
+  if old == nil then
+    local f = redis.call('HMGET', jk, 'state', 'batch')
+    old, batch = f[1], f[2]
+  end
+  fields = fields or {}
+  fields[#fields + 1] = 'state'
+  fields[#fields + 1] = new_state
+  fields[#fields + 1] = 'updated_ms'
+  fields[#fields + 1] = NOW
+  redis.call('HSET', jk, unpack(fields))
+  count_transition(batch or nil, old or nil, new_state)
   return old
 end
 
 -- Puts a job on its ready stream and records the entry.
-local function make_ready(jk, id)
-  local f = redis.call('HMGET', jk, 'q', 'prio')
+local function make_ready(jk, id, reason)
+  local f = redis.call('HMGET', jk, 'q', 'prio', 'state', 'batch')
   local entry = redis.call('XADD', readykey(f[1], f[2]), '*', 'id', id)
-  redis.call('HSET', jk, 'entry', entry)
   redis.call('HDEL', jk, 'run_at_ms')
-  set_state(jk, 'queued')
+  set_state(jk, 'queued', { 'entry', entry, 'reason', reason or '' }, f[3] or false, f[4] or false)
   return entry
 end
 
 -- Ends a job: terminal state, error, charge, dead-letter index, event, retention.
-local function finish(jk, id, state, reason, err, event_id, event_type, event, charged)
-  local queue = redis.call('HGET', jk, 'q')
+-- `job` holds the fields the caller read: state, q, batch.
+local function finish(jk, id, job, state, reason, err, event_id, event_type, event, charged)
   if charged > 0 then
     redis.call('HINCRBY', jk, 'charged_micros', charged)
-    local batch = redis.call('HGET', jk, 'batch')
-    if batch then redis.call('HINCRBY', P .. ':batch:' .. batch, 'charged_micros', charged) end
+    if job.batch then redis.call('HINCRBY', P .. ':batch:' .. job.batch, 'charged_micros', charged) end
   end
-  redis.call('HSET', jk, 'finished_ms', NOW, 'reason', reason)
   redis.call('HDEL', jk, 'entry', 'worker', 'run_at_ms')
-  if err ~= '' then redis.call('HSET', jk, 'error', err) end
-  redis.call('ZREM', P .. ':q:' .. queue .. ':delayed', id)
-  if state == 'dead' then redis.call('ZADD', P .. ':q:' .. queue .. ':dead', NOW, id) end
+  local fields = { 'finished_ms', NOW, 'reason', reason }
+  if err ~= '' then
+    fields[#fields + 1] = 'error'
+    fields[#fields + 1] = err
+  end
+  if state == 'dead' then redis.call('ZADD', P .. ':q:' .. job.q .. ':dead', NOW, id) end
   if event ~= '' then append_event(event_id, event_type, id, event) end
-  set_state(jk, state)
+  set_state(jk, state, fields, job.state or false, job.batch or false)
   redis.call('EXPIRE', jk, RETENTION)
 end
 

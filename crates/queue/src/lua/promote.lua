@@ -7,9 +7,6 @@ for _, id in ipairs(ids) do
   redis.call('ZREM', dk, id)
   local jk = jobkey(id)
   local state = redis.call('HGET', jk, 'state')
-  if state and not TERMINAL[state] then
-    make_ready(jk, id)
-    redis.call('HSET', jk, 'reason', '')
-  end
+  if state and not TERMINAL[state] then make_ready(jk, id, '') end
 end
 return #ids

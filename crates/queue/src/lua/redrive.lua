@@ -6,9 +6,9 @@ local f = redis.call('HMGET', jk, 'state', 'q')
 if not f[1] then return '' end
 if f[1] ~= 'dead' then return f[1] end
 redis.call('ZREM', P .. ':q:' .. f[2] .. ':dead', id)
-redis.call('HSET', jk, 'attempts', 0, 'reason', 're-driven')
+redis.call('HSET', jk, 'attempts', 0)
 redis.call('HINCRBY', jk, 'redrives', 1)
 redis.call('HDEL', jk, 'error', 'finished_ms')
 redis.call('PERSIST', jk)
-make_ready(jk, id)
+make_ready(jk, id, 're-driven')
 return 'dead'

@@ -11,7 +11,7 @@ for i = 5, #ARGV, 3 do
     local state = redis.call('HGET', jk, 'state')
     if state and not TERMINAL[state] then
       redis.call('HINCRBY', jk, 'attempts', -1)
-      make_ready(jk, id)
+      make_ready(jk, id, 'released by a stopping worker')
       n = n + 1
     end
   end

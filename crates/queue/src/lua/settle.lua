@@ -1,33 +1,43 @@
--- Settles a delivery after its handler: finish, retry or defer (via the delayed set), or
--- release (back to ready). Only the consumer holding the entry may settle it.
--- ARGV: stream, entry, consumer, id, action, state, delay_ms, reason, error JSON,
--- event id, event type, event JSON, charged micros.
--- Returns 'ok', 'gone' (already settled or cancelled), 'lost' (another consumer holds it).
-local stream, entry, consumer, id, action = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
-local state, delay, reason, err = ARGV[9], tonumber(ARGV[10]), ARGV[11], ARGV[12]
-local event_id, event_type, event, charged = ARGV[13], ARGV[14], ARGV[15], tonumber(ARGV[16])
-local owner = owner_of(stream, entry)
-if not owner then return 'gone' end
-if owner ~= consumer then return 'lost' end
-redis.call('XACK', stream, GROUP, entry)
-redis.call('XDEL', stream, entry)
-local jk = jobkey(id)
-if redis.call('EXISTS', jk) == 0 then return 'gone' end
-local current = redis.call('HGET', jk, 'state')
-if TERMINAL[current] then return 'gone' end
-redis.call('HDEL', jk, 'entry', 'worker')
-if action == 'finish' then
-  finish(jk, id, state, reason, err, event_id, event_type, event, charged)
-elseif action == 'retry' or action == 'defer' then
-  if action == 'defer' then redis.call('HINCRBY', jk, 'attempts', -1) end
-  if err ~= '' then redis.call('HSET', jk, 'error', err) end
-  local queue = redis.call('HGET', jk, 'q')
-  redis.call('ZADD', P .. ':q:' .. queue .. ':delayed', NOW + delay, id)
-  redis.call('HSET', jk, 'run_at_ms', NOW + delay, 'reason', reason)
-  set_state(jk, 'scheduled')
-elseif action == 'release' then
-  redis.call('HINCRBY', jk, 'attempts', -1)
-  redis.call('HSET', jk, 'reason', reason)
-  make_ready(jk, id)
+-- Settles deliveries after their handlers: finish, retry or defer (via the delayed set), or
+-- release (back to ready). Only the consumer holding an entry may settle it. Settles arrive
+-- in groups of 13 values from ARGV[4]: stream, entry, consumer, id, action, state, delay_ms,
+-- reason, error JSON, event id, event type, event JSON, charged micros. Returns per group
+-- 'ok', 'gone' (already settled or cancelled) or 'lost' (another consumer holds it).
+local function settle_one(i)
+  local stream, entry, consumer, id, action = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local state, delay, reason, err = ARGV[i + 5], tonumber(ARGV[i + 6]), ARGV[i + 7], ARGV[i + 8]
+  local event_id, event_type, event, charged = ARGV[i + 9], ARGV[i + 10], ARGV[i + 11], tonumber(ARGV[i + 12])
+  local owner = owner_of(stream, entry)
+  if not owner then return 'gone' end
+  if owner ~= consumer then return 'lost' end
+  redis.call('XACK', stream, GROUP, entry)
+  redis.call('XDEL', stream, entry)
+  local jk = jobkey(id)
+  local f = redis.call('HMGET', jk, 'state', 'q', 'batch')
+  local job = { state = f[1], q = f[2], batch = f[3] }
+  if not job.state or TERMINAL[job.state] then return 'gone' end
+  if action == 'finish' then
+    finish(jk, id, job, state, reason, err, event_id, event_type, event, charged)
+  elseif action == 'retry' or action == 'defer' then
+    if action == 'defer' then redis.call('HINCRBY', jk, 'attempts', -1) end
+    redis.call('HDEL', jk, 'entry', 'worker')
+    redis.call('ZADD', P .. ':q:' .. job.q .. ':delayed', NOW + delay, id)
+    local fields = { 'run_at_ms', NOW + delay, 'reason', reason }
+    if err ~= '' then
+      fields[#fields + 1] = 'error'
+      fields[#fields + 1] = err
+    end
+    set_state(jk, 'scheduled', fields, job.state, job.batch)
+  elseif action == 'release' then
+    redis.call('HINCRBY', jk, 'attempts', -1)
+    redis.call('HDEL', jk, 'worker')
+    make_ready(jk, id, reason)
+  end
+  return 'ok'
 end
-return 'ok'
+
+local out = {}
+for i = 4, #ARGV, 13 do
+  out[#out + 1] = settle_one(i)
+end
+return out
