@@ -38,6 +38,35 @@ pub(crate) enum Command {
     /// Configuration: print the defaults or the effective settings.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Run a worker: pull jobs, generate, re-host in S3, publish. Scale out with replicas.
+    Worker,
+    /// Run the Runflow simulator (for tests and demos; no account needed).
+    Sim(Box<klingq_sim::SimArgs>),
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutdown signal received");
 }
 
 #[derive(Debug, Subcommand)]
@@ -69,10 +98,22 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Config(ConfigCommand::Default) => print!("{}", settings::render_default_toml()),
         Command::Config(ConfigCommand::Show) => {
+            print!("{}", settings::effective_toml(cli.config.as_deref())?);
+        }
+        Command::Worker => {
             let settings = settings::load(cli.config.as_deref())?;
-            let mut shown = settings.clone();
-            shown.queue.redis_url = klingq_core::redact_url(&shown.queue.redis_url);
-            print!("{}", toml::to_string_pretty(&shown)?);
+            let worker = klingq_worker::Worker::connect(
+                settings.worker_settings(),
+                std::time::Duration::from_secs(30),
+            )
+            .await?;
+            worker.run(shutdown_signal()).await?;
+        }
+        Command::Sim(args) => {
+            klingq_sim::run(*args, async {
+                shutdown_signal().await;
+            })
+            .await?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 use klingq_queue::QueueConfig;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use toml::{Table, Value};
 
 /// One setting.
@@ -23,6 +23,8 @@ pub(crate) struct Setting {
     pub(crate) doc: &'static str,
     /// Secrets are never printed.
     pub(crate) secret: bool,
+    /// Unset by default: the file shows it commented out, with `default` as an example.
+    pub(crate) optional: bool,
 }
 
 const fn setting(
@@ -37,6 +39,36 @@ const fn setting(
         default,
         doc,
         secret: false,
+        optional: false,
+    }
+}
+
+/// A setting that is unset unless given; `example` is shown commented out.
+const fn optional(
+    key: &'static str,
+    env: &'static str,
+    example: &'static str,
+    doc: &'static str,
+) -> Setting {
+    Setting {
+        key,
+        env,
+        default: example,
+        doc,
+        secret: false,
+        optional: true,
+    }
+}
+
+/// A secret: unset by default, never printed.
+const fn secret(key: &'static str, env: &'static str, doc: &'static str) -> Setting {
+    Setting {
+        key,
+        env,
+        default: "\"...\"",
+        doc,
+        secret: true,
+        optional: true,
     }
 }
 
@@ -137,15 +169,223 @@ pub(crate) const SETTINGS: &[Setting] = &[
         "queue.enqueue_chunk",
         "KLINGQ_ENQUEUE_CHUNK",
         "1000",
-        "Jobs per pipelined round trip when enqueueing a batch.",
+        "Jobs per script call when enqueueing a batch.",
+    ),
+    // The provider (Runflow).
+    setting(
+        "provider.base_url",
+        "KLINGQ_PROVIDER_BASE_URL",
+        "\"https://api.runflow.io\"",
+        "Runflow API root. Point it at `klingq sim` for tests and demos.",
+    ),
+    secret(
+        "provider.api_key",
+        "RUNFLOW_API_KEY",
+        "Runflow API key, sent as `Authorization: Bearer`. Never logged.",
+    ),
+    setting(
+        "provider.model",
+        "KLINGQ_PROVIDER_MODEL",
+        "\"kuaishou/kling-video/v3/pro/image-to-video\"",
+        "Model id in the API path.",
+    ),
+    setting(
+        "provider.mode",
+        "KLINGQ_PROVIDER_MODE",
+        "\"async\"",
+        "`async`: the documented runs API (create, then poll). `sync`: the model page's `POST /v1/run/{model}`, holding the connection.",
+    ),
+    optional(
+        "provider.callback_url",
+        "KLINGQ_PROVIDER_CALLBACK_URL",
+        "\"https://example.com/runflow-callback\"",
+        "Optional `callback_url` sent on creates; polling stays the source of truth.",
+    ),
+    setting(
+        "provider.deadline",
+        "KLINGQ_PROVIDER_DEADLINE_SECS",
+        "1800",
+        "Longest wait for one run's video, in seconds.",
+    ),
+    // Object storage.
+    setting(
+        "storage.bucket",
+        "KLINGQ_S3_BUCKET",
+        "\"klingq-videos\"",
+        "Bucket the videos are re-hosted in.",
+    ),
+    optional(
+        "storage.endpoint",
+        "KLINGQ_S3_ENDPOINT",
+        "\"http://127.0.0.1:8333\"",
+        "S3 endpoint for S3-compatible stores (SeaweedFS, MinIO, R2); unset for AWS S3. Credentials come from the standard AWS_* variables.",
+    ),
+    setting(
+        "storage.region",
+        "AWS_REGION",
+        "\"us-east-1\"",
+        "S3 region.",
+    ),
+    setting(
+        "storage.key_prefix",
+        "KLINGQ_S3_KEY_PREFIX",
+        "\"videos/\"",
+        "Object keys are `{key_prefix}{job_id}.mp4`.",
+    ),
+    setting(
+        "storage.force_path_style",
+        "KLINGQ_S3_FORCE_PATH_STYLE",
+        "false",
+        "Path-style URLs, as most S3-compatible stores need.",
+    ),
+    setting(
+        "storage.checksum_mode",
+        "KLINGQ_S3_CHECKSUM_MODE",
+        "\"when_supported\"",
+        "`when_supported` (SDK default, AWS and SeaweedFS) or `when_required` for stores that reject streamed checksum trailers.",
+    ),
+    setting(
+        "storage.presign_ttl_secs",
+        "KLINGQ_S3_PRESIGN_TTL_SECS",
+        "86400",
+        "Lifetime of the presigned GET URL a finished job carries.",
+    ),
+    optional(
+        "storage.public_base_url",
+        "KLINGQ_S3_PUBLIC_BASE_URL",
+        "\"https://cdn.example.com\"",
+        "When set, video URLs are `{public_base_url}/{key}` instead of presigned.",
+    ),
+    setting(
+        "storage.part_size",
+        "KLINGQ_S3_PART_SIZE",
+        "8388608",
+        "Multipart part size in bytes; files smaller than one part go in a single PUT.",
+    ),
+    setting(
+        "storage.max_video_bytes",
+        "KLINGQ_S3_MAX_VIDEO_BYTES",
+        "500000000",
+        "Largest video accepted from the provider.",
+    ),
+    // The worker.
+    setting(
+        "worker.concurrency",
+        "KLINGQ_WORKER_CONCURRENCY",
+        "64",
+        "Jobs in flight per worker process (they mostly wait on the provider).",
+    ),
+    setting(
+        "worker.provider_concurrency",
+        "KLINGQ_PROVIDER_CONCURRENCY",
+        "10",
+        "Concurrent provider generations across all replicas (the account's limit), shared in Redis; adapts down on 429.",
+    ),
+    setting(
+        "worker.limit_lease_secs",
+        "KLINGQ_PROVIDER_LIMIT_LEASE_SECS",
+        "120",
+        "A dead worker's provider slots come back after this long.",
+    ),
+    setting(
+        "worker.throttle_recovery_secs",
+        "KLINGQ_PROVIDER_THROTTLE_RECOVERY_SECS",
+        "30",
+        "After a 429 the shared limit regains one slot per period.",
+    ),
+    setting(
+        "worker.credit_pause_secs",
+        "KLINGQ_PROVIDER_CREDIT_PAUSE_SECS",
+        "60",
+        "After a 402 submissions pause this long, then one job probes.",
+    ),
+    setting(
+        "worker.limit_wait_secs",
+        "KLINGQ_PROVIDER_LIMIT_WAIT_SECS",
+        "5",
+        "How long a job waits before asking again for a full shared limit.",
+    ),
+    setting(
+        "worker.health_bind",
+        "KLINGQ_WORKER_HEALTH_BIND",
+        "\"127.0.0.1:9090\"",
+        "Address of /healthz, /readyz and /metrics; empty to disable.",
+    ),
+    setting(
+        "worker.shutdown_grace_secs",
+        "KLINGQ_WORKER_SHUTDOWN_GRACE_SECS",
+        "25",
+        "On SIGTERM, in-flight jobs get this long to reach a checkpoint; keep it below terminationGracePeriodSeconds.",
+    ),
+    setting(
+        "worker.job_deadline_secs",
+        "KLINGQ_JOB_DEADLINE_SECS",
+        "1800",
+        "A job not finished this long after creation fails with DEADLINE_EXCEEDED.",
+    ),
+    setting(
+        "worker.submit_retries",
+        "KLINGQ_SUBMIT_RETRIES",
+        "8",
+        "Retries of the submit step (each after a backoff through the delayed set).",
+    ),
+    setting(
+        "worker.generate_retries",
+        "KLINGQ_GENERATE_RETRIES",
+        "2",
+        "New runs after the provider failed a run for its own reasons (failed runs are not billed).",
+    ),
+    setting(
+        "worker.download_retries",
+        "KLINGQ_DOWNLOAD_RETRIES",
+        "8",
+        "Retries of the download and upload step.",
+    ),
+    setting(
+        "worker.max_retry_delay_secs",
+        "KLINGQ_MAX_RETRY_DELAY_SECS",
+        "300",
+        "Longest delay between step retries.",
+    ),
+    setting(
+        "worker.daily_budget_usd",
+        "KLINGQ_DAILY_BUDGET_USD",
+        "0.0",
+        "Spending cap per UTC day on estimated cost (0: none). Jobs over it wait as scheduled.",
+    ),
+    setting(
+        "worker.budget_wait_secs",
+        "KLINGQ_BUDGET_WAIT_SECS",
+        "300",
+        "How often a job waiting for a budget checks again.",
+    ),
+    setting(
+        "worker.usd_per_second",
+        "KLINGQ_USD_PER_SECOND",
+        "0.14",
+        "Price per second of video, for estimates.",
     ),
 ];
 
 /// All of klingq's configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Settings {
     pub(crate) queue: QueueConfig,
+    pub(crate) provider: klingq_provider::ProviderConfig,
+    pub(crate) storage: klingq_storage::StorageConfig,
+    pub(crate) worker: klingq_worker::WorkerConfig,
+}
+
+impl Settings {
+    pub(crate) fn worker_settings(&self) -> klingq_worker::WorkerSettings {
+        klingq_worker::WorkerSettings {
+            queue: self.queue.clone(),
+            provider: self.provider.clone(),
+            storage: self.storage.clone(),
+            worker: self.worker.clone(),
+        }
+    }
 }
 
 /// Renders `config/default.toml` from the registry: every setting, commented.
@@ -158,13 +398,20 @@ pub(crate) fn render_default_toml() -> String {
     );
     let mut section = "";
     for setting in SETTINGS {
-        let (table, name) = setting.key.split_once('.').expect("settings are table.key");
+        let (table, name) = setting
+            .key
+            .rsplit_once('.')
+            .expect("settings are table.key");
         if table != section {
             out.push_str(&format!("\n[{table}]\n"));
             section = table;
         }
         out.push_str(&format!("# {} (env: {})\n", setting.doc, setting.env));
-        out.push_str(&format!("{name} = {}\n", setting.default));
+        if setting.optional {
+            out.push_str(&format!("# {name} = {}\n", setting.default));
+        } else {
+            out.push_str(&format!("{name} = {}\n", setting.default));
+        }
     }
     out
 }
@@ -178,6 +425,16 @@ pub(crate) fn load_with(
     file: Option<&Path>,
     env: impl Fn(&str) -> Option<String>,
 ) -> anyhow::Result<Settings> {
+    Value::Table(merged_table(file, env)?)
+        .try_into()
+        .context("invalid configuration")
+}
+
+/// Defaults, then the file, then the environment, as one TOML table.
+fn merged_table(
+    file: Option<&Path>,
+    env: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<Table> {
     let mut table: Table =
         toml::from_str(&render_default_toml()).expect("registry renders valid TOML");
     if let Some(path) = file {
@@ -211,9 +468,7 @@ pub(crate) fn load_with(
         })?;
         set(&mut table, setting.key, value);
     }
-    Value::Table(table)
-        .try_into()
-        .context("invalid configuration")
+    Ok(table)
 }
 
 fn merge(base: &mut Table, overrides: Table, prefix: &str) -> anyhow::Result<()> {
@@ -230,22 +485,75 @@ fn merge(base: &mut Table, overrides: Table, prefix: &str) -> anyhow::Result<()>
             (Some(_), value) => {
                 base.insert(key, value);
             }
+            (None, value) if known_prefix(&path) => {
+                base.insert(key, value);
+            }
             (None, _) => bail!("unknown setting {path} in the config file"),
         }
     }
     Ok(())
 }
 
+/// Whether `path` is a setting (or a table of settings) the registry or the config structs know,
+/// though unset by default.
+fn known_prefix(path: &str) -> bool {
+    SETTINGS.iter().any(|s| s.key == path)
+        || [
+            "provider.timeouts",
+            "provider.retry",
+            "provider.poll",
+            "provider.reconcile_grace",
+            "storage.access_key_id",
+            "storage.secret_access_key",
+        ]
+        .iter()
+        .any(|p| path == *p || path.starts_with(&format!("{p}.")))
+}
+
 fn lookup<'a>(table: &'a Table, key: &str) -> Option<&'a Value> {
-    let (section, name) = key.split_once('.')?;
-    table.get(section)?.as_table()?.get(name)
+    let mut parts = key.split('.');
+    let mut current = table.get(parts.next()?)?;
+    for part in parts {
+        current = current.as_table()?.get(part)?;
+    }
+    Some(current)
 }
 
 fn set(table: &mut Table, key: &str, value: Value) {
-    let (section, name) = key.split_once('.').expect("settings are table.key");
-    if let Some(Value::Table(section)) = table.get_mut(section) {
-        section.insert(name.to_owned(), value);
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let name = parts.pop().expect("settings have a name");
+    let mut current = table;
+    for part in parts {
+        current = match current
+            .entry(part.to_owned())
+            .or_insert_with(|| Value::Table(Table::new()))
+        {
+            Value::Table(next) => next,
+            _ => return,
+        };
     }
+    current.insert(name.to_owned(), value);
+}
+
+/// The effective settings as TOML, with secrets redacted, for `klingq config show`.
+pub(crate) fn effective_toml(file: Option<&Path>) -> anyhow::Result<String> {
+    let settings = load(file)?;
+    let mut table = merged_table(file, |name| std::env::var(name).ok())?;
+    for setting in SETTINGS {
+        if setting.secret && lookup(&table, setting.key).is_some() {
+            set(
+                &mut table,
+                setting.key,
+                Value::String("[redacted]".to_owned()),
+            );
+        }
+    }
+    set(
+        &mut table,
+        "queue.redis_url",
+        Value::String(klingq_core::redact_url(&settings.queue.redis_url)),
+    );
+    Ok(toml::to_string_pretty(&table)?)
 }
 
 /// Parses an environment value as the type of the setting's current value.
@@ -288,31 +596,50 @@ mod tests {
     fn defaults_deserialize_and_match_the_structs() {
         let settings = load_with(None, |_| None).unwrap();
         assert_eq!(settings.queue, QueueConfig::default());
+        assert_eq!(settings.worker, klingq_worker::WorkerConfig::default());
+        assert_eq!(
+            settings.provider.base_url,
+            klingq_provider::DEFAULT_BASE_URL
+        );
+        assert_eq!(settings.storage.bucket, "klingq-videos");
+        assert!(settings.storage.endpoint.is_none());
+        assert!(settings.provider.api_key.is_empty());
     }
 
     #[test]
     fn every_setting_is_overridable_from_the_environment_and_unique() {
+        let defaults: Table = toml::from_str(&render_default_toml()).unwrap();
         let mut envs = std::collections::HashSet::new();
         for setting in SETTINGS {
             assert!(envs.insert(setting.env), "{} used twice", setting.env);
-            assert!(
-                lookup(
-                    &toml::from_str(&render_default_toml()).unwrap(),
-                    setting.key
-                )
-                .is_some()
+            assert_eq!(
+                lookup(&defaults, setting.key).is_some(),
+                !setting.optional,
+                "{}",
+                setting.key
             );
         }
         let settings = load_with(None, |name| match name {
             "KLINGQ_NAMESPACE" => Some("prod".into()),
             "KLINGQ_LEASE_TIMEOUT_SECS" => Some("90".into()),
             "KLINGQ_COMPLETION_EVENTS" => Some("false".into()),
+            "KLINGQ_S3_ENDPOINT" => Some("http://127.0.0.1:18333".into()),
+            "RUNFLOW_API_KEY" => Some("rf_live_secret".into()),
+            "KLINGQ_PROVIDER_MODE" => Some("sync".into()),
+            "KLINGQ_WORKER_CONCURRENCY" => Some("8".into()),
             _ => None,
         })
         .unwrap();
         assert_eq!(settings.queue.namespace, "prod");
         assert_eq!(settings.queue.lease_timeout_secs, 90);
         assert!(!settings.queue.completion_events);
+        assert_eq!(
+            settings.storage.endpoint.as_deref(),
+            Some("http://127.0.0.1:18333")
+        );
+        assert_eq!(settings.provider.api_key.expose(), "rf_live_secret");
+        assert_eq!(settings.provider.mode, klingq_provider::Mode::Sync);
+        assert_eq!(settings.worker.concurrency, 8);
     }
 
     #[test]

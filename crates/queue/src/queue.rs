@@ -295,10 +295,9 @@ impl Queue {
             for reply in replies {
                 for pair in reply.chunks(2) {
                     let created = matches!(pair.first(), Some(Value::Int(1)));
-                    let id = pair
-                        .get(1)
-                        .and_then(value_string)
-                        .ok_or_else(|| QueueError::Protocol("enqueue reply without an id".to_owned()))?;
+                    let id = pair.get(1).and_then(value_string).ok_or_else(|| {
+                        QueueError::Protocol("enqueue reply without an id".to_owned())
+                    })?;
                     results.push(Enqueued { id, created });
                 }
             }

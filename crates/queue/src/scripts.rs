@@ -28,9 +28,12 @@ script!(PROMOTE, "lua/promote.lua");
 script!(CANCEL, "lua/cancel.lua");
 script!(REDRIVE, "lua/redrive.lua");
 script!(RELEASE_MANY, "lua/release_many.lua");
+script!(SLOT_ACQUIRE, "lua/slot_acquire.lua");
+script!(SLOT_THROTTLE, "lua/slot_throttle.lua");
+script!(BUDGET_RESERVE, "lua/budget_reserve.lua");
 
 /// Every script, for loading them all at connect time (avoids a NOSCRIPT round trip later).
-pub(crate) fn all() -> [&'static Script; 11] {
+pub(crate) fn all() -> [&'static Script; 14] {
     [
         &ENQUEUE,
         &BATCH_OPEN,
@@ -43,5 +46,8 @@ pub(crate) fn all() -> [&'static Script; 11] {
         &CANCEL,
         &REDRIVE,
         &RELEASE_MANY,
+        &SLOT_ACQUIRE,
+        &SLOT_THROTTLE,
+        &BUDGET_RESERVE,
     ]
 }

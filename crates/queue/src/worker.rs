@@ -39,9 +39,7 @@ use crate::error::QueueError;
 use crate::keys::GROUP;
 use crate::layer::SettleLayer;
 use crate::lease::{Delivery, Lease, LeaseInner};
-use crate::queue::{
-    Queue, ScriptBatch, parse_entries, parse_streams, value_string,
-};
+use crate::queue::{Queue, ScriptBatch, parse_entries, parse_streams, value_string};
 use crate::scripts;
 
 /// A unique consumer name for this process: host, pid, start time and a random suffix.
@@ -158,7 +156,15 @@ pub(crate) async fn settle(shared: &Shared, delivery: &Delivery, settle: Settle)
             error,
             event,
             charged_micros,
-        } => ("finish", state.as_str(), Duration::ZERO, reason, error, event, charged_micros),
+        } => (
+            "finish",
+            state.as_str(),
+            Duration::ZERO,
+            reason,
+            error,
+            event,
+            charged_micros,
+        ),
         Settle::Retry {
             delay,
             reason,

@@ -1,0 +1,167 @@
+//! Shared limits across worker replicas, kept in Redis: a concurrency limit with leases (a dead
+//! worker's slots come back when their lease lapses) whose cap adapts down on throttling and
+//! recovers slowly; budget reservations; and a pause flag (e.g. out of credit).
+
+use std::time::Duration;
+
+use crate::error::QueueError;
+use crate::queue::Queue;
+use crate::scripts;
+
+/// The state of a shared limit after an acquire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotStatus {
+    /// Whether the holder has a slot now.
+    pub acquired: bool,
+    /// Slots held across all replicas.
+    pub in_use: u64,
+    /// The live cap (at most the configured maximum; lower after throttling).
+    pub cap: u64,
+}
+
+/// The outcome of a budget reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetDecision {
+    Reserved,
+    /// Today's spend plus this job would pass the daily budget.
+    OverDailyBudget {
+        spent_micros: u64,
+    },
+    /// The batch's committed spend plus this job would pass the batch budget.
+    OverBatchBudget {
+        committed_micros: u64,
+    },
+}
+
+impl Queue {
+    /// Takes or renews `holder`'s slot in the shared limit `name` for `lease`.
+    pub async fn acquire_slot(
+        &self,
+        name: &str,
+        holder: &str,
+        lease: Duration,
+        max: u64,
+    ) -> Result<SlotStatus, QueueError> {
+        let mut cmd = self.script_cmd(&scripts::SLOT_ACQUIRE);
+        cmd.arg(name)
+            .arg(holder)
+            .arg(lease.as_millis() as u64)
+            .arg(max.max(1));
+        let (acquired, in_use, cap): (i64, u64, u64) = self.run_script(cmd).await?;
+        Ok(SlotStatus {
+            acquired: acquired == 1,
+            in_use,
+            cap,
+        })
+    }
+
+    /// Gives a slot back.
+    pub async fn release_slot(&self, name: &str, holder: &str) -> Result<(), QueueError> {
+        let key = self.keys().custom(&format!("limit:{name}"));
+        let _: i64 = self.query(redis::cmd("ZREM").arg(key).arg(holder)).await?;
+        Ok(())
+    }
+
+    /// Lowers the shared cap after the provider throttled us; returns the new cap.
+    pub async fn throttle_slots(
+        &self,
+        name: &str,
+        max: u64,
+        recovery_period: Duration,
+    ) -> Result<u64, QueueError> {
+        let mut cmd = self.script_cmd(&scripts::SLOT_THROTTLE);
+        cmd.arg(name)
+            .arg(max.max(1))
+            .arg(recovery_period.as_millis().max(1) as u64);
+        self.run_script(cmd).await
+    }
+
+    /// Slots in use and the live cap of a shared limit, for metrics.
+    pub async fn slot_usage(&self, name: &str, max: u64) -> Result<(u64, u64), QueueError> {
+        let key = self.keys().custom(&format!("limit:{name}"));
+        let now = klingq_core::job::now_ms();
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZCOUNT").arg(&key).arg(now).arg("+inf");
+        pipe.cmd("HGET").arg(format!("{key}:cap")).arg("cap");
+        let (in_use, cap): (u64, Option<u64>) = {
+            let mut conn = self.connection();
+            pipe.query_async(&mut conn).await?
+        };
+        Ok((in_use, cap.unwrap_or(max).min(max)))
+    }
+
+    /// Reserves a job's estimated cost against the daily budget (0: none) and its batch's
+    /// budget. Idempotent per job and life.
+    pub async fn reserve_budget(
+        &self,
+        job_id: &str,
+        micros: u64,
+        daily_limit_micros: u64,
+    ) -> Result<BudgetDecision, QueueError> {
+        let day = time::OffsetDateTime::now_utc().date();
+        let day = format!(
+            "{:04}{:02}{:02}",
+            day.year(),
+            u8::from(day.month()),
+            day.day()
+        );
+        let mut cmd = self.script_cmd(&scripts::BUDGET_RESERVE);
+        cmd.arg(job_id).arg(day).arg(micros).arg(daily_limit_micros);
+        let (decision, spent, committed): (String, u64, u64) = self.run_script(cmd).await?;
+        Ok(match decision.as_str() {
+            "daily" => BudgetDecision::OverDailyBudget {
+                spent_micros: spent,
+            },
+            "batch" => BudgetDecision::OverBatchBudget {
+                committed_micros: committed,
+            },
+            _ => BudgetDecision::Reserved,
+        })
+    }
+
+    /// Today's reserved spend, in micro-dollars.
+    pub async fn spent_today_micros(&self) -> Result<u64, QueueError> {
+        let day = time::OffsetDateTime::now_utc().date();
+        let key = self.keys().custom(&format!(
+            "budget:day:{:04}{:02}{:02}",
+            day.year(),
+            u8::from(day.month()),
+            day.day()
+        ));
+        let spent: Option<u64> = self.query(redis::cmd("GET").arg(key)).await?;
+        Ok(spent.unwrap_or(0))
+    }
+
+    /// Pauses `name` for every replica for `ttl` (after which one caller probes again).
+    pub async fn set_pause(
+        &self,
+        name: &str,
+        ttl: Duration,
+        reason: &str,
+    ) -> Result<(), QueueError> {
+        let key = self.keys().custom(&format!("pause:{name}"));
+        let _: () = self
+            .query(
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(reason)
+                    .arg("PX")
+                    .arg(ttl.as_millis().max(1) as u64),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The reason `name` is paused, if it is.
+    pub async fn pause_reason(&self, name: &str) -> Result<Option<String>, QueueError> {
+        let key = self.keys().custom(&format!("pause:{name}"));
+        self.query(redis::cmd("GET").arg(key)).await
+    }
+
+    /// Lifts a pause at once (a probe succeeded).
+    pub async fn clear_pause(&self, name: &str) -> Result<(), QueueError> {
+        let key = self.keys().custom(&format!("pause:{name}"));
+        let _: i64 = self.query(redis::cmd("DEL").arg(key)).await?;
+        Ok(())
+    }
+}
