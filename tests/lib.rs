@@ -1,2 +1,87 @@
 //! End-to-end tests of klingq: real processes against real Redis, SeaweedFS and the simulator.
-//! The tests are in `e2e/`; `bin/` holds helper processes they start.
+//! The tests are in `e2e/`; `bin/` holds helper processes they start. This library holds what
+//! both share: the settings of a worker under test.
+
+use std::time::Duration;
+
+use klingq_provider::ProviderConfig;
+use klingq_queue::QueueConfig;
+use klingq_storage::{SecretString, StorageConfig};
+use klingq_worker::{WorkerConfig, WorkerSettings};
+
+/// Where a worker under test finds its services.
+#[derive(Debug, Clone)]
+pub struct E2eServices {
+    pub redis_url: String,
+    pub namespace: String,
+    pub sim_url: String,
+    pub s3_endpoint: String,
+    pub s3_access_key: String,
+    pub s3_secret_key: String,
+    pub bucket: String,
+}
+
+impl E2eServices {
+    /// Passes the services to a worker process through the environment.
+    pub fn to_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("E2E_REDIS_URL", self.redis_url.clone()),
+            ("E2E_NAMESPACE", self.namespace.clone()),
+            ("E2E_SIM_URL", self.sim_url.clone()),
+            ("E2E_S3_ENDPOINT", self.s3_endpoint.clone()),
+            ("E2E_S3_ACCESS_KEY", self.s3_access_key.clone()),
+            ("E2E_S3_SECRET_KEY", self.s3_secret_key.clone()),
+            ("E2E_BUCKET", self.bucket.clone()),
+        ]
+    }
+
+    pub fn from_env() -> anyhow::Result<Self> {
+        let var =
+            |name: &str| std::env::var(name).map_err(|_| anyhow::anyhow!("{name} is not set"));
+        Ok(Self {
+            redis_url: var("E2E_REDIS_URL")?,
+            namespace: var("E2E_NAMESPACE")?,
+            sim_url: var("E2E_SIM_URL")?,
+            s3_endpoint: var("E2E_S3_ENDPOINT")?,
+            s3_access_key: var("E2E_S3_ACCESS_KEY")?,
+            s3_secret_key: var("E2E_S3_SECRET_KEY")?,
+            bucket: var("E2E_BUCKET")?,
+        })
+    }
+
+    /// A worker's settings for tests: short leases and delays, no health server.
+    pub fn worker_settings(&self) -> WorkerSettings {
+        let mut storage = StorageConfig::new(&self.bucket);
+        storage.endpoint = Some(self.s3_endpoint.clone());
+        storage.force_path_style = true;
+        storage.access_key_id = Some(SecretString::new(&self.s3_access_key));
+        storage.secret_access_key = Some(SecretString::new(&self.s3_secret_key));
+        storage.download_idle_timeout = Duration::from_secs(5);
+        let mut provider = ProviderConfig::for_tests(&self.sim_url, "e2e-key");
+        provider.deadline = Duration::from_secs(120);
+        WorkerSettings {
+            queue: QueueConfig {
+                redis_url: self.redis_url.clone(),
+                namespace: self.namespace.clone(),
+                lease_timeout_secs: 3,
+                reclaim_interval_secs: 1,
+                block_timeout_ms: 200,
+                promote_interval_ms: 50,
+                ..QueueConfig::default()
+            },
+            provider,
+            storage,
+            worker: WorkerConfig {
+                concurrency: 64,
+                health_bind: String::new(),
+                shutdown_grace_secs: 5,
+                credit_pause_secs: 1,
+                limit_wait_secs: 1,
+                budget_wait_secs: 1,
+                max_retry_delay_secs: 1,
+                job_deadline_secs: 300,
+                ..WorkerConfig::default()
+            },
+        }
+    }
+}

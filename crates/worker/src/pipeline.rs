@@ -589,7 +589,10 @@ impl Attempt<'_> {
             Ok(None) => {}
             Err(error) => {
                 let detail = job_error("upload", "STORAGE_UNAVAILABLE", error.to_string(), true);
-                return Err(self.retry_step("download", detail, None));
+                let failure = self.retry_step("download", detail, None);
+                self.save(JobState::Scheduled, "object storage unreachable; retrying")
+                    .await?;
+                return Err(failure);
             }
         }
         let run_id = match self.checkpoint.provider.run_id.clone() {

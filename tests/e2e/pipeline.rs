@@ -1,0 +1,447 @@
+//! The worker pipeline end to end: the real worker (library or process) against real Redis,
+//! real SeaweedFS and the real simulator over HTTP. Each test checks what a user cares about:
+//! every job ends where it should, each succeeded job was charged exactly once, its object's
+//! bytes match what the simulator served, and it published exactly one event.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use klingq_core::{GenerationRequest, JobSpec, JobState};
+use klingq_e2e::E2eServices;
+use klingq_queue::{JobRecord, NewJob, Queue};
+use klingq_sim::{SimConfig, SimHandle};
+use klingq_testkit::proxy::TcpProxy;
+use klingq_testkit::redis::{redis_url, require_shared_redis, unique_namespace};
+use klingq_testkit::seaweed::ensure_seaweedfs;
+use klingq_testkit::wait_for;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_klingq-e2e-worker");
+
+struct Env {
+    services: E2eServices,
+    queue: Queue,
+    sim: SimHandle,
+    _proxy: Option<TcpProxy>,
+}
+
+async fn env(prefix: &str, sim_config: SimConfig, s3_via_proxy: bool) -> (Env, Option<TcpProxy>) {
+    require_shared_redis().await.unwrap();
+    let s3 = ensure_seaweedfs().await.unwrap();
+    let bucket = s3.unique_bucket(prefix).await.unwrap();
+    let sim = klingq_sim::start_local(sim_config).await.unwrap();
+    let proxy = if s3_via_proxy {
+        Some(TcpProxy::start(s3.host_port()).await.unwrap())
+    } else {
+        None
+    };
+    let s3_endpoint = match &proxy {
+        Some(proxy) => format!("http://{}", proxy.addr()),
+        None => s3.endpoint_url.clone(),
+    };
+    let services = E2eServices {
+        redis_url: redis_url(),
+        namespace: unique_namespace(prefix),
+        sim_url: sim.base_url(),
+        s3_endpoint,
+        s3_access_key: s3.access_key.clone(),
+        s3_secret_key: s3.secret_key.clone(),
+        bucket,
+    };
+    let queue = Queue::connect(services.worker_settings().queue)
+        .await
+        .unwrap();
+    (
+        Env {
+            services,
+            queue,
+            sim,
+            _proxy: None,
+        },
+        proxy,
+    )
+}
+
+fn job(prompt: &str) -> NewJob {
+    let spec = JobSpec::new(GenerationRequest::new(
+        "https://example.com/start.png",
+        prompt,
+    ));
+    let mut new_job = NewJob::new(&spec).unwrap();
+    new_job.estimated_micros = 700_000;
+    new_job
+}
+
+async fn enqueue(env: &Env, prompts: &[String]) -> Vec<String> {
+    let jobs: Vec<NewJob> = prompts.iter().map(|p| job(p)).collect();
+    env.queue
+        .enqueue_many(&jobs, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect()
+}
+
+struct InProcessWorker {
+    stop: oneshot::Sender<()>,
+    join: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcessWorker {
+    async fn start(env: &Env) -> Self {
+        let worker =
+            klingq_worker::Worker::connect(env.services.worker_settings(), Duration::from_secs(10))
+                .await
+                .unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let join = tokio::spawn(worker.run(async {
+            let _ = stopped.await;
+        }));
+        Self { stop, join }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.join.await.unwrap().unwrap();
+    }
+}
+
+async fn start_process(env: &Env) -> Child {
+    let mut child = Command::new(WORKER)
+        .envs(env.services.to_env())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting klingq-e2e-worker");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("worker did not start in time")
+        .unwrap();
+    assert_eq!(first.as_deref(), Some("ready"));
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    child
+}
+
+async fn wait_terminal(queue: &Queue, ids: &[String], timeout: Duration) -> Vec<JobRecord> {
+    wait_for("every job to end", timeout, || async {
+        let records = queue.jobs(ids).await.ok()?;
+        (records.len() == ids.len() && records.iter().all(|r| r.state.is_terminal()))
+            .then_some(records)
+    })
+    .await
+    .unwrap()
+}
+
+/// Every job succeeded, was charged exactly once, its object's bytes are the simulator's,
+/// and it published exactly one success event.
+async fn assert_all_succeeded_once(env: &Env, records: &[JobRecord]) {
+    let runs: HashMap<String, klingq_sim::RunRecord> = env
+        .sim
+        .runs()
+        .into_iter()
+        .map(|run| (run.id.to_string(), run))
+        .collect();
+    let mut charges_per_job: HashMap<String, u32> = HashMap::new();
+    for charge in env.sim.charges() {
+        *charges_per_job
+            .entry(charge.client_ref.clone().unwrap_or_default())
+            .or_default() += 1;
+    }
+    let http = reqwest::Client::new();
+    for record in records {
+        assert_eq!(
+            record.state,
+            JobState::Succeeded,
+            "{}: {:?} {:?}",
+            record.id,
+            record.reason,
+            record.error
+        );
+        assert_eq!(
+            charges_per_job.get(&record.id),
+            Some(&1),
+            "job {} charged {:?} times",
+            record.id,
+            charges_per_job.get(&record.id)
+        );
+        let checkpoint = record.checkpoint.as_ref().unwrap();
+        let run_id = checkpoint["provider"]["run_id"].as_str().unwrap();
+        let video = &checkpoint["video"];
+        let served = runs[run_id].video_sha256.clone().unwrap();
+        assert_eq!(video["sha256"].as_str().unwrap(), served);
+        let bytes = http
+            .get(video["url"].as_str().unwrap())
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(
+            hex::encode(Sha256::digest(&bytes)),
+            served,
+            "stored bytes differ"
+        );
+        assert_eq!(
+            video["key"].as_str().unwrap(),
+            format!("videos/{}.mp4", record.id)
+        );
+    }
+    assert_eq!(
+        env.sim.charges().len(),
+        records.len(),
+        "one charge per job, no more"
+    );
+    let events = env.queue.read_events("0", 100_000, None).await.unwrap();
+    let mut events_per_job: HashMap<String, u32> = HashMap::new();
+    for event in events.iter().filter(|e| e.event_type == "job.succeeded") {
+        let body: serde_json::Value = serde_json::from_str(&event.body).unwrap();
+        *events_per_job
+            .entry(body["data"]["job_id"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+        assert!(body["data"]["video"]["sha256"].is_string());
+        assert_eq!(body["data"]["cost_usd"], 0.7);
+    }
+    for record in records {
+        assert_eq!(
+            events_per_job.get(&record.id),
+            Some(&1),
+            "events of {}",
+            record.id
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn happy_path_fifty_jobs() {
+    let (env, _) = env("happy", SimConfig::fast(), false).await;
+    let ids = enqueue(
+        &env,
+        &(0..50)
+            .map(|n| format!("a calm lake, take {n}"))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let worker = InProcessWorker::start(&env).await;
+    let records = wait_terminal(&env.queue, &ids, Duration::from_secs(90)).await;
+    worker.stop().await;
+    assert_all_succeeded_once(&env, &records).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_recover_without_paying_twice() {
+    let (env, _) = env("faults", SimConfig::fast(), false).await;
+    let prompts: Vec<String> = [
+        "[[sim:lost-response]]",
+        "[[sim:504-after-create]]",
+        "[[sim:429]]",
+        "[[sim:503]]",
+        "[[sim:download-reset]]",
+        "[[sim:download-expired]]",
+        "[[sim:download-short]]",
+        "[[sim:flaky-poll]]",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(n, token)| format!("scene {n} {token}"))
+    .collect();
+    let ids = enqueue(&env, &prompts).await;
+    let worker = InProcessWorker::start(&env).await;
+    let records = wait_terminal(&env.queue, &ids, Duration::from_secs(120)).await;
+    worker.stop().await;
+    assert_all_succeeded_once(&env, &records).await;
+    let stats = env.sim.stats();
+    for fault in [
+        "lost-response",
+        "504-after-create",
+        "download-reset",
+        "download-expired",
+    ] {
+        assert!(
+            stats.faults_injected.get(fault).copied().unwrap_or(0) >= 1,
+            "{fault} was not exercised: {:?}",
+            stats.faults_injected
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_unreachable_for_a_while_then_back() {
+    let (env, proxy) = env("s3down", SimConfig::fast(), true).await;
+    let proxy = proxy.unwrap();
+    let worker = InProcessWorker::start(&env).await;
+    proxy.set_down(true);
+    let ids = enqueue(
+        &env,
+        &(0..5)
+            .map(|n| format!("storage outage {n}"))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    // The uploads fail and are retried through the delayed set while S3 is away.
+    wait_for("an upload retry", Duration::from_secs(60), || async {
+        let records = env.queue.jobs(&ids).await.ok()?;
+        records
+            .iter()
+            .any(|r| {
+                r.checkpoint
+                    .as_ref()
+                    .is_some_and(|c| c["step_retries"]["download"].as_u64().unwrap_or(0) >= 1)
+            })
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    proxy.set_down(false);
+    let records = wait_terminal(&env.queue, &ids, Duration::from_secs(120)).await;
+    worker.stop().await;
+    assert_all_succeeded_once(&env, &records).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moderation_fails_the_job_with_the_provider_code_and_no_charge() {
+    let (env, _) = env("moderation", SimConfig::fast(), false).await;
+    let ids = enqueue(&env, &["a flagged scene [[sim:moderation]]".to_owned()]).await;
+    let worker = InProcessWorker::start(&env).await;
+    let records = wait_terminal(&env.queue, &ids, Duration::from_secs(60)).await;
+    worker.stop().await;
+    let record = &records[0];
+    assert_eq!(record.state, JobState::Failed);
+    let error = record.error.as_ref().unwrap();
+    assert_eq!(error.code, "CONTENT_POLICY_VIOLATION");
+    assert_eq!(error.step, "generate");
+    assert!(!error.cost_committed);
+    assert!(env.sim.charges().is_empty());
+    let events = env.queue.read_events("0", 100, None).await.unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.event_type == "job.failed")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_credit_pauses_submissions_until_credit_returns() {
+    let (env, _) = env("credit", SimConfig::fast(), false).await;
+    env.sim.set_balance_usd(0.0);
+    let ids = enqueue(
+        &env,
+        &(0..4).map(|n| format!("credit {n}")).collect::<Vec<_>>(),
+    )
+    .await;
+    let worker = InProcessWorker::start(&env).await;
+    wait_for("submissions to pause", Duration::from_secs(30), || async {
+        env.queue
+            .pause_reason(klingq_worker::pipeline::CREDIT_PAUSE)
+            .await
+            .ok()
+            .flatten()
+    })
+    .await
+    .unwrap();
+    // Jobs wait; none fails for it.
+    let waiting = env.queue.jobs(&ids).await.unwrap();
+    assert!(
+        waiting.iter().all(|r| !r.state.is_terminal()),
+        "{:?}",
+        waiting.iter().map(|r| r.state).collect::<Vec<_>>()
+    );
+    env.sim.set_balance_usd(1_000.0);
+    let records = wait_terminal(&env.queue, &ids, Duration::from_secs(60)).await;
+    worker.stop().await;
+    assert_all_succeeded_once(&env, &records).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_generating_then_restart_pays_once() {
+    let sim_config = SimConfig {
+        time_scale: 0.03,
+        ..SimConfig::fast()
+    };
+    let (env, _) = env("kill9", sim_config, false).await;
+    let ids = enqueue(
+        &env,
+        &(0..6)
+            .map(|n| format!("long scene {n}"))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let mut doomed = start_process(&env).await;
+    wait_for(
+        "all runs to be generating",
+        Duration::from_secs(30),
+        || async {
+            let records = env.queue.jobs(&ids).await.ok()?;
+            records
+                .iter()
+                .all(|r| r.state == JobState::Generating)
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    doomed.kill().await.unwrap();
+    let runs_before = env.sim.runs().len();
+    let mut survivor = start_process(&env).await;
+    let records = wait_terminal(&env.queue, &ids, Duration::from_secs(120)).await;
+    survivor.kill().await.unwrap();
+    assert_eq!(
+        env.sim.runs().len(),
+        runs_before,
+        "the restarted worker created no run"
+    );
+    assert_all_succeeded_once(&env, &records).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_zero_and_the_rest_finish_on_restart() {
+    let sim_config = SimConfig {
+        time_scale: 0.03,
+        ..SimConfig::fast()
+    };
+    let (env, _) = env("sigterm", sim_config, false).await;
+    let ids = enqueue(
+        &env,
+        &(0..6).map(|n| format!("graceful {n}")).collect::<Vec<_>>(),
+    )
+    .await;
+    let child = start_process(&env).await;
+    wait_for("runs to be generating", Duration::from_secs(30), || async {
+        let records = env.queue.jobs(&ids).await.ok()?;
+        records
+            .iter()
+            .any(|r| r.state == JobState::Generating)
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    let pid = child.id().unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("the worker did not exit after SIGTERM")
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    // Nothing lost: every job is either done or waiting to resume.
+    let records = env.queue.jobs(&ids).await.unwrap();
+    assert_eq!(records.len(), ids.len());
+    let mut restarted = start_process(&env).await;
+    let records = wait_terminal(&env.queue, &ids, Duration::from_secs(120)).await;
+    restarted.kill().await.unwrap();
+    assert_all_succeeded_once(&env, &records).await;
+}
