@@ -19,6 +19,29 @@ pub(crate) enum BenchCommand {
     /// Queue overhead: enqueue N no-op jobs as one batch, then process them with C concurrent
     /// handlers through an apalis worker on klingq's backend, in this process.
     Queue(QueueBenchArgs),
+    /// Re-host: videos of the given sizes from the simulator (a separate process) streamed into
+    /// the configured S3 store, against a plain streamed download of the same bytes.
+    Rehost(RehostBenchArgs),
+    /// In flight: N jobs generating at once in one worker against a slow simulator: peak RSS,
+    /// CPU and Redis commands per second per job.
+    Inflight(InflightBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RehostBenchArgs {
+    /// Video sizes in MB (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,50,500")]
+    size_mb: Vec<u64>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct InflightBenchArgs {
+    /// Jobs in flight at once.
+    #[arg(long, default_value_t = 1_000)]
+    jobs: u64,
+    /// Length of the measuring window, in seconds.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
 }
 
 #[derive(Debug, Args)]
@@ -40,6 +63,8 @@ pub(crate) struct QueueBenchArgs {
 pub(crate) async fn run(command: BenchCommand, settings: Settings) -> anyhow::Result<()> {
     match command {
         BenchCommand::Queue(args) => queue_bench(args, settings).await,
+        BenchCommand::Rehost(args) => rehost_bench(args, settings).await,
+        BenchCommand::Inflight(args) => inflight_bench(args, settings).await,
     }
 }
 
@@ -258,4 +283,298 @@ async fn delete_namespace(
         }
         cursor = next;
     }
+}
+
+/// A `klingq sim` child process on a free loopback port, killed on drop.
+struct SimProcess {
+    child: tokio::process::Child,
+    base_url: String,
+}
+
+impl SimProcess {
+    async fn start(args: &[&str]) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = tokio::process::Command::new(std::env::current_exe()?)
+            .arg("sim")
+            .args(["--port", &port.to_string()])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the simulator")?;
+        let base_url = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let started = Instant::now();
+        loop {
+            if let Ok(response) = http.get(format!("{base_url}/v1/health")).send().await
+                && response.status().is_success()
+            {
+                return Ok(Self { child, base_url });
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                anyhow::bail!("the simulator did not answer within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for SimProcess {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Resets the peak-RSS mark (Linux: `/proc/self/clear_refs`), so the next peak is a step's own.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+#[derive(Debug, Serialize)]
+struct RehostFigures {
+    size_mb: u64,
+    rehost_seconds: f64,
+    rehost_mb_per_s: f64,
+    rehost_peak_rss_mib: f64,
+    ceiling_seconds: f64,
+    ceiling_mb_per_s: f64,
+    ceiling_peak_rss_mib: f64,
+}
+
+async fn rehost_bench(args: RehostBenchArgs, settings: Settings) -> anyhow::Result<()> {
+    let store = klingq_storage::VideoStore::new(settings.storage.clone())
+        .await
+        .context("building the S3 client (set KLINGQ_S3_ENDPOINT, KLINGQ_S3_BUCKET and AWS_* for an S3-compatible store)")?;
+    store.ensure_bucket().await.context("creating the bucket")?;
+    let http = reqwest::Client::new();
+    let mut all = Vec::new();
+    for size_mb in &args.size_mb {
+        let bytes = size_mb * 1_000_000;
+        // A 5-second video of the wanted size.
+        let per_second = (bytes / 5).to_string();
+        let sim = SimProcess::start(&[
+            "--time-scale",
+            "0.001",
+            "--video-bytes-per-second",
+            &per_second,
+        ])
+        .await?;
+        let url = sim_video_url(&http, &sim.base_url).await?;
+
+        reset_peak_rss();
+        let started = Instant::now();
+        let mut response = http.get(&url).send().await?.error_for_status()?;
+        let mut received = 0u64;
+        while let Some(chunk) = response.chunk().await? {
+            received += chunk.len() as u64;
+        }
+        let ceiling_seconds = started.elapsed().as_secs_f64();
+        let ceiling_peak_rss_mib = peak_rss_mib();
+
+        reset_peak_rss();
+        let job_id = klingq_core::JobId::new().to_string();
+        let started = Instant::now();
+        let stored = store
+            .rehost(&job_id, &url, None)
+            .await
+            .map_err(|error| anyhow::anyhow!("re-host failed: {error}"))?;
+        let rehost_seconds = started.elapsed().as_secs_f64();
+        let rehost_peak_rss_mib = peak_rss_mib();
+        anyhow::ensure!(
+            stored.size == received,
+            "stored {} bytes, served {received}",
+            stored.size
+        );
+        let megabytes = received as f64 / 1_000_000.0;
+        let figures = RehostFigures {
+            size_mb: *size_mb,
+            rehost_seconds,
+            rehost_mb_per_s: megabytes / rehost_seconds,
+            rehost_peak_rss_mib,
+            ceiling_seconds,
+            ceiling_mb_per_s: megabytes / ceiling_seconds,
+            ceiling_peak_rss_mib,
+        };
+        println!(
+            "{size_mb} MB: re-host {:.0} MB/s ({:.2} s, peak RSS {:.1} MiB); plain streamed download {:.0} MB/s (peak RSS {:.1} MiB)",
+            figures.rehost_mb_per_s,
+            figures.rehost_seconds,
+            figures.rehost_peak_rss_mib,
+            figures.ceiling_mb_per_s,
+            figures.ceiling_peak_rss_mib
+        );
+        all.push(figures);
+    }
+    println!("{}", serde_json::to_string(&all)?);
+    Ok(())
+}
+
+/// Creates a run on the simulator, waits for it, and returns its video URL.
+async fn sim_video_url(http: &reqwest::Client, base_url: &str) -> anyhow::Result<String> {
+    let model = klingq_provider::DEFAULT_MODEL;
+    let run: serde_json::Value = http
+        .post(format!("{base_url}/v1/models/{model}/runs"))
+        .bearer_auth("bench")
+        .json(&serde_json::json!({
+            "input": {"prompt": "bench", "start_image_url": "https://example.com/a.png"},
+            "client_ref": klingq_core::JobId::new().to_string(),
+        }))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id = run["id"].as_str().context("run id")?.to_owned();
+    let started = Instant::now();
+    loop {
+        let run: serde_json::Value = http
+            .get(format!("{base_url}/v1/runs/{id}"))
+            .bearer_auth("bench")
+            .send()
+            .await?
+            .json()
+            .await?;
+        if run["status_code"] == "succeeded" {
+            let url = run["output"]["video"]["url"]
+                .as_str()
+                .or_else(|| run["output"]["outputs"][0]["url"].as_str())
+                .context("video url")?;
+            return Ok(url.to_owned());
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "the run did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct InflightFigures {
+    jobs_in_flight: u64,
+    peak_rss_mib: f64,
+    rss_per_job_kib: f64,
+    cpu_percent: f64,
+    redis_commands_per_s: f64,
+    redis_commands_per_s_per_job: f64,
+    window_seconds: f64,
+}
+
+/// CPU seconds this process has used (user + system), from /proc/self/stat.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|u| u.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    ticks / 100.0
+}
+
+async fn inflight_bench(args: InflightBenchArgs, settings: Settings) -> anyhow::Result<()> {
+    // Runs that take about ten minutes: every job stays in `generating` during the window.
+    let sim = SimProcess::start(&[
+        "--median-latency-secs",
+        "600",
+        "--queue-max-secs",
+        "1",
+        "--time-scale",
+        "1",
+    ])
+    .await?;
+    let mut worker_settings = settings.worker_settings();
+    worker_settings.queue.namespace = format!("bench-inflight-{}", klingq_core::job::now_ms());
+    worker_settings.provider.base_url = sim.base_url.clone();
+    worker_settings.provider.api_key = "bench".into();
+    worker_settings.worker.concurrency = args.jobs as usize;
+    worker_settings.worker.provider_concurrency = args.jobs;
+    worker_settings.worker.health_bind = String::new();
+    worker_settings.worker.shutdown_grace_secs = 5;
+    let worker = klingq_worker::Worker::connect(worker_settings, Duration::from_secs(10)).await?;
+    let queue = worker.queue.clone();
+    let mut redis = queue.connection();
+    let batch = klingq_core::JobId::new().to_string();
+    queue
+        .open_batch(&batch, &serde_json::json!({"bench": "inflight"}), 0)
+        .await?;
+    let jobs: Vec<NewJob> = (0..args.jobs)
+        .map(|n| {
+            let spec = klingq_core::JobSpec::new(klingq_core::GenerationRequest::new(
+                "https://example.com/start.png",
+                format!("in-flight bench {n}"),
+            ));
+            NewJob::new(&spec)
+        })
+        .collect::<Result<_, _>>()?;
+    queue.enqueue_many(&jobs, Some(&batch)).await?;
+    queue.seal_batch(&batch).await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(worker.run(async {
+        let _ = stopped.await;
+    }));
+    let started = Instant::now();
+    loop {
+        let record = queue.batch(&batch).await?.context("the batch vanished")?;
+        let generating = record.counts.get("generating").copied().unwrap_or(0);
+        if generating >= args.jobs {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(300),
+            "only {generating} of {} jobs reached generating",
+            args.jobs
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "{} jobs in flight after {:.1} s; measuring for {} s",
+        args.jobs,
+        started.elapsed().as_secs_f64(),
+        args.seconds
+    );
+    let before = redis_counters(&mut redis).await?;
+    let cpu_before = cpu_seconds();
+    let window = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+    let window_seconds = window.elapsed().as_secs_f64();
+    let cpu_percent = (cpu_seconds() - cpu_before) / window_seconds * 100.0;
+    let after = redis_counters(&mut redis).await?;
+    let peak = peak_rss_mib();
+    let commands_per_s = (after.commands - before.commands) as f64 / window_seconds;
+    let figures = InflightFigures {
+        jobs_in_flight: args.jobs,
+        peak_rss_mib: peak,
+        rss_per_job_kib: peak * 1024.0 / args.jobs as f64,
+        cpu_percent,
+        redis_commands_per_s: commands_per_s,
+        redis_commands_per_s_per_job: commands_per_s / args.jobs as f64,
+        window_seconds,
+    };
+    println!(
+        "peak RSS {:.1} MiB ({:.1} KiB per job), CPU {:.1} %, Redis {:.0} commands/s ({:.3} per job per second)",
+        figures.peak_rss_mib,
+        figures.rss_per_job_kib,
+        figures.cpu_percent,
+        figures.redis_commands_per_s,
+        figures.redis_commands_per_s_per_job
+    );
+    let _ = stop.send(());
+    run.await??;
+    delete_namespace(&mut redis, queue.keys().prefix()).await?;
+    println!("{}", serde_json::to_string(&figures)?);
+    Ok(())
 }

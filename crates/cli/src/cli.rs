@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::logging::LogFormat;
-use crate::{bench, settings};
+use crate::{bench, demo, produce, serve, settings, webhooks};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -42,6 +42,19 @@ pub(crate) enum Command {
     Worker,
     /// Run the Runflow simulator (for tests and demos; no account needed).
     Sim(Box<klingq_sim::SimArgs>),
+    #[command(flatten)]
+    Produce(produce::ProduceCommand),
+    /// Serve the HTTP API until SIGTERM or SIGINT.
+    Serve(serve::ServeArgs),
+    /// Verify a webhook delivery's signature (for webhook consumers).
+    #[command(subcommand)]
+    Webhook(webhooks::WebhookCommand),
+    /// List and replay webhook deliveries; list and re-enable disabled endpoints.
+    #[command(subcommand)]
+    Webhooks(webhooks::WebhooksCommand),
+    /// Run the whole system in this process on a sample batch: simulator, embedded S3, worker,
+    /// API and dashboard, webhooks. Needs only Redis.
+    Demo(demo::DemoArgs),
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -107,7 +120,27 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 std::time::Duration::from_secs(30),
             )
             .await?;
-            worker.run(shutdown_signal()).await?;
+            // Webhook delivery runs beside the pipeline and stops after it has drained.
+            let (stop_webhooks, webhooks_stopped) = tokio::sync::watch::channel(false);
+            let webhooks = tokio::spawn(klingq_events::run_webhooks(
+                worker.queue.clone(),
+                settings.webhooks.clone(),
+                async move {
+                    let mut stopped = webhooks_stopped;
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                },
+            ));
+            let result = worker.run(shutdown_signal()).await;
+            let _ = stop_webhooks.send(true);
+            webhooks.await??;
+            result?;
+        }
+        Command::Webhook(command) => return webhooks::run_webhook(command).await,
+        Command::Webhooks(command) => {
+            webhooks::run_webhooks(command, settings::load(cli.config.as_deref())?.queue).await?
+        }
+        Command::Demo(args) => {
+            return demo::run(args, settings::load(cli.config.as_deref())?).await;
         }
         Command::Sim(args) => {
             klingq_sim::run(*args, async {
@@ -115,6 +148,10 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
             .await?;
         }
+        Command::Produce(command) => {
+            return produce::run(command, settings::load(cli.config.as_deref())?).await;
+        }
+        Command::Serve(args) => serve::run(args, settings::load(cli.config.as_deref())?).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -2,8 +2,13 @@
 
 mod bench;
 mod cli;
+mod demo;
+mod embedded_s3;
 mod logging;
+mod produce;
+mod serve;
 mod settings;
+mod webhooks;
 
 use std::process::ExitCode;
 

@@ -365,6 +365,101 @@ pub(crate) const SETTINGS: &[Setting] = &[
         "0.14",
         "Price per second of video, for estimates.",
     ),
+    setting(
+        "api.bind",
+        "KLINGQ_API_BIND",
+        "\"127.0.0.1:8080\"",
+        "Address `klingq serve` listens on (`--bind` overrides it).",
+    ),
+    secret(
+        "api.tokens",
+        "KLINGQ_API_TOKENS",
+        "Bearer tokens the HTTP API accepts, comma-separated (or a TOML list). Without any, `klingq serve` only listens on loopback.",
+    ),
+    setting(
+        "api.max_job_body_bytes",
+        "KLINGQ_API_MAX_JOB_BODY_BYTES",
+        "1048576",
+        "Largest body `POST /v1/jobs` (and re-drive) accepts; larger ones get 413.",
+    ),
+    setting(
+        "api.max_batch_body_bytes",
+        "KLINGQ_API_MAX_BATCH_BODY_BYTES",
+        "67108864",
+        "Largest body `POST /v1/batches` accepts (64 MiB: about 100k jobs); larger ones get 413.",
+    ),
+    setting(
+        "api.max_batch_jobs",
+        "KLINGQ_API_MAX_BATCH_JOBS",
+        "200000",
+        "Most jobs one batch may have, from the API or `klingq batch submit`.",
+    ),
+    setting(
+        "api.events_stream_max_secs",
+        "KLINGQ_API_EVENTS_STREAM_MAX_SECS",
+        "300",
+        "One `GET /v1/events` response ends after this long; clients reconnect with Last-Event-ID and miss nothing.",
+    ),
+    // Webhooks.
+    setting(
+        "webhooks.enabled",
+        "KLINGQ_WEBHOOKS_ENABLED",
+        "true",
+        "Whether `klingq worker` delivers webhooks (dispatcher and delivery worker).",
+    ),
+    secret(
+        "webhooks.secret",
+        "KLINGQ_WEBHOOK_SECRET",
+        "Signing secret(s) for per-job and per-batch webhook URLs: `whsec_…` (base64, at least 24 bytes); several, space-separated, rotate (all sign).",
+    ),
+    setting(
+        "webhooks.timeout_secs",
+        "KLINGQ_WEBHOOK_TIMEOUT_SECS",
+        "15",
+        "A delivery succeeds on a 2xx within this long; 3xx counts as failure.",
+    ),
+    setting(
+        "webhooks.retry_schedule",
+        "KLINGQ_WEBHOOK_RETRY_SCHEDULE",
+        "[\"5s\", \"5m\", \"30m\", \"2h\", \"5h\", \"10h\", \"10h\"]",
+        "Delays between attempts (jittered); after the last, the delivery is kept as exhausted and can be replayed.",
+    ),
+    setting(
+        "webhooks.max_retry_after_secs",
+        "KLINGQ_WEBHOOK_MAX_RETRY_AFTER_SECS",
+        "3600",
+        "Longest Retry-After honoured on 429/503.",
+    ),
+    setting(
+        "webhooks.concurrency",
+        "KLINGQ_WEBHOOK_CONCURRENCY",
+        "32",
+        "Deliveries in flight per worker process.",
+    ),
+    setting(
+        "webhooks.per_endpoint_concurrency",
+        "KLINGQ_WEBHOOK_PER_ENDPOINT_CONCURRENCY",
+        "8",
+        "Deliveries in flight per endpoint, so one slow endpoint cannot hold the others back.",
+    ),
+    setting(
+        "webhooks.https_only",
+        "KLINGQ_WEBHOOK_HTTPS_ONLY",
+        "false",
+        "Refuse plain-http webhook URLs.",
+    ),
+    setting(
+        "webhooks.allow_cidrs",
+        "KLINGQ_WEBHOOK_ALLOW_CIDRS",
+        "[]",
+        "Private, loopback and link-local targets are refused (SSRF guard) unless in these CIDRs (comma-separated).",
+    ),
+    setting(
+        "webhooks.endpoints",
+        "KLINGQ_WEBHOOK_ENDPOINTS",
+        "[]",
+        "Global endpoints receiving every event. From the environment: comma-separated URLs signed with webhooks.secret; in the file: [[webhooks.endpoints]] with url, secret, event_types, name.",
+    ),
 ];
 
 /// All of klingq's configuration.
@@ -375,6 +470,8 @@ pub(crate) struct Settings {
     pub(crate) provider: klingq_provider::ProviderConfig,
     pub(crate) storage: klingq_storage::StorageConfig,
     pub(crate) worker: klingq_worker::WorkerConfig,
+    pub(crate) api: klingq_producer::ApiConfig,
+    pub(crate) webhooks: klingq_events::WebhookConfig,
 }
 
 impl Settings {
@@ -596,6 +693,7 @@ mod tests {
     fn defaults_deserialize_and_match_the_structs() {
         let settings = load_with(None, |_| None).unwrap();
         assert_eq!(settings.queue, QueueConfig::default());
+        assert_eq!(settings.api, klingq_producer::ApiConfig::default());
         assert_eq!(settings.worker, klingq_worker::WorkerConfig::default());
         assert_eq!(
             settings.provider.base_url,

@@ -60,6 +60,11 @@ impl Keys {
         format!("{}:batch:{batch_id}:jobs", self.prefix)
     }
 
+    /// Hash of a queue's counters (jobs finished per state, spend).
+    pub fn stats(&self, queue: &str) -> String {
+        format!("{}:q:{queue}:stats", self.prefix)
+    }
+
     /// Stream of completion events.
     pub fn events(&self) -> String {
         format!("{}:events", self.prefix)

@@ -55,6 +55,27 @@ impl Queue {
         })
     }
 
+    /// Extends a slot `holder` already has (one command; does nothing if it has none).
+    pub async fn renew_slot(
+        &self,
+        name: &str,
+        holder: &str,
+        lease: Duration,
+    ) -> Result<(), QueueError> {
+        let key = self.keys().custom(&format!("limit:{name}"));
+        let expiry = klingq_core::job::now_ms() + lease.as_millis() as u64;
+        let _: i64 = self
+            .query(
+                redis::cmd("ZADD")
+                    .arg(key)
+                    .arg("XX")
+                    .arg(expiry)
+                    .arg(holder),
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Gives a slot back.
     pub async fn release_slot(&self, name: &str, holder: &str) -> Result<(), QueueError> {
         let key = self.keys().custom(&format!("limit:{name}"));

@@ -347,6 +347,18 @@ impl Queue {
         Ok(JobRecord::from_hash(job_id, fields))
     }
 
+    /// A job's state alone (one command), or `None` if it does not exist.
+    pub async fn job_state(&self, job_id: &str) -> Result<Option<JobState>, QueueError> {
+        let state: Option<String> = self
+            .query(
+                redis::cmd("HGET")
+                    .arg(self.inner.keys.job(job_id))
+                    .arg("state"),
+            )
+            .await?;
+        Ok(state.and_then(|s| s.parse().ok()))
+    }
+
     /// Records of many jobs in one round trip; missing ones are left out.
     pub async fn jobs(&self, job_ids: &[String]) -> Result<Vec<JobRecord>, QueueError> {
         if job_ids.is_empty() {
@@ -691,6 +703,14 @@ impl Queue {
             }
         }
         Ok(events)
+    }
+
+    /// This queue's counters, kept by the scripts: `finished:<state>` (jobs that ended in each
+    /// terminal state), `charged_micros` (spend reported by the provider) and
+    /// `reserved_micros` (estimated cost reserved at submit).
+    pub async fn counters(&self) -> Result<HashMap<String, u64>, QueueError> {
+        self.query(redis::cmd("HGETALL").arg(self.inner.keys.stats(&self.inner.config.queue)))
+            .await
     }
 
     /// Number of events in the stream (bounded by `events_max_len`).

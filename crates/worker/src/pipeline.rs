@@ -19,7 +19,7 @@ use klingq_core::cost::{micros_to_usd, usd_to_micros};
 use klingq_core::job::now_ms;
 use klingq_core::{Checkpoint, CostModel, JobError, JobId, JobSpec, JobState, StoredVideo};
 use klingq_provider::{ErrorClass, Mode, ProviderError, Run, RunFailureKind, VideoProvider};
-use klingq_queue::{BudgetDecision, Completion, EventExtras, JobFailure, Lease, LeaseError};
+use klingq_queue::{BudgetDecision, Completion, EventExtras, JobFailure, Lease};
 use klingq_storage::{RehostError, VideoStore};
 
 use crate::config::WorkerConfig;
@@ -33,6 +33,8 @@ pub const CREDIT_PAUSE: &str = "provider-credit";
 /// What every job handler shares: clients, settings and counters.
 pub struct Pipeline {
     pub provider: Arc<dyn VideoProvider>,
+    /// Calls to the provider by operation and outcome, for `/metrics`.
+    pub provider_stats: Arc<klingq_provider::ProviderStats>,
     pub store: VideoStore,
     pub config: WorkerConfig,
     pub metrics: Arc<PipelineMetrics>,
@@ -408,24 +410,20 @@ impl Attempt<'_> {
                 if self.lease.is_lost() {
                     return JobFailure::LeaseLost;
                 }
-                // Every 10 s: look for a cancellation, and renew the provider slot.
+                // Every 10 s: look for a cancellation (one HGET), and extend the provider slot
+                // (one ZADD); the queue's keeper renews the job's lease on its own.
                 if ticks.is_multiple_of(40) {
-                    let state = self.lease.set_state(self.current_state(), "").await;
-                    match state {
-                        Err(LeaseError::Cancelled) => return JobFailure::Cancelled,
-                        Err(LeaseError::Lost) | Err(LeaseError::Gone) => {
-                            return JobFailure::LeaseLost;
-                        }
+                    let queue = self.lease.queue();
+                    match queue.job_state(self.lease.job_id()).await {
+                        Ok(Some(JobState::Cancelled)) => return JobFailure::Cancelled,
+                        Ok(None) => return JobFailure::LeaseLost,
                         _ => {}
                     }
-                    let _ = self
-                        .lease
-                        .queue()
-                        .acquire_slot(
+                    let _ = queue
+                        .renew_slot(
                             PROVIDER_LIMIT,
                             &self.job_id.to_string(),
                             self.pipeline.config.limit_lease(),
-                            self.pipeline.config.provider_concurrency,
                         )
                         .await;
                 }
@@ -434,14 +432,6 @@ impl Attempt<'_> {
         tokio::select! {
             output = call => Ok(output),
             stop = watch => Err(stop),
-        }
-    }
-
-    fn current_state(&self) -> JobState {
-        if self.checkpoint.provider.run_id.is_some() {
-            JobState::Generating
-        } else {
-            JobState::Submitting
         }
     }
 

@@ -47,8 +47,9 @@ impl Worker {
         connect_timeout: Duration,
     ) -> anyhow::Result<Self> {
         let queue = connect_queue(&settings.queue, connect_timeout).await?;
+        let provider_stats = Arc::new(klingq_provider::ProviderStats::default());
         let provider: Arc<dyn VideoProvider> = Arc::new(
-            RunflowClient::new(settings.provider.clone())
+            RunflowClient::with_stats(settings.provider.clone(), provider_stats.clone())
                 .context("building the provider client")?,
         );
         let store = VideoStore::new(settings.storage.clone())
@@ -59,6 +60,7 @@ impl Worker {
         }
         let pipeline = Arc::new(Pipeline {
             provider,
+            provider_stats,
             store,
             config: settings.worker.clone(),
             metrics: Arc::new(PipelineMetrics::default()),
@@ -203,7 +205,24 @@ async fn metrics(
     State(state): State<HealthState>,
 ) -> (StatusCode, [(&'static str, &'static str); 1], String) {
     let mut out = String::new();
+    let webhooks = state.queue.for_queue("webhooks");
+    if let Err(error) = klingq_queue::render_metrics(&state.queue, Some(&webhooks), &mut out).await
+    {
+        tracing::warn!(%error, "queue metrics unavailable");
+    }
     state.pipeline.metrics.render(&mut out);
+    let _ = writeln!(
+        out,
+        "# HELP klingq_provider_requests_total Requests to the provider by operation and status (HTTP status, connect_error, timeout, network_error)."
+    );
+    let _ = writeln!(out, "# TYPE klingq_provider_requests_total counter");
+    for ((operation, outcome), count) in state.pipeline.provider_stats.snapshot() {
+        let _ = writeln!(
+            out,
+            "klingq_provider_requests_total{{operation=\"{}\",status=\"{outcome}\"}} {count}",
+            operation.as_str()
+        );
+    }
     let stats = state.handle.stats();
     let _ = writeln!(
         out,

@@ -3,7 +3,7 @@
 -- Returns {'ok'|'daily'|'batch', spent today, batch committed}.
 local id, day, micros, daily = ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
 local jk = jobkey(id)
-local f = redis.call('HMGET', jk, 'reserved_micros', 'batch')
+local f = redis.call('HMGET', jk, 'reserved_micros', 'batch', 'q')
 local dk = P .. ':budget:day:' .. day
 if f[1] then
   return { 'ok', tonumber(redis.call('GET', dk) or 0), 0 }
@@ -22,4 +22,5 @@ end
 spent = redis.call('INCRBY', dk, micros)
 redis.call('EXPIRE', dk, 3 * 86400)
 redis.call('HSET', jk, 'reserved_micros', micros)
+redis.call('HINCRBY', P .. ':q:' .. (f[3] or 'videos') .. ':stats', 'reserved_micros', micros)
 return { 'ok', spent, committed }

@@ -123,6 +123,10 @@ local function finish(jk, id, job, state, reason, err, event_id, event_type, eve
     fields[#fields + 1] = err
   end
   if state == 'dead' then redis.call('ZADD', P .. ':q:' .. job.q .. ':dead', NOW, id) end
+  -- Per-queue counters, for metrics from any process.
+  local stats = P .. ':q:' .. job.q .. ':stats'
+  redis.call('HINCRBY', stats, 'finished:' .. state, 1)
+  if charged > 0 then redis.call('HINCRBY', stats, 'charged_micros', charged) end
   if event ~= '' then append_event(event_id, event_type, id, event) end
   set_state(jk, state, fields, job.state or false, job.batch or false)
   redis.call('EXPIRE', jk, RETENTION)

@@ -1,0 +1,65 @@
+//! `klingq serve`: the HTTP API on `api.bind` (or `--bind`), until SIGTERM or SIGINT.
+
+use anyhow::Context;
+use clap::Args;
+use klingq_core::CostModel;
+use klingq_producer::{ApiState, Producer};
+
+use crate::cli::shutdown_signal;
+use crate::settings::Settings;
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on, `host:port` (default: the `api.bind` setting, 127.0.0.1:8080).
+    #[arg(long, value_name = "ADDR")]
+    bind: Option<String>,
+}
+
+pub(crate) async fn run(args: ServeArgs, settings: Settings) -> anyhow::Result<()> {
+    let mut config = settings.api;
+    if let Some(bind) = args.bind {
+        config.bind = bind;
+    }
+    let cost = CostModel {
+        usd_per_second: settings.worker.usd_per_second,
+    };
+    let producer = Producer::connect(settings.queue, cost).await?;
+    let listener = tokio::net::TcpListener::bind(&config.bind)
+        .await
+        .with_context(|| format!("listening on {}", config.bind))?;
+    let state = api_state(producer, config);
+    klingq_producer::serve(listener, state, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// The API's state with everything `klingq serve` adds to the producer's routes: `/metrics`.
+pub(crate) fn api_state(producer: Producer, config: klingq_producer::ApiConfig) -> ApiState {
+    let metrics = axum::Router::new()
+        .route("/metrics", axum::routing::get(metrics))
+        .with_state(producer.queue().clone());
+    ApiState::new(producer, config).with_public_routes(metrics)
+}
+
+/// Queue depth, jobs finished, spend and webhook deliveries, read from Redis.
+async fn metrics(
+    axum::extract::State(queue): axum::extract::State<klingq_queue::Queue>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut out = String::new();
+    let webhooks = queue.for_queue(klingq_events::DELIVERY_QUEUE);
+    match klingq_queue::render_metrics(&queue, Some(&webhooks), &mut out).await {
+        Ok(()) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4",
+            )],
+            out,
+        )
+            .into_response(),
+        Err(error) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!("metrics unavailable: {error}"),
+        )
+            .into_response(),
+    }
+}

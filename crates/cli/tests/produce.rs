@@ -1,0 +1,608 @@
+//! The producer commands, run as the built `klingq` binary against the shared Redis, each test
+//! in its own namespace: enqueue, batch files (JSON Lines and CSV, good and bad), `--wait`,
+//! status, cancel, dead letters, events, `--json` output and exit codes.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use klingq_core::CostModel;
+use klingq_producer::Producer;
+use klingq_queue::QueueConfig;
+use klingq_testkit::redis::{redis_url, require_shared_redis, unique_namespace};
+use serde_json::{Value, json};
+
+struct Cli {
+    namespace: String,
+    dir: PathBuf,
+}
+
+impl Cli {
+    async fn new(prefix: &str) -> Self {
+        require_shared_redis().await.unwrap();
+        let namespace = unique_namespace(prefix);
+        let dir = std::env::temp_dir().join(format!("klingq-cli-{namespace}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self { namespace, dir }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_klingq"));
+        command
+            .args(args)
+            .env("KLINGQ_REDIS_URL", redis_url())
+            .env("KLINGQ_NAMESPACE", &self.namespace)
+            .env("RUST_LOG", "warn")
+            .env_remove("KLINGQ_CONFIG")
+            .stdin(Stdio::null());
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(
+            output.status.success(),
+            "klingq {args:?} failed: {}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let stdout = self.ok(args);
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+    }
+
+    fn file(&self, name: &str, text: &str) -> String {
+        let path = self.dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    }
+
+    async fn producer(&self) -> Producer {
+        let config = QueueConfig {
+            redis_url: redis_url(),
+            namespace: self.namespace.clone(),
+            ..QueueConfig::default()
+        };
+        Producer::connect(config, CostModel::default())
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Cli {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// No Rust debug dump reaches the user.
+fn assert_no_debug_dump(text: &str) {
+    for marker in ["panicked", "Error {", "Os {", "kind:", "backtrace"] {
+        assert!(!text.contains(marker), "debug output ({marker}) in: {text}");
+    }
+}
+
+fn job_line(n: usize) -> String {
+    json!({"start_image_url": format!("https://example.com/{n}.png"), "prompt": format!("prompt {n}"), "metadata": {"n": n}}).to_string()
+}
+
+const JOB_KEYS: [&str; 10] = [
+    "id",
+    "state",
+    "batch_id",
+    "attempts",
+    "created_at",
+    "updated_at",
+    "metadata",
+    "provider",
+    "video",
+    "error",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_prints_the_id_and_status_and_cancel_show_the_job() {
+    let cli = Cli::new("cli-enqueue").await;
+    let id = cli.ok(&[
+        "enqueue",
+        "--image",
+        "https://example.com/cat.png",
+        "--prompt",
+        "a cat walks",
+        "--duration",
+        "10",
+        "--no-audio",
+        "--metadata",
+        r#"{"user": 7}"#,
+        "--webhook",
+        "https://hooks.example.com/x",
+    ]);
+    let id = id.trim().to_owned();
+    assert_eq!(id.len(), 36, "{id}");
+
+    let job = cli.json(&["status", &id, "--json"]);
+    for key in JOB_KEYS {
+        assert!(job.get(key).is_some(), "{key} missing in {job}");
+    }
+    assert_eq!(job["id"], json!(id));
+    assert_eq!(job["state"], "queued");
+    assert_eq!(job["metadata"], json!({"user": 7}));
+    assert_eq!(job["request"]["duration"], "10");
+    assert_eq!(job["request"]["generate_audio"], false);
+    assert_eq!(job["estimated_usd"], 1.4);
+    assert_eq!(job["provider"], Value::Null);
+    let human = cli.ok(&["status", &id]);
+    assert!(
+        human.contains("state") && human.contains("queued"),
+        "{human}"
+    );
+
+    // --json FILE takes a nested job; `-` reads a bare request from stdin.
+    let file = cli.file(
+        "job.json",
+        r#"{"request": {"start_image_url": "https://e.com/a.png", "prompt": "p"}, "priority": "high", "idempotency_key": "k-1"}"#,
+    );
+    let accepted = cli.json(&["enqueue", "--json", &file]);
+    assert_eq!(accepted["created"], true);
+    let again = cli.json(&["enqueue", "--json", &file]);
+    assert_eq!(again["created"], false);
+    assert_eq!(again["id"], accepted["id"]);
+    let mut child = cli
+        .command(&["enqueue", "--json", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(br#"{"start_image_url": "https://e.com/b.png", "prompt": "q"}"#)
+            .unwrap();
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let from_stdin: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(from_stdin["estimated_usd"], 0.7);
+
+    let cancelled = cli.json(&["cancel", &id, "--json"]);
+    assert_eq!(cancelled["cancelled"], true);
+    assert_eq!(cancelled["previous_state"], "queued");
+    let again = cli.ok(&["cancel", &id]);
+    assert!(again.contains("already cancelled"), "{again}");
+    let job = cli.json(&["status", &id, "--json"]);
+    assert_eq!(job["error"]["code"], "CANCELLED");
+
+    let missing = cli.run(&["status", "01a20b46-0000-7000-8000-000000000000"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(stderr(&missing).contains("no job with id"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_jobs_exit_2_with_every_error() {
+    let cli = Cli::new("cli-invalid").await;
+    let output = cli.run(&[
+        "enqueue",
+        "--image",
+        "ftp://x",
+        "--prompt",
+        "",
+        "--duration",
+        "20",
+        "--cfg-scale",
+        "2",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    let text = stderr(&output);
+    for expected in [
+        "--image",
+        "--prompt",
+        "--duration",
+        "--cfg-scale",
+        "[url]",
+        "[range]",
+    ] {
+        assert!(text.contains(expected), "{expected} missing in {text}");
+    }
+    assert_no_debug_dump(&text);
+    assert!(output.stdout.is_empty());
+
+    let output = cli.run(&[
+        "enqueue",
+        "--image",
+        "https://e.com/a.png",
+        "--prompt",
+        "p",
+        "--metadata",
+        "{oops",
+        "--json",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    let body: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(body["error"]["code"], "validation_failed");
+    assert_eq!(body["error"]["details"][0]["path"], "metadata");
+
+    let file = cli.file("bad.json", r#"{"request": {"prompt": ""}, "colour": 1}"#);
+    let output = cli.run(&["enqueue", "--json", &file]);
+    assert_eq!(output.status.code(), Some(2));
+    let body: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let paths: Vec<_> = body["error"]["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["path"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        paths,
+        vec!["colour", "request.prompt", "request.start_image_url"]
+    );
+    let output = cli.run(&["enqueue", "--json", "/nonexistent/job.json"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        cli.producer()
+            .await
+            .queue()
+            .job_ids(0, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_line_json_lines_batch_is_enqueued() {
+    let cli = Cli::new("cli-jsonl").await;
+    let text: String = (0..1000).map(|n| job_line(n) + "\n").collect();
+    let file = cli.file("batch.jsonl", &text);
+    let id = cli.ok(&["batch", "submit", &file]);
+    let id = id.trim();
+    let batch = cli.json(&["batch", "status", id, "--json"]);
+    for key in [
+        "id",
+        "total",
+        "counts",
+        "done",
+        "estimated_usd",
+        "charged_usd",
+    ] {
+        assert!(batch.get(key).is_some(), "{key} missing in {batch}");
+    }
+    assert_eq!(batch["id"], json!(id));
+    assert_eq!(batch["total"], 1000);
+    assert_eq!(batch["counts"]["queued"], 1000);
+    assert_eq!(batch["done"], false);
+    assert_eq!(batch["estimated_usd"], 700.0);
+    let human = cli.ok(&["batch", "status", id]);
+    assert!(
+        human.contains("queued") && human.contains("1000"),
+        "{human}"
+    );
+
+    let accepted = cli.json(&["batch", "submit", &file, "--json", "--budget-usd", "800"]);
+    assert_eq!(accepted["total"], 1000);
+    assert_eq!(accepted["budget_usd"], 800.0);
+    let producer = cli.producer().await;
+    let page = producer.batch_jobs(id, 999, 10).await.unwrap();
+    assert_eq!(page.items[0].metadata, Some(json!({"n": 999})));
+
+    let cancelled = cli.json(&["batch", "cancel", id, "--json"]);
+    assert_eq!(cancelled["cancelled"], 1000);
+    let batch = cli.json(&["batch", "status", id, "--json"]);
+    assert_eq!(batch["done"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_csv_batch_is_enqueued() {
+    let cli = Cli::new("cli-csv").await;
+    let file = cli.file(
+        "batch.csv",
+        "start_image_url,prompt,duration,cfg_scale,generate_audio,metadata,priority,webhook_url\n\
+         https://e.com/a.png,\"a cat, walking\",10,0.7,false,\"{\"\"user\"\": 1}\",high,https://hooks.example.com/a\n\
+         https://e.com/b.png,a dog,,,,,,\n",
+    );
+    let accepted = cli.json(&["batch", "submit", &file, "--json"]);
+    assert_eq!(accepted["total"], 2);
+    assert_eq!(accepted["estimated_usd"], 2.1);
+    let producer = cli.producer().await;
+    let page = producer
+        .batch_jobs(accepted["id"].as_str().unwrap(), 0, 10)
+        .await
+        .unwrap();
+    let first = &page.items[0];
+    assert_eq!(first.metadata, Some(json!({"user": 1})));
+    assert_eq!(first.priority, klingq_core::Priority::High);
+    let request = first.request.as_ref().unwrap();
+    assert_eq!(request["prompt"], "a cat, walking");
+    assert_eq!(request["cfg_scale"], 0.7);
+    assert_eq!(request["generate_audio"], false);
+    assert_eq!(page.items[1].request.as_ref().unwrap()["duration"], "5");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_with_bad_lines_is_rejected_naming_lines_and_fields() {
+    let cli = Cli::new("cli-bad").await;
+    let text = format!(
+        "{}\n{}\n{{oops\n\n{}\n",
+        job_line(0),
+        json!({"start_image_url": "https://e.com/a.png", "prompt": "", "duration": 30}),
+        json!({"prompt": "p", "colour": "red"}),
+    );
+    let file = cli.file("bad.jsonl", &text);
+    let output = cli.run(&["batch", "submit", &file]);
+    assert_eq!(output.status.code(), Some(2));
+    let text = stderr(&output);
+    for expected in [
+        "3 of 4 lines are invalid; nothing was enqueued",
+        "line 2: duration:",
+        "line 2: prompt: must not be empty [required]",
+        "line 3: (line): is not valid JSON",
+        "line 5: colour:",
+        "line 5: start_image_url:",
+    ] {
+        assert!(text.contains(expected), "{expected:?} missing in {text}");
+    }
+    assert_no_debug_dump(&text);
+    let producer = cli.producer().await;
+    assert!(producer.queue().batch_ids(0, 10).await.unwrap().is_empty());
+    assert!(producer.queue().job_ids(0, 10).await.unwrap().is_empty());
+
+    let output = cli.run(&["batch", "submit", &file, "--json"]);
+    assert_eq!(output.status.code(), Some(2));
+    let body: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let lines: Vec<_> = body["error"]["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lines, vec![2, 2, 3, 5, 5]);
+
+    // With --partial the good line goes in, and the rest are reported.
+    let output = cli.run(&["batch", "submit", &file, "--partial"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).contains("skipped 3 invalid lines (enqueued 1)"));
+
+    let csv = cli.file(
+        "bad.csv",
+        "start_image_url,prompt,colour\nhttps://e.com/a.png,p,red\n",
+    );
+    let output = cli.run(&["batch", "submit", &csv]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("line 1: column 3 `colour`"),
+        "{}",
+        stderr(&output)
+    );
+    let csv = cli.file(
+        "bad-row.csv",
+        "start_image_url,prompt,cfg_scale\nhttps://e.com/a.png,p,0.5\nhttps://e.com/b.png,,9\n",
+    );
+    let output = cli.run(&["batch", "submit", &csv]);
+    assert_eq!(output.status.code(), Some(2));
+    let text = stderr(&output);
+    assert!(text.contains("1 of 2 lines is invalid"), "{text}");
+    assert!(text.contains("line 3: prompt:"), "{text}");
+    assert!(text.contains("line 3: cfg_scale:"), "{text}");
+    let output = cli.run(&["batch", "submit", &csv, "--budget-usd=-3"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("budget_usd"));
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the command did not end"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_shows_progress_until_the_batch_is_done() {
+    let cli = Cli::new("cli-wait").await;
+    let text: String = (0..20).map(|n| job_line(n) + "\n").collect();
+    let file = cli.file("batch.jsonl", &text);
+    let mut child = cli
+        .command(&["batch", "submit", &file, "--wait", "--interval", "0.1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut id = String::new();
+    stdout.read_line(&mut id).unwrap();
+    let id = id.trim().to_owned();
+    assert_eq!(id.len(), 36, "{id}");
+    // Finishing every job (here by cancelling the batch) ends the wait.
+    let cancelled = cli.json(&["batch", "cancel", &id, "--json"]);
+    assert_eq!(cancelled["cancelled"], 20);
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    assert!(status.success());
+    let mut summary = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut summary).unwrap();
+    assert!(summary.contains("(done)"), "{summary}");
+    assert!(
+        summary.contains("cancelled") && summary.contains("20"),
+        "{summary}"
+    );
+    let mut progress = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut progress).unwrap();
+    // Not a terminal: plain lines, the last one with every job finished.
+    assert!(progress.contains("in flight"), "{progress}");
+    assert!(
+        progress.lines().last().unwrap().starts_with("20/20"),
+        "{progress}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_and_events_from_the_command_line() {
+    let cli = Cli::new("cli-events").await;
+    let page = cli.json(&["dlq", "list", "--json"]);
+    assert_eq!(page["total"], 0);
+    assert!(cli.ok(&["dlq", "list"]).contains("no dead jobs"));
+    let result = cli.json(&["dlq", "redrive", "--all", "--json"]);
+    assert_eq!(result["redriven"], 0);
+    let missing = "01a20b46-0000-7000-8000-000000000000";
+    let result = cli.json(&["dlq", "redrive", missing, "--json"]);
+    assert_eq!(result["not_found"], json!([missing]));
+    let output = cli.run(&["dlq", "redrive"]);
+    assert_eq!(output.status.code(), Some(2));
+
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let id = cli.ok(&[
+            "enqueue",
+            "--image",
+            "https://e.com/a.png",
+            "--prompt",
+            &format!("p{n}"),
+        ]);
+        cli.ok(&["cancel", id.trim()]);
+        ids.push(id.trim().to_owned());
+    }
+    let out = cli.ok(&["events", "tail", "--json"]);
+    let events: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 3);
+    for (event, id) in events.iter().zip(&ids) {
+        assert_eq!(event["type"], "job.cancelled");
+        assert_eq!(event["event"]["data"]["job_id"], json!(id));
+    }
+    let two = cli.ok(&["events", "tail", "-n", "2"]);
+    assert_eq!(two.lines().count(), 2);
+    assert!(two.contains(&ids[2]) && !two.contains(&ids[0]), "{two}");
+    let after = cli.ok(&[
+        "events",
+        "tail",
+        "--from",
+        events[0]["cursor"].as_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(after.lines().count(), 2);
+
+    // --follow prints new events as they come.
+    let mut child = cli
+        .command(&["events", "tail", "--follow", "-n", "1", "--json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["event"]["data"]["job_id"], json!(ids[2]));
+    let late = cli.ok(&[
+        "enqueue",
+        "--image",
+        "https://e.com/a.png",
+        "--prompt",
+        "late",
+    ]);
+    cli.ok(&["cancel", late.trim()]);
+    let next = tokio::task::spawn_blocking(move || lines.next().unwrap().unwrap())
+        .await
+        .unwrap();
+    let next: Value = serde_json::from_str(&next).unwrap();
+    assert_eq!(next["event"]["data"]["job_id"], json!(late.trim()));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_redis_names_the_url_and_how_to_start_it() {
+    let cli = Cli::new("cli-down").await;
+    let output = cli
+        .command(&["status", "01a20b46-0000-7000-8000-000000000000"])
+        .env("KLINGQ_REDIS_URL", "redis://:hunter2@127.0.0.1:1/0")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let text = stderr(&output);
+    assert!(
+        text.starts_with("error: cannot reach Redis at redis://127.0.0.1:1/0"),
+        "{text}"
+    );
+    assert!(text.contains("redis-server"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+    assert_no_debug_dump(&text);
+    // A bad file is still exit code 2: input is checked before connecting.
+    let file = cli.file("bad.jsonl", "{oops\n");
+    let output = cli
+        .command(&["batch", "submit", &file])
+        .env("KLINGQ_REDIS_URL", "redis://127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+}
+
+/// One HTTP/1.1 GET over a plain socket; returns the status line.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response.lines().next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_answers_and_stops_on_sigterm() {
+    let cli = Cli::new("cli-serve").await;
+    // Without tokens it will not listen beyond loopback.
+    let output = cli.run(&["serve", "--bind", "0.0.0.0:0"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("KLINGQ_API_TOKENS"),
+        "{}",
+        stderr(&output)
+    );
+
+    let mut child = cli
+        .command(&["serve", "--bind", "127.0.0.1:0", "--log-format", "json"])
+        .env("KLINGQ_API_TOKENS", "t1,t2")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut logs = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = logs.next().expect("serve logs where it listens").unwrap();
+        let Ok(entry) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        if entry["message"] == "api listening" {
+            break entry["addr"].as_str().unwrap().to_owned();
+        }
+    };
+    assert!(http_get(&addr, "/healthz").contains("200"));
+    assert!(http_get(&addr, "/v1/dead-letters").contains("401"));
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = wait_exit(&mut child, Duration::from_secs(15));
+    assert!(status.success(), "{status}");
+}

@@ -1,0 +1,180 @@
+//! The HTTP API (`klingq serve`): [`router`] builds the axum router, [`serve`] runs it until a
+//! shutdown signal. Routes and their behaviour are documented by the OpenAPI document
+//! ([`ApiDoc`], served at `/openapi.json`).
+//!
+//! Every route but `/healthz`, `/readyz` and `/openapi.json` needs `Authorization: Bearer
+//! <token>` when tokens are configured; without tokens, [`serve`] only listens on loopback.
+//! More routes (a dashboard, metrics, webhook deliveries) join through
+//! [`ApiState::with_public_routes`] and [`ApiState::with_protected_routes`].
+
+mod auth;
+mod error;
+mod handlers;
+mod openapi;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use openapi::ApiDoc;
+
+use crate::config::ApiConfig;
+use crate::producer::Producer;
+
+/// What the handlers share.
+pub(crate) struct Shared {
+    pub(crate) producer: Producer,
+    pub(crate) config: ApiConfig,
+    /// SHA-256 digests of the accepted tokens, compared in constant time.
+    pub(crate) token_digests: Vec<[u8; 32]>,
+    /// Cancelled when the server shuts down, so event streams end.
+    pub(crate) shutdown: CancellationToken,
+}
+
+pub(crate) type AppState = Arc<Shared>;
+
+/// The API's state, and routes added by other parts of klingq.
+#[derive(Clone)]
+pub struct ApiState {
+    shared: AppState,
+    public_routes: Router,
+    protected_routes: Router,
+}
+
+impl std::fmt::Debug for ApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiState")
+            .field("producer", &self.shared.producer)
+            .field("tokens", &self.shared.token_digests.len())
+            .finish()
+    }
+}
+
+impl ApiState {
+    pub fn new(producer: Producer, config: ApiConfig) -> Self {
+        let token_digests = config
+            .tokens
+            .iter()
+            .filter(|token| !token.is_empty())
+            .map(|token| auth::digest(token.expose()))
+            .collect();
+        let producer = producer.with_max_batch_jobs(config.max_batch_jobs);
+        Self {
+            shared: Arc::new(Shared {
+                producer,
+                config,
+                token_digests,
+                shutdown: CancellationToken::new(),
+            }),
+            public_routes: Router::new(),
+            protected_routes: Router::new(),
+        }
+    }
+
+    /// Adds routes that need no token (e.g. a metrics endpoint).
+    pub fn with_public_routes(mut self, routes: Router) -> Self {
+        self.public_routes = self.public_routes.merge(routes);
+        self
+    }
+
+    /// Adds routes behind the bearer token (e.g. a dashboard).
+    pub fn with_protected_routes(mut self, routes: Router) -> Self {
+        self.protected_routes = self.protected_routes.merge(routes);
+        self
+    }
+
+    pub fn producer(&self) -> &Producer {
+        &self.shared.producer
+    }
+
+    /// Whether requests need a bearer token.
+    pub fn requires_token(&self) -> bool {
+        !self.shared.token_digests.is_empty()
+    }
+}
+
+/// The API's router.
+pub fn router(state: ApiState) -> Router {
+    let app = state.shared.clone();
+    let config = &app.config;
+    let protected = Router::new()
+        .route(
+            "/v1/jobs",
+            post(handlers::create_job).layer(DefaultBodyLimit::max(config.max_job_body_bytes)),
+        )
+        .route(
+            "/v1/batches",
+            post(handlers::create_batch).layer(DefaultBodyLimit::max(config.max_batch_body_bytes)),
+        )
+        .route("/v1/jobs/{id}", get(handlers::get_job))
+        .route("/v1/jobs/{id}/cancel", post(handlers::cancel_job))
+        .route("/v1/batches/{id}", get(handlers::get_batch))
+        .route("/v1/batches/{id}/jobs", get(handlers::batch_jobs))
+        .route("/v1/batches/{id}/cancel", post(handlers::cancel_batch))
+        .route("/v1/dead-letters", get(handlers::dead_letters))
+        .route(
+            "/v1/dead-letters/redrive",
+            post(handlers::redrive).layer(DefaultBodyLimit::max(config.max_job_body_bytes)),
+        )
+        .route("/v1/events", get(handlers::events))
+        .with_state(app.clone())
+        .merge(state.protected_routes)
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            auth::require_token,
+        ));
+    let public = Router::new()
+        .route("/healthz", get(handlers::healthz))
+        .route("/readyz", get(handlers::readyz))
+        .route("/openapi.json", get(handlers::openapi_json))
+        .with_state(app)
+        .merge(state.public_routes);
+    public
+        .merge(protected)
+        .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+}
+
+/// The server cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(
+        "refusing to serve on {0} without API tokens: set KLINGQ_API_TOKENS (api.tokens) or \
+         bind a loopback address such as 127.0.0.1:8080"
+    )]
+    NoTokens(SocketAddr),
+    #[error("serving HTTP: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then stops accepting, ends event
+/// streams and waits for requests in flight.
+pub async fn serve(
+    listener: TcpListener,
+    state: ApiState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let addr = listener.local_addr()?;
+    if !state.requires_token() && !addr.ip().is_loopback() {
+        return Err(ServeError::NoTokens(addr));
+    }
+    if !state.requires_token() {
+        tracing::warn!(%addr, "no API tokens configured: the API is open to anyone on this host");
+    }
+    let token = state.shared.shutdown.clone();
+    let app = router(state);
+    tracing::info!(%addr, "api listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("api shutting down");
+            token.cancel();
+        })
+        .await?;
+    Ok(())
+}

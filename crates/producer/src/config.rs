@@ -1,0 +1,75 @@
+//! The HTTP API's settings. Every field has a default; `config/default.toml` documents them.
+
+use klingq_core::Secret;
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// How `klingq serve` and the producer commands behave.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address the HTTP API listens on, `host:port`.
+    pub bind: String,
+    /// Bearer tokens accepted by the API. Empty: no authentication, which the server allows
+    /// only on a loopback address.
+    #[serde(deserialize_with = "tokens")]
+    pub tokens: Vec<Secret>,
+    /// Largest body `POST /v1/jobs` accepts, in bytes.
+    pub max_job_body_bytes: usize,
+    /// Largest body `POST /v1/batches` accepts, in bytes.
+    pub max_batch_body_bytes: usize,
+    /// Most jobs one batch may have.
+    pub max_batch_jobs: usize,
+    /// One `GET /v1/events` response ends after this many seconds; clients reconnect with
+    /// `Last-Event-ID` and lose nothing.
+    pub events_stream_max_secs: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:8080".to_owned(),
+            tokens: Vec::new(),
+            max_job_body_bytes: 1024 * 1024,
+            max_batch_body_bytes: 64 * 1024 * 1024,
+            max_batch_jobs: 200_000,
+            events_stream_max_secs: 300,
+        }
+    }
+}
+
+/// Tokens as a list, or as one comma-separated string (as `KLINGQ_API_TOKENS` gives them).
+fn tokens<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Secret>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Tokens {
+        List(Vec<String>),
+        Text(String),
+    }
+    let list = match Tokens::deserialize(deserializer)? {
+        Tokens::List(list) => list,
+        Tokens::Text(text) => text.split(',').map(str::to_owned).collect(),
+    };
+    Ok(list
+        .into_iter()
+        .map(|token| token.trim().to_owned())
+        .filter(|token| !token.is_empty())
+        .map(Secret::new)
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_read_from_a_list_or_a_comma_separated_string() {
+        let from_text: ApiConfig = serde_json::from_str(r#"{"tokens": " a, b ,,"}"#).unwrap();
+        let from_list: ApiConfig = serde_json::from_str(r#"{"tokens": ["a", "b"]}"#).unwrap();
+        assert_eq!(from_text.tokens, vec![Secret::new("a"), Secret::new("b")]);
+        assert_eq!(from_text, from_list);
+        assert_eq!(
+            serde_json::from_str::<ApiConfig>("{}").unwrap(),
+            ApiConfig::default()
+        );
+    }
+}

@@ -1,0 +1,649 @@
+//! [`Producer`]: validated enqueue of jobs and batches, views, cancel, dead letters, events.
+//!
+//! Everything submitted is validated before anything is written. A batch is opened, its jobs
+//! are enqueued in pipelined chunks and then it is sealed; the queue keeps its counters.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use klingq_core::cost::{micros_to_usd, usd_to_micros};
+use klingq_core::{CostModel, FieldError, JobId, JobSpec, JobState, ValidationErrors, redact_url};
+use klingq_queue::{CancelOutcome, NewJob, Queue, QueueConfig, QueueError, RedriveOutcome};
+use redis::streams::StreamRangeReply;
+use serde_json::json;
+use time::OffsetDateTime;
+
+use crate::error::{BatchErrors, EntryErrors, ProducerError};
+use crate::view::{
+    BatchAccepted, BatchCancelResult, BatchView, CancelResult, ErrorDetail, EventView, JobAccepted,
+    JobPage, JobView, NotDead, RedriveResult,
+};
+
+/// Longest batch idempotency key, in bytes: per-job keys derived from it stay within the
+/// 255 bytes a job's key may have.
+pub const MAX_BATCH_IDEMPOTENCY_KEY_BYTES: usize = 200;
+
+/// Jobs cancelled concurrently when cancelling a batch.
+const CANCEL_CONCURRENCY: usize = 32;
+
+/// How a batch is submitted.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BatchOptions {
+    /// Where the batch's webhook deliveries go (kept in the batch's info).
+    pub webhook_url: Option<String>,
+    /// The batch's spending cap, in USD.
+    pub budget_usd: Option<f64>,
+    /// Enqueue the valid entries and report the invalid ones, instead of rejecting the batch.
+    pub partial: bool,
+    /// Same key within its TTL: the first batch's id comes back and nothing is written again.
+    pub idempotency_key: Option<String>,
+    /// Where the batch came from (`cli`, `api`), kept in its info.
+    pub source: Option<String>,
+}
+
+/// What to re-drive from the dead letters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedriveTarget {
+    Ids(Vec<String>),
+    All,
+}
+
+/// The producer side of klingq over one queue. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Producer {
+    queue: Queue,
+    cost: CostModel,
+    max_batch_jobs: usize,
+}
+
+impl Producer {
+    pub fn new(queue: Queue, cost: CostModel) -> Self {
+        Self {
+            queue,
+            cost,
+            max_batch_jobs: 200_000,
+        }
+    }
+
+    /// Connects to the queue; a Redis that does not answer gives a message naming the
+    /// (redacted) URL and how to start one.
+    pub async fn connect(config: QueueConfig, cost: CostModel) -> Result<Self, ProducerError> {
+        let url = redact_url(&config.redis_url);
+        let queue = Queue::connect(config)
+            .await
+            .map_err(|cause| ProducerError::Unreachable { url, cause })?;
+        Ok(Self::new(queue, cost))
+    }
+
+    /// Caps the jobs one batch may have.
+    pub fn with_max_batch_jobs(mut self, max_batch_jobs: usize) -> Self {
+        self.max_batch_jobs = max_batch_jobs.max(1);
+        self
+    }
+
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    pub fn cost_model(&self) -> CostModel {
+        self.cost
+    }
+
+    /// The estimated cost of a job, in micro-dollars: billed seconds × the rate.
+    pub fn estimate_micros(&self, spec: &JobSpec) -> u64 {
+        self.cost.estimate_micros(spec.request.billed_seconds())
+    }
+
+    /// Whether Redis answers.
+    pub async fn ping(&self) -> Result<(), ProducerError> {
+        let mut conn = self.queue.connection();
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(QueueError::from)?;
+        Ok(())
+    }
+
+    /// Validates and enqueues one job. With an idempotency key seen before (within its TTL),
+    /// the first job's id comes back with `created: false`.
+    pub async fn enqueue(&self, job: JobSpec) -> Result<JobAccepted, ProducerError> {
+        job.validate().map_err(ProducerError::Invalid)?;
+        let new_job = self.new_job(&job, job.idempotency_key.clone())?;
+        let estimated_micros = new_job.estimated_micros;
+        let enqueued = self.queue.enqueue(&new_job, None).await?;
+        if enqueued.created {
+            tracing::debug!(job = %enqueued.id, "job enqueued");
+        }
+        Ok(JobAccepted {
+            id: enqueued.id,
+            created: enqueued.created,
+            estimated_usd: micros_to_usd(estimated_micros),
+        })
+    }
+
+    /// Validates every entry, then enqueues the batch. Invalid entries (given as `Err`, or
+    /// failing [`JobSpec::validate`]) reject the whole batch, listed by index, unless
+    /// `options.partial` is set; then the valid ones are enqueued and the rest reported.
+    pub async fn enqueue_batch(
+        &self,
+        jobs: Vec<Result<JobSpec, ValidationErrors>>,
+        options: BatchOptions,
+    ) -> Result<BatchAccepted, ProducerError> {
+        let total = jobs.len();
+        let mut errors = BatchErrors {
+            batch: check_batch_options(&options, total, self.max_batch_jobs),
+            entries: Vec::new(),
+            total,
+        };
+        let mut valid = Vec::with_capacity(total);
+        for (index, job) in jobs.into_iter().enumerate() {
+            match job.and_then(|spec| spec.validate().map(|()| spec)) {
+                Ok(spec) => valid.push((index, spec)),
+                Err(entry_errors) => errors.entries.push(EntryErrors {
+                    index,
+                    errors: entry_errors,
+                }),
+            }
+        }
+        if !errors.batch.is_empty() || (!errors.entries.is_empty() && !options.partial) {
+            return Err(ProducerError::InvalidBatch(errors));
+        }
+        if valid.is_empty() {
+            errors.batch.push(FieldError::new(
+                "",
+                "min_items",
+                "no valid entry: nothing to enqueue",
+            ));
+            return Err(ProducerError::InvalidBatch(errors));
+        }
+        let rejected: Vec<ErrorDetail> = errors
+            .entries
+            .into_iter()
+            .flat_map(|entry| {
+                let index = entry.index;
+                entry
+                    .errors
+                    .into_iter()
+                    .map(move |error| ErrorDetail::at(index, error))
+            })
+            .collect();
+
+        // With a batch idempotency key, the first request's batch id is kept under the key;
+        // a retry finds it and, if the first request stopped half-way, finishes the batch
+        // under the same id (per-job keys derived from the batch key keep jobs single).
+        let (batch_id, created) = match &options.idempotency_key {
+            None => (JobId::new().to_string(), true),
+            Some(key) => {
+                let candidate = JobId::new().to_string();
+                let existing = self.claim_batch_key(key, &candidate).await?;
+                match existing {
+                    None => (candidate, true),
+                    Some(existing) => {
+                        if let Some(record) = self.queue.batch(&existing).await?
+                            && record.sealed
+                        {
+                            let view = BatchView::from_record(record);
+                            return Ok(BatchAccepted {
+                                id: existing,
+                                created: false,
+                                total: view.total,
+                                deduplicated: 0,
+                                rejected,
+                                estimated_usd: view.estimated_usd,
+                                budget_usd: view.budget_usd,
+                            });
+                        }
+                        (existing, false)
+                    }
+                }
+            }
+        };
+
+        let mut new_jobs = Vec::with_capacity(valid.len());
+        let mut estimated_micros = 0u64;
+        for (index, spec) in &valid {
+            let key = spec.idempotency_key.clone().or_else(|| {
+                options
+                    .idempotency_key
+                    .as_ref()
+                    .map(|batch_key| format!("batch:{batch_key}:{index}"))
+            });
+            let job = self.new_job(spec, key)?;
+            estimated_micros += job.estimated_micros;
+            new_jobs.push(job);
+        }
+        drop(valid);
+        let mut info = json!({ "source": options.source.as_deref().unwrap_or("api") });
+        if let Some(url) = &options.webhook_url {
+            info["webhook_url"] = json!(url);
+        }
+        if let Some(budget) = options.budget_usd {
+            info["budget_usd"] = json!(budget);
+        }
+        let budget_micros = options.budget_usd.map(usd_to_micros).unwrap_or(0);
+        self.queue
+            .open_batch(&batch_id, &info, budget_micros)
+            .await?;
+        let enqueued = self.queue.enqueue_many(&new_jobs, Some(&batch_id)).await?;
+        let total_in_batch = self.queue.seal_batch(&batch_id).await?;
+        let deduplicated = enqueued
+            .iter()
+            .zip(&new_jobs)
+            .filter(|(outcome, job)| !outcome.created && outcome.id != job.id.to_string())
+            .count() as u64;
+        tracing::debug!(
+            batch = %batch_id,
+            jobs = total_in_batch,
+            deduplicated,
+            rejected = rejected.len(),
+            "batch enqueued"
+        );
+        Ok(BatchAccepted {
+            id: batch_id,
+            created,
+            total: total_in_batch,
+            deduplicated,
+            rejected,
+            estimated_usd: micros_to_usd(estimated_micros),
+            budget_usd: options.budget_usd,
+        })
+    }
+
+    fn new_job(&self, spec: &JobSpec, key: Option<String>) -> Result<NewJob, ProducerError> {
+        Ok(NewJob {
+            id: JobId::new(),
+            payload: serde_json::to_string(spec)?,
+            priority: spec.priority,
+            run_at_ms: spec.not_before.map(epoch_ms),
+            idempotency_key: key,
+            estimated_micros: self.estimate_micros(spec),
+            max_attempts: None,
+        })
+    }
+
+    /// Stores `candidate` under the batch idempotency key unless a batch id is already
+    /// there; returns the earlier id when there is one.
+    async fn claim_batch_key(
+        &self,
+        key: &str,
+        candidate: &str,
+    ) -> Result<Option<String>, ProducerError> {
+        let config = self.queue.config();
+        let redis_key = self
+            .queue
+            .keys()
+            .custom(&format!("idem-batch:{}:{key}", config.queue));
+        let mut conn = self.queue.connection();
+        let (set, existing): (Option<String>, Option<String>) = redis::pipe()
+            .cmd("SET")
+            .arg(&redis_key)
+            .arg(candidate)
+            .arg("NX")
+            .arg("EX")
+            .arg(config.idempotency_ttl_secs.max(1))
+            .cmd("GET")
+            .arg(&redis_key)
+            .query_async(&mut conn)
+            .await
+            .map_err(QueueError::from)?;
+        Ok(match (set, existing) {
+            (Some(_), _) => None,
+            (None, existing) => existing.filter(|id| id != candidate),
+        })
+    }
+
+    /// The job's view.
+    pub async fn job(&self, id: &str) -> Result<JobView, ProducerError> {
+        let id = canonical_id(id).ok_or_else(|| ProducerError::JobNotFound(id.to_owned()))?;
+        let record = self
+            .queue
+            .job(&id)
+            .await?
+            .ok_or(ProducerError::JobNotFound(id))?;
+        Ok(JobView::from_record(record))
+    }
+
+    /// The batch's view.
+    pub async fn batch(&self, id: &str) -> Result<BatchView, ProducerError> {
+        let id = canonical_id(id).ok_or_else(|| ProducerError::BatchNotFound(id.to_owned()))?;
+        let record = self
+            .queue
+            .batch(&id)
+            .await?
+            .ok_or(ProducerError::BatchNotFound(id))?;
+        Ok(BatchView::from_record(record))
+    }
+
+    /// A page of the batch's jobs, in enqueue order.
+    pub async fn batch_jobs(
+        &self,
+        id: &str,
+        offset: u64,
+        limit: u64,
+    ) -> Result<JobPage, ProducerError> {
+        let batch = self.batch(id).await?;
+        let ids = self.queue.batch_job_ids(&batch.id, offset, limit).await?;
+        let next = offset + ids.len() as u64;
+        let items = self.queue.jobs(&ids).await?;
+        Ok(JobPage {
+            items: items.into_iter().map(JobView::from_record).collect(),
+            total: batch.total,
+            offset,
+            limit,
+            next_offset: (ids.len() as u64 == limit && next < batch.total).then_some(next),
+        })
+    }
+
+    /// Cancels a job. A job not yet submitted never reaches the provider; one whose provider
+    /// run exists is no longer tracked and its cost stays committed (the provider has no
+    /// cancel). A finished job is left as it is (`cancelled: false`).
+    pub async fn cancel_job(&self, id: &str) -> Result<CancelResult, ProducerError> {
+        let id = canonical_id(id).ok_or_else(|| ProducerError::JobNotFound(id.to_owned()))?;
+        self.cancel_one(&id, "cancelled by the user").await
+    }
+
+    async fn cancel_one(&self, id: &str, reason: &str) -> Result<CancelResult, ProducerError> {
+        match self.queue.cancel(id, reason).await {
+            Ok(CancelOutcome::Cancelled {
+                previous,
+                cost_committed,
+            }) => {
+                tracing::debug!(job = %id, %previous, cost_committed, "job cancelled");
+                Ok(CancelResult {
+                    id: id.to_owned(),
+                    cancelled: true,
+                    previous_state: previous,
+                    state: JobState::Cancelled,
+                    cost_committed,
+                })
+            }
+            Ok(CancelOutcome::AlreadyTerminal(state)) => Ok(CancelResult {
+                id: id.to_owned(),
+                cancelled: false,
+                previous_state: state,
+                state,
+                cost_committed: false,
+            }),
+            Err(QueueError::NotFound(_)) => Err(ProducerError::JobNotFound(id.to_owned())),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Cancels every unfinished job of the batch.
+    pub async fn cancel_batch(&self, id: &str) -> Result<BatchCancelResult, ProducerError> {
+        let batch = self.batch(id).await?;
+        let mut result = BatchCancelResult {
+            id: batch.id.clone(),
+            cancelled: 0,
+            cost_committed: 0,
+            already_terminal: 0,
+        };
+        const PAGE: u64 = 1000;
+        let mut offset = 0;
+        loop {
+            let ids = self.queue.batch_job_ids(&batch.id, offset, PAGE).await?;
+            if ids.is_empty() {
+                break;
+            }
+            offset += ids.len() as u64;
+            let records = self.queue.jobs(&ids).await?;
+            let mut pending = Vec::new();
+            for record in records {
+                if record.state.is_terminal() {
+                    result.already_terminal += 1;
+                } else {
+                    pending.push(record.id);
+                }
+            }
+            let outcomes: Vec<_> =
+                futures::stream::iter(pending)
+                    .map(|job_id| async move {
+                        self.cancel_one(&job_id, "the batch was cancelled").await
+                    })
+                    .buffer_unordered(CANCEL_CONCURRENCY)
+                    .collect()
+                    .await;
+            for outcome in outcomes {
+                match outcome {
+                    Ok(outcome) if outcome.cancelled => {
+                        result.cancelled += 1;
+                        result.cost_committed += u64::from(outcome.cost_committed);
+                    }
+                    Ok(_) => result.already_terminal += 1,
+                    // Expired between listing and cancelling: nothing left to stop.
+                    Err(ProducerError::JobNotFound(_)) => {}
+                    Err(error) => return Err(error),
+                }
+            }
+        }
+        tracing::info!(batch = %batch.id, cancelled = result.cancelled, "batch cancelled");
+        Ok(result)
+    }
+
+    /// A page of dead jobs, most recent first.
+    pub async fn dead_letters(&self, offset: u64, limit: u64) -> Result<JobPage, ProducerError> {
+        let records = self.queue.dead_letters(offset, limit).await?;
+        let mut conn = self.queue.connection();
+        let total: u64 = redis::cmd("ZCARD")
+            .arg(self.queue.keys().dead(self.queue.name()))
+            .query_async(&mut conn)
+            .await
+            .map_err(QueueError::from)?;
+        let next = offset + limit;
+        Ok(JobPage {
+            items: records.into_iter().map(JobView::from_record).collect(),
+            total,
+            offset,
+            limit,
+            next_offset: (next < total).then_some(next),
+        })
+    }
+
+    /// Re-drives dead jobs: each gets a new life (attempts reset) and goes back to the queue.
+    pub async fn redrive(&self, target: RedriveTarget) -> Result<RedriveResult, ProducerError> {
+        let mut result = RedriveResult::default();
+        match target {
+            RedriveTarget::All => result.redriven = self.queue.redrive_all().await?,
+            RedriveTarget::Ids(ids) => {
+                for id in ids {
+                    let Some(canonical) = canonical_id(&id) else {
+                        result.not_found.push(id);
+                        continue;
+                    };
+                    match self.queue.redrive(&canonical).await {
+                        Ok(RedriveOutcome::Redriven) => {
+                            result.redriven += 1;
+                            result.ids.push(canonical);
+                        }
+                        Ok(RedriveOutcome::NotDead(state)) => result.not_dead.push(NotDead {
+                            id: canonical,
+                            state,
+                        }),
+                        Err(QueueError::NotFound(_)) => result.not_found.push(id),
+                        Err(error) => return Err(error.into()),
+                    }
+                }
+            }
+        }
+        if result.redriven > 0 {
+            tracing::info!(redriven = result.redriven, "dead jobs re-driven");
+        }
+        Ok(result)
+    }
+
+    /// Completion events after the cursor `from` (`0` for the oldest retained). With `wait`,
+    /// waits up to that long for the first one.
+    pub async fn events(
+        &self,
+        from: &str,
+        count: usize,
+        wait: Option<Duration>,
+    ) -> Result<Vec<EventView>, ProducerError> {
+        // A zero BLOCK would wait forever.
+        let wait = wait.map(|w| w.max(Duration::from_millis(1)));
+        Ok(self
+            .queue
+            .read_events(from, count, wait)
+            .await?
+            .into_iter()
+            .map(EventView::from)
+            .collect())
+    }
+
+    /// The newest `count` events, oldest first.
+    pub async fn recent_events(&self, count: usize) -> Result<Vec<EventView>, ProducerError> {
+        let mut conn = self.queue.connection();
+        let reply: StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(self.queue.keys().events())
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(count.max(1))
+            .query_async(&mut conn)
+            .await
+            .map_err(QueueError::from)?;
+        let mut events: Vec<EventView> = reply
+            .ids
+            .into_iter()
+            .map(|entry| {
+                let field = |name: &str| entry.get::<String>(name).unwrap_or_default();
+                klingq_queue::StoredEvent {
+                    id: field("id"),
+                    event_type: field("type"),
+                    body: field("event"),
+                    cursor: entry.id.clone(),
+                }
+                .into()
+            })
+            .collect();
+        events.reverse();
+        Ok(events)
+    }
+
+    /// The cursor of the newest event (`0-0` when there is none): reading after it gives
+    /// only events that come later.
+    pub async fn latest_event_cursor(&self) -> Result<String, ProducerError> {
+        Ok(self
+            .recent_events(1)
+            .await?
+            .pop()
+            .map(|event| event.cursor)
+            .unwrap_or_else(|| "0-0".to_owned()))
+    }
+}
+
+/// The errors of a batch's options and size (none when it may go ahead); entries are checked
+/// by [`Producer::enqueue_batch`]. Callers can use it to fail fast before connecting.
+pub fn check_batch_options(
+    options: &BatchOptions,
+    total: usize,
+    max_batch_jobs: usize,
+) -> Vec<FieldError> {
+    let mut errors = ValidationErrors::default();
+    if total == 0 {
+        errors.push("", "min_items", "a batch needs at least one job");
+    }
+    if total > max_batch_jobs {
+        errors.push(
+            "",
+            "max_items",
+            format!(
+                "a batch may have at most {} jobs, got {total}",
+                max_batch_jobs
+            ),
+        );
+    }
+    if let Some(url) = &options.webhook_url {
+        // The job's own rule for webhook URLs, applied to the batch's.
+        let mut probe = JobSpec::new(klingq_core::GenerationRequest::new(
+            "https://example.com/probe.png",
+            "probe",
+        ));
+        probe.webhook_url = Some(url.clone());
+        if let Err(found) = probe.validate() {
+            errors.0.extend(found);
+        }
+    }
+    if let Some(budget) = options.budget_usd
+        && !(budget.is_finite() && budget > 0.0)
+    {
+        errors.push(
+            "budget_usd",
+            "range",
+            format!("must be a positive number of USD, got {budget}"),
+        );
+    }
+    if let Some(key) = &options.idempotency_key
+        && (key.is_empty() || key.len() > MAX_BATCH_IDEMPOTENCY_KEY_BYTES)
+    {
+        errors.push(
+            "idempotency_key",
+            "max_length",
+            format!(
+                "must be 1 to {MAX_BATCH_IDEMPOTENCY_KEY_BYTES} bytes, got {}",
+                key.len()
+            ),
+        );
+    }
+    errors.0
+}
+
+/// The canonical spelling of a job or batch id, or `None` if it is not one.
+pub fn canonical_id(id: &str) -> Option<String> {
+    id.trim().parse::<JobId>().ok().map(|id| id.to_string())
+}
+
+/// Whether `cursor` is an events stream position: `0`, `<ms>` or `<ms>-<seq>`, each part at
+/// most 19 digits (so it fits Redis's 64-bit ids).
+pub fn is_event_cursor(cursor: &str) -> bool {
+    let mut parts = cursor.splitn(2, '-');
+    let digits = |s: &str| !s.is_empty() && s.len() <= 19 && s.bytes().all(|b| b.is_ascii_digit());
+    parts.next().is_some_and(digits) && parts.next().is_none_or(digits)
+}
+
+fn epoch_ms(time: OffsetDateTime) -> u64 {
+    u64::try_from(time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}
+
+/// The batch-entry errors of a rejected batch as details, by entry index.
+pub fn batch_error_details(errors: &BatchErrors) -> Vec<ErrorDetail> {
+    errors
+        .batch
+        .iter()
+        .cloned()
+        .map(ErrorDetail::new)
+        .chain(errors.entries.iter().flat_map(|entry| {
+            entry
+                .errors
+                .iter()
+                .cloned()
+                .map(|error| ErrorDetail::at(entry.index, error))
+        }))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_and_cursors_are_checked() {
+        let id = JobId::new().to_string();
+        assert_eq!(canonical_id(&id.to_uppercase()), Some(id));
+        assert_eq!(canonical_id("job-1"), None);
+        for good in ["0", "0-0", "1700000000000-3"] {
+            assert!(is_event_cursor(good), "{good}");
+        }
+        for bad in [
+            "",
+            "-",
+            "1-",
+            "a-1",
+            "1-2-3",
+            "$",
+            "12345678901234567890123",
+        ] {
+            assert!(!is_event_cursor(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,889 @@
+//! The HTTP API over real HTTP against a running server and a real Redis: every route, auth,
+//! validation errors per rule, idempotent retries, pagination, SSE resume, body limits.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use klingq_core::JobState;
+use klingq_producer::{ApiConfig, ApiState, Producer, ServeError};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use crate::{TestWorker, enqueue_poison, generating_spec, producer, wait_state};
+
+const TOKEN: &str = "test-token-1";
+const JOB_BODY_LIMIT: usize = 64 * 1024;
+
+struct Server {
+    base: String,
+    client: reqwest::Client,
+    producer: Producer,
+    stop: Option<oneshot::Sender<()>>,
+    join: tokio::task::JoinHandle<Result<(), ServeError>>,
+}
+
+impl Server {
+    async fn start(prefix: &str) -> Self {
+        let producer = producer(prefix).await;
+        let config = ApiConfig {
+            tokens: vec!["other-token".into(), TOKEN.into()],
+            max_job_body_bytes: JOB_BODY_LIMIT,
+            ..ApiConfig::default()
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let state = ApiState::new(producer.clone(), config);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let join = tokio::spawn(klingq_producer::serve(listener, state, async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            base,
+            client: reqwest::Client::new(),
+            producer,
+            stop: Some(stop),
+            join,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.get(self.url(path)).bearer_auth(TOKEN)
+    }
+
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.post(self.url(path)).bearer_auth(TOKEN)
+    }
+
+    async fn post_json(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        let response = self.post(path).json(body).send().await.unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap())
+    }
+
+    async fn get_json(&self, path: &str) -> (StatusCode, Value) {
+        let response = self.get(path).send().await.unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap())
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(10), self.join)
+            .await
+            .expect("the server stops within 10 s")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn job(n: usize) -> Value {
+    json!({"start_image_url": format!("https://example.com/{n}.png"), "prompt": format!("prompt {n}"), "metadata": {"n": n}})
+}
+
+/// The `(path, rule)` pairs of an error body.
+fn rules(body: &Value) -> Vec<(String, String)> {
+    body["error"]["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["path"].as_str().unwrap().to_owned(),
+                d["rule"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_open_and_every_other_route_needs_a_token() {
+    let server = Server::start("api-auth").await;
+    let client = &server.client;
+    for path in ["/healthz", "/readyz", "/openapi.json"] {
+        let response = client.get(server.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+    }
+    let document: Value = client
+        .get(server.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(document["openapi"], "3.1.0");
+    assert!(document["components"]["securitySchemes"]["bearer"].is_object());
+    assert_eq!(
+        document["paths"]["/v1/jobs"]["post"]["responses"]["202"]["links"]["GetJob"]["operationId"],
+        "get_job"
+    );
+    let id = "01a20b46-0000-7000-8000-000000000000";
+    let routes = [
+        ("POST", "/v1/jobs".to_owned()),
+        ("POST", "/v1/batches".to_owned()),
+        ("GET", format!("/v1/jobs/{id}")),
+        ("POST", format!("/v1/jobs/{id}/cancel")),
+        ("GET", format!("/v1/batches/{id}")),
+        ("GET", format!("/v1/batches/{id}/jobs")),
+        ("POST", format!("/v1/batches/{id}/cancel")),
+        ("GET", "/v1/dead-letters".to_owned()),
+        ("POST", "/v1/dead-letters/redrive".to_owned()),
+        ("GET", "/v1/events".to_owned()),
+    ];
+    for (method, path) in &routes {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        for auth in [
+            None,
+            Some("Bearer wrong"),
+            Some("Basic dGVzdA=="),
+            Some(TOKEN),
+        ] {
+            let mut request = client.request(method.clone(), server.url(path));
+            if let Some(auth) = auth {
+                request = request.header("authorization", auth);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(
+                response.status(),
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} {auth:?}"
+            );
+            assert!(response.headers().contains_key("www-authenticate"));
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "unauthorized");
+        }
+    }
+    // Both configured tokens work; the scheme is case-insensitive.
+    for auth in ["Bearer other-token", "bearer test-token-1"] {
+        let response = client
+            .get(server.url("/v1/dead-letters"))
+            .header("authorization", auth)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{auth}");
+    }
+    let response = server.get("/v1/nothing-here").send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let response = server
+        .client
+        .delete(server.url("/v1/jobs"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(response.headers()["allow"], "POST");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_are_created_read_and_cancelled() {
+    let server = Server::start("api-jobs").await;
+    let response = server.post("/v1/jobs").json(&job(1)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let accepted: Value = response.json().await.unwrap();
+    let id = accepted["id"].as_str().unwrap().to_owned();
+    assert_eq!(location, format!("/v1/jobs/{id}"));
+    assert_eq!(accepted["created"], true);
+    assert_eq!(accepted["estimated_usd"], 0.7);
+
+    let (status, view) = server.get_json(&location).await;
+    assert_eq!(status, StatusCode::OK);
+    for key in [
+        "id",
+        "state",
+        "batch_id",
+        "attempts",
+        "created_at",
+        "updated_at",
+        "metadata",
+        "provider",
+        "video",
+        "error",
+    ] {
+        assert!(view.get(key).is_some(), "{key} missing in {view}");
+    }
+    assert_eq!(view["state"], "queued");
+    assert_eq!(view["metadata"], json!({"n": 1}));
+    assert_eq!(view["provider"], Value::Null);
+
+    // The nested shape is accepted too.
+    let nested = json!({"request": {"start_image_url": "https://e.com/a.png", "prompt": "p"}, "priority": "high"});
+    let (status, _) = server.post_json("/v1/jobs", &nested).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+
+    let (status, cancelled) = server
+        .post_json(&format!("{location}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(cancelled["cancelled"], true);
+    assert_eq!(cancelled["previous_state"], "queued");
+    assert_eq!(cancelled["cost_committed"], false);
+    let (_, again) = server
+        .post_json(&format!("{location}/cancel"), &json!({}))
+        .await;
+    assert_eq!(again["cancelled"], false);
+    assert_eq!(again["state"], "cancelled");
+    let (_, view) = server.get_json(&location).await;
+    assert_eq!(view["error"]["code"], "CANCELLED");
+
+    // A generating job: cancelled, no longer tracked, cost committed.
+    let generating = server.producer.enqueue(generating_spec()).await.unwrap().id;
+    let worker = TestWorker::spawn(server.producer.queue());
+    wait_state(&server.producer, &generating, JobState::Generating).await;
+    let (_, view) = server.get_json(&format!("/v1/jobs/{generating}")).await;
+    assert_eq!(view["provider"]["run_id"], "run-test-1");
+    let (_, cancelled) = server
+        .post_json(&format!("/v1/jobs/{generating}/cancel"), &json!({}))
+        .await;
+    assert_eq!(cancelled["previous_state"], "generating");
+    assert_eq!(cancelled["cost_committed"], true);
+    worker.stop().await;
+
+    for path in [
+        "/v1/jobs/01a20b46-0000-7000-8000-000000000000",
+        "/v1/jobs/not-a-uuid",
+        "/v1/jobs/01a20b46-0000-7000-8000-000000000000/cancel",
+    ] {
+        let response = if path.ends_with("cancel") {
+            server.post(path).send().await.unwrap()
+        } else {
+            server.get(path).send().await.unwrap()
+        };
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "not_found");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validation_errors_list_every_rule_with_its_path() {
+    let server = Server::start("api-rules").await;
+    let url = "https://e.com/a.png";
+    let cases = [
+        (
+            json!({"prompt": "p"}),
+            vec![("start_image_url", "required")],
+        ),
+        (
+            json!({"start_image_url": url, "prompt": 7, "generate_audio": "yes"}),
+            vec![("prompt", "type"), ("generate_audio", "type")],
+        ),
+        (
+            json!({"start_image_url": url, "prompt": "p", "colour": "blue"}),
+            vec![("colour", "unknown_field")],
+        ),
+        (
+            json!({"start_image_url": url, "prompt": "p", "multi_prompt": [{"prompt": "a"}], "shot_type": "customize"}),
+            vec![("prompt", "exclusive")],
+        ),
+        (
+            json!({"start_image_url": url, "prompt": "p", "duration": "16", "priority": "urgent"}),
+            vec![("duration", "one_of"), ("priority", "one_of")],
+        ),
+        (
+            json!({"start_image_url": url, "prompt": "p", "cfg_scale": 1.5}),
+            vec![("cfg_scale", "range")],
+        ),
+        (
+            json!({"start_image_url": url, "prompt": "x".repeat(2501)}),
+            vec![("prompt", "max_length")],
+        ),
+        (
+            json!({"start_image_url": url, "shot_type": "customize", "multi_prompt": []}),
+            vec![("multi_prompt", "min_items")],
+        ),
+        (
+            json!({"start_image_url": url, "prompt": "p", "voice_ids": ["a", "b", "c"]}),
+            vec![("voice_ids", "max_items")],
+        ),
+        (
+            json!({"start_image_url": "file:///etc/passwd", "prompt": "p", "webhook_url": "ftp://x"}),
+            vec![("start_image_url", "url"), ("webhook_url", "url")],
+        ),
+        (
+            json!({"start_image_url": url, "shot_type": "customize",
+                "multi_prompt": [{"prompt": "a", "duration": "10"}, {"prompt": "b", "duration": "10"}]}),
+            vec![("multi_prompt", "sum")],
+        ),
+        (
+            json!({"start_image_url": url, "prompt": "p", "elements": [{}]}),
+            vec![("elements[0]", "element_kind")],
+        ),
+        (
+            json!({"start_image_url": url, "prompt": "p", "not_before": "tomorrow"}),
+            vec![("not_before", "format")],
+        ),
+        (
+            json!({"request": {"start_image_url": url, "prompt": ""}, "metadata": [1]}),
+            vec![("request.prompt", "required"), ("metadata", "type")],
+        ),
+    ];
+    for (body, expected) in cases {
+        let (status, error) = server.post_json("/v1/jobs", &body).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(error["error"]["code"], "validation_failed");
+        let expected: Vec<_> = expected
+            .into_iter()
+            .map(|(p, r)| (p.to_owned(), r.to_owned()))
+            .collect();
+        assert_eq!(rules(&error), expected, "{body}");
+        for detail in error["error"]["details"].as_array().unwrap() {
+            assert!(!detail["message"].as_str().unwrap().is_empty());
+        }
+    }
+    // The header's key must agree with the body's.
+    let mut keyed = job(1);
+    keyed["idempotency_key"] = json!("a");
+    let response = server
+        .post("/v1/jobs")
+        .header("idempotency-key", "b")
+        .json(&keyed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        server
+            .producer
+            .queue()
+            .job_ids(0, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_posts_with_an_idempotency_key_return_the_same_id() {
+    let server = Server::start("api-idem").await;
+    let send_job = |key: &'static str, n: usize| {
+        server
+            .post("/v1/jobs")
+            .header("idempotency-key", key)
+            .json(&job(n))
+            .send()
+    };
+    let first: Value = send_job("order-1", 1).await.unwrap().json().await.unwrap();
+    let retry = send_job("order-1", 2).await.unwrap();
+    assert_eq!(retry.status(), StatusCode::ACCEPTED);
+    let retry: Value = retry.json().await.unwrap();
+    assert_eq!(first["id"], retry["id"]);
+    assert_eq!(
+        (first["created"].clone(), retry["created"].clone()),
+        (json!(true), json!(false))
+    );
+    let other: Value = send_job("order-2", 1).await.unwrap().json().await.unwrap();
+    assert_ne!(first["id"], other["id"]);
+
+    let batch = json!([job(1), job(2)]);
+    let send_batch = || {
+        server
+            .post("/v1/batches")
+            .header("idempotency-key", "upload-1")
+            .json(&batch)
+            .send()
+    };
+    let first: Value = send_batch().await.unwrap().json().await.unwrap();
+    let retry = send_batch().await.unwrap();
+    assert_eq!(retry.status(), StatusCode::ACCEPTED);
+    let retry: Value = retry.json().await.unwrap();
+    assert_eq!(first["id"], retry["id"]);
+    assert_eq!(retry["created"], false);
+    assert_eq!(retry["total"], 2);
+    assert_eq!(
+        server
+            .producer
+            .queue()
+            .batch_ids(0, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        server.producer.queue().job_ids(0, 10).await.unwrap().len(),
+        4
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_in_every_form_with_pagination_and_cancel() {
+    let server = Server::start("api-batches").await;
+    // A JSON array.
+    let jobs: Vec<Value> = (0..5).map(job).collect();
+    let response = server.post("/v1/batches").json(&jobs).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let accepted: Value = response.json().await.unwrap();
+    let id = accepted["id"].as_str().unwrap().to_owned();
+    assert_eq!(location, format!("/v1/batches/{id}"));
+    assert_eq!(accepted["total"], 5);
+    assert_eq!(accepted["estimated_usd"], 3.5);
+
+    let (status, batch) = server.get_json(&location).await;
+    assert_eq!(status, StatusCode::OK);
+    for key in [
+        "id",
+        "total",
+        "counts",
+        "done",
+        "estimated_usd",
+        "charged_usd",
+    ] {
+        assert!(batch.get(key).is_some(), "{key} missing in {batch}");
+    }
+    assert_eq!(batch["counts"]["queued"], 5);
+    assert_eq!(batch["done"], false);
+
+    // Pages of 2: 2, 2, 1, each job once, in order.
+    let mut seen = Vec::new();
+    let mut offset = Some(0);
+    while let Some(at) = offset {
+        let (status, page) = server
+            .get_json(&format!("{location}/jobs?limit=2&offset={at}"))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(page["total"], 5);
+        for item in page["items"].as_array().unwrap() {
+            seen.push(item["metadata"]["n"].as_u64().unwrap());
+            assert_eq!(item["batch_id"], json!(id));
+        }
+        offset = page["next_offset"].as_u64();
+    }
+    assert_eq!(seen, vec![0, 1, 2, 3, 4]);
+    for bad in [
+        "limit=0",
+        "limit=1001",
+        "offset=-1",
+        "limit=abc",
+        "colour=red",
+    ] {
+        let response = server
+            .get(&format!("{location}/jobs?{bad}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+    }
+    let response = server
+        .get("/v1/batches/01a20b46-0000-7000-8000-000000000000/jobs")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+
+    // The object form with options.
+    let (status, accepted) = server
+        .post_json(
+            "/v1/batches",
+            &json!({"jobs": [job(1)], "webhook_url": "https://hooks.example.com/b", "budget_usd": 5}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    assert_eq!(accepted["budget_usd"], 5.0);
+    let (_, batch) = server
+        .get_json(&format!("/v1/batches/{}", accepted["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(batch["webhook_url"], "https://hooks.example.com/b");
+    assert_eq!(batch["budget_usd"], 5.0);
+
+    // JSON Lines with options in the query string.
+    let lines = format!("{}\n\n{}\n", job(1), job(2));
+    let response = server
+        .post("/v1/batches?budget_usd=2.5&webhook_url=https://hooks.example.com/c")
+        .header("content-type", "application/x-ndjson")
+        .body(lines)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let accepted: Value = response.json().await.unwrap();
+    assert_eq!(accepted["total"], 2);
+    assert_eq!(accepted["budget_usd"], 2.5);
+
+    // Options given twice are an error.
+    let response = server
+        .post("/v1/batches?budget_usd=2")
+        .json(&json!({"jobs": [job(1)], "budget_usd": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+
+    // Cancelling the first batch cancels its unfinished jobs.
+    let (status, result) = server
+        .post_json(&format!("{location}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(result["cancelled"], 5);
+    let (_, batch) = server.get_json(&location).await;
+    assert_eq!(batch["done"], true);
+    assert_eq!(batch["counts"]["cancelled"], 5);
+    assert!(batch["finished_at"].is_string());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_batches_are_rejected_whole_unless_partial() {
+    let server = Server::start("api-invalid").await;
+    let jobs =
+        json!([job(0), {"start_image_url": "https://e.com/a.png", "prompt": ""}, job(2), "nope"]);
+    let (status, error) = server.post_json("/v1/batches", &jobs).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let details = error["error"]["details"].as_array().unwrap();
+    let found: Vec<_> = details
+        .iter()
+        .map(|d| {
+            (
+                d["index"].as_u64().unwrap(),
+                d["path"].as_str().unwrap(),
+                d["rule"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(found, vec![(1, "prompt", "required"), (3, "", "type")]);
+    assert!(
+        server
+            .producer
+            .queue()
+            .job_ids(0, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        server
+            .producer
+            .queue()
+            .batch_ids(0, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // JSON Lines errors also name the line.
+    let lines = format!("{}\n\n{{oops\n{}\n", job(0), job(1));
+    let response = server
+        .post("/v1/batches")
+        .header("content-type", "application/x-ndjson")
+        .body(lines.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let error: Value = response.json().await.unwrap();
+    let detail = &error["error"]["details"][0];
+    assert_eq!(
+        (
+            detail["index"].clone(),
+            detail["line"].clone(),
+            detail["rule"].clone()
+        ),
+        (json!(1), json!(3), json!("json"))
+    );
+    assert!(
+        server
+            .producer
+            .queue()
+            .job_ids(0, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // With partial, the valid ones go in and the rest are reported.
+    let response = server
+        .post("/v1/batches?partial=true")
+        .header("content-type", "application/x-ndjson")
+        .body(lines)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let accepted: Value = response.json().await.unwrap();
+    assert_eq!(accepted["total"], 2);
+    assert_eq!(accepted["rejected"][0]["line"], 3);
+    let (status, accepted) = server
+        .post_json("/v1/batches", &json!({"jobs": jobs, "partial": true}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(accepted["total"], 2);
+    assert_eq!(accepted["rejected"].as_array().unwrap().len(), 2);
+
+    for (body, rule) in [
+        (json!([]), "min_items"),
+        (json!({}), "required"),
+        (json!({"jobs": [job(0)], "extra": 1}), "unknown_field"),
+        (json!({"jobs": "x"}), "type"),
+        (json!(7), "type"),
+        (json!({"jobs": [job(0)], "budget_usd": -1}), "range"),
+    ] {
+        let (status, error) = server.post_json("/v1/batches", &body).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(rules(&error)[0].1, rule, "{body}: {error}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_fields_bad_bodies_and_large_bodies_are_refused() {
+    let server = Server::start("api-bodies").await;
+    let (status, error) = server
+        .post_json(
+            "/v1/dead-letters/redrive",
+            &json!({"ids": [], "everything": true}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        rules(&error),
+        vec![("everything".to_owned(), "unknown_field".to_owned())]
+    );
+    for (path, content_type) in [
+        ("/v1/jobs", "text/plain"),
+        ("/v1/batches", "text/csv"),
+        ("/v1/dead-letters/redrive", "text/plain"),
+    ] {
+        let response = server
+            .post(path)
+            .header("content-type", content_type)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{path}"
+        );
+        let response = server
+            .post(path)
+            .header("content-type", "application/json")
+            .body("{not json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_json");
+    }
+    let mut big = job(1);
+    big["prompt"] = json!("x".repeat(JOB_BODY_LIMIT + 1));
+    let response = server.post("/v1/jobs").json(&big).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "payload_too_large");
+    // The batch route has its own, larger limit.
+    let response = server
+        .post("/v1/batches")
+        .json(&json!([big]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        server
+            .producer
+            .queue()
+            .job_ids(0, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_and_redriven() {
+    let server = Server::start("api-dlq").await;
+    let poison = enqueue_poison(&server.producer).await;
+    let worker = TestWorker::spawn(server.producer.queue());
+    wait_state(&server.producer, &poison, JobState::Dead).await;
+    worker.stop().await;
+    let (status, page) = server.get_json("/v1/dead-letters?limit=10").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["total"], 1);
+    assert_eq!(page["items"][0]["id"], json!(poison));
+    assert_eq!(page["items"][0]["error"]["code"], "UNDECODABLE_PAYLOAD");
+    assert_eq!(page["next_offset"], Value::Null);
+    let (status, result) = server
+        .post_json(
+            "/v1/dead-letters/redrive",
+            &json!({"ids": [poison, "01a20b46-0000-7000-8000-000000000000"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(result["redriven"], 1);
+    assert_eq!(result["not_found"].as_array().unwrap().len(), 1);
+    let (_, page) = server.get_json("/v1/dead-letters").await;
+    assert_eq!(page["total"], 0);
+    let (status, result) = server
+        .post_json("/v1/dead-letters/redrive", &json!({"all": true}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(result["redriven"], 0);
+    for body in [
+        json!({}),
+        json!({"all": false}),
+        json!({"ids": []}),
+        json!({"ids": ["a"], "all": true}),
+        json!([1]),
+    ] {
+        let (status, _) = server.post_json("/v1/dead-letters/redrive", &body).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    }
+    server.stop().await;
+}
+
+/// Reads SSE frames until `count` events arrived; returns `(id, event, data)` of each.
+async fn read_events(response: reqwest::Response, count: usize) -> Vec<(String, String, Value)> {
+    let mut stream = response.bytes_stream();
+    let mut buffer = String::new();
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while events.len() < count {
+        let chunk = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("events arrive in time")
+            .expect("the stream stays open")
+            .unwrap();
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let frame: String = buffer.drain(..end + 2).collect();
+            let (mut id, mut event, mut data) = (String::new(), String::new(), String::new());
+            for line in frame.lines() {
+                if let Some(value) = line
+                    .strip_prefix("id: ")
+                    .or_else(|| line.strip_prefix("id:"))
+                {
+                    id = value.to_owned();
+                } else if let Some(value) = line
+                    .strip_prefix("event: ")
+                    .or_else(|| line.strip_prefix("event:"))
+                {
+                    event = value.to_owned();
+                } else if let Some(value) = line
+                    .strip_prefix("data: ")
+                    .or_else(|| line.strip_prefix("data:"))
+                {
+                    data.push_str(value);
+                }
+            }
+            if !id.is_empty() {
+                events.push((id, event, serde_json::from_str(&data).unwrap()));
+            }
+        }
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_stream_as_sse_and_resume_after_last_event_id() {
+    let server = Server::start("api-events").await;
+    // Completion events come from cancelling jobs.
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let (_, accepted) = server.post_json("/v1/jobs", &job(n)).await;
+        let id = accepted["id"].as_str().unwrap().to_owned();
+        server
+            .post_json(&format!("/v1/jobs/{id}/cancel"), &json!({}))
+            .await;
+        ids.push(id);
+    }
+    let response = server.get("/v1/events?from=0").send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let events = read_events(response, 3).await;
+    let seen: Vec<_> = events
+        .iter()
+        .map(|(_, _, data)| data["data"]["job_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(seen, ids);
+    assert!(
+        events
+            .iter()
+            .all(|(_, event, data)| event == "job.cancelled" && data["type"] == "job.cancelled")
+    );
+
+    // Resuming after the first event gives the second and third, then new ones.
+    let response = server
+        .get("/v1/events")
+        .header("last-event-id", &events[0].0)
+        .send()
+        .await
+        .unwrap();
+    let resumed = read_events(response, 2).await;
+    assert_eq!(resumed, events[1..].to_vec());
+
+    // Without a cursor, only events after the connection come.
+    let response = server.get("/v1/events").send().await.unwrap();
+    let (_, accepted) = server.post_json("/v1/jobs", &job(9)).await;
+    let late = accepted["id"].as_str().unwrap().to_owned();
+    server
+        .post_json(&format!("/v1/jobs/{late}/cancel"), &json!({}))
+        .await;
+    let fresh = read_events(response, 1).await;
+    assert_eq!(fresh[0].2["data"]["job_id"], json!(late));
+
+    for bad in ["nope", "1-x", "99999999999999999999-0"] {
+        let response = server
+            .get("/v1/events")
+            .header("last-event-id", bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+    }
+    let response = server.get("/v1/events?from=$").send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+
+    // A stream still open does not hold up shutdown.
+    let open = server.get("/v1/events?from=0").send().await.unwrap();
+    server.stop().await;
+    drop(open);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_tokens_the_server_only_listens_on_loopback() {
+    let producer = producer("api-open").await;
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let state = ApiState::new(producer.clone(), ApiConfig::default());
+    let error = klingq_producer::serve(listener, state, async {})
+        .await
+        .unwrap_err();
+    assert!(matches!(error, ServeError::NoTokens(_)), "{error}");
+    assert!(error.to_string().contains("KLINGQ_API_TOKENS"));
+
+    // On loopback it serves, without authentication.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let state = ApiState::new(producer, ApiConfig::default());
+    let join = tokio::spawn(klingq_producer::serve(listener, state, async move {
+        let _ = stopped.await;
+    }));
+    let response = reqwest::get(format!("{base}/v1/dead-letters"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let _ = stop.send(());
+    join.await.unwrap().unwrap();
+}
