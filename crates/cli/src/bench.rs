@@ -25,6 +25,32 @@ pub(crate) enum BenchCommand {
     /// In flight: N jobs generating at once in one worker against a slow simulator: peak RSS,
     /// CPU and Redis commands per second per job.
     Inflight(InflightBenchArgs),
+    /// Enqueue: N valid jobs as one batch through the library (`Producer::enqueue_batch`), then
+    /// N more through the HTTP API (`POST /v1/batches`, JSON Lines) served in this process.
+    Enqueue(EnqueueBenchArgs),
+    /// Pipeline: N jobs through the real worker (in this process) against the simulator (a
+    /// separate process) at zero latency with tiny videos, re-hosted into the configured S3 store.
+    Pipeline(PipelineBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct EnqueueBenchArgs {
+    /// Jobs per batch.
+    #[arg(long, default_value_t = 100_000)]
+    jobs: u64,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct PipelineBenchArgs {
+    /// Jobs to enqueue and process.
+    #[arg(long, default_value_t = 100_000)]
+    jobs: u64,
+    /// Jobs in flight in the worker.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// Size of each video in bytes.
+    #[arg(long, default_value_t = 1_000)]
+    video_bytes: u64,
 }
 
 #[derive(Debug, Args)]
@@ -65,6 +91,8 @@ pub(crate) async fn run(command: BenchCommand, settings: Settings) -> anyhow::Re
         BenchCommand::Queue(args) => queue_bench(args, settings).await,
         BenchCommand::Rehost(args) => rehost_bench(args, settings).await,
         BenchCommand::Inflight(args) => inflight_bench(args, settings).await,
+        BenchCommand::Enqueue(args) => enqueue_bench(args, settings).await,
+        BenchCommand::Pipeline(args) => pipeline_bench(args, settings).await,
     }
 }
 
@@ -575,6 +603,267 @@ async fn inflight_bench(args: InflightBenchArgs, settings: Settings) -> anyhow::
     let _ = stop.send(());
     run.await??;
     delete_namespace(&mut redis, queue.keys().prefix()).await?;
+    println!("{}", serde_json::to_string(&figures)?);
+    Ok(())
+}
+
+fn bench_spec(n: u64) -> klingq_core::JobSpec {
+    klingq_core::JobSpec::new(klingq_core::GenerationRequest::new(
+        "https://example.com/start.png",
+        format!("bench job {n}"),
+    ))
+}
+
+#[derive(Debug, Serialize)]
+struct EnqueueFigures {
+    jobs: u64,
+    library_seconds: f64,
+    library_jobs_per_s: f64,
+    http_seconds: f64,
+    http_jobs_per_s: f64,
+    http_body_mib: f64,
+    peak_rss_mib: f64,
+    redis_commands_per_job: f64,
+}
+
+async fn enqueue_bench(args: EnqueueBenchArgs, settings: Settings) -> anyhow::Result<()> {
+    let mut config = settings.queue.clone();
+    config.namespace = format!(
+        "bench-enqueue-{}-{}",
+        std::process::id(),
+        klingq_core::job::now_ms()
+    );
+    let cost = klingq_core::CostModel {
+        usd_per_second: settings.worker.usd_per_second,
+    };
+    let max_batch_jobs = (args.jobs as usize).max(1);
+    let producer = klingq_producer::Producer::connect(config.clone(), cost)
+        .await
+        .map_err(|error| anyhow::anyhow!("connecting to Redis: {error}"))?
+        .with_max_batch_jobs(max_batch_jobs);
+    let queue = producer.queue().clone();
+    let mut redis = queue.connection();
+    println!(
+        "bench enqueue: {} valid jobs per batch, namespace {}",
+        args.jobs, config.namespace
+    );
+
+    // Through the library: validation, cost estimate, idempotency and the enqueue scripts.
+    let specs: Vec<_> = (0..args.jobs).map(|n| Ok(bench_spec(n))).collect();
+    let before = redis_counters(&mut redis).await?;
+    let started = Instant::now();
+    let accepted = producer
+        .enqueue_batch(specs, klingq_producer::BatchOptions::default())
+        .await
+        .map_err(|error| anyhow::anyhow!("enqueue_batch: {error}"))?;
+    let library_seconds = started.elapsed().as_secs_f64();
+    let after = redis_counters(&mut redis).await?;
+    anyhow::ensure!(accepted.total == args.jobs, "accepted {}", accepted.total);
+    println!(
+        "library: {} jobs in {library_seconds:.2} s: {:.0} jobs/s",
+        args.jobs,
+        args.jobs as f64 / library_seconds
+    );
+
+    // Through the HTTP API: the same jobs as JSON Lines, parsed and validated by the server.
+    let mut api_config = settings.api.clone();
+    api_config.tokens.clear();
+    api_config.max_batch_jobs = max_batch_jobs;
+    let mut body = String::with_capacity(args.jobs as usize * 96);
+    for n in 0..args.jobs {
+        body.push_str(&serde_json::to_string(&serde_json::json!({
+            "start_image_url": "https://example.com/start.png",
+            "prompt": format!("bench job {n}"),
+        }))?);
+        body.push('\n');
+    }
+    api_config.max_batch_body_bytes = api_config.max_batch_body_bytes.max(body.len() + 1024);
+    let state = crate::serve::api_state(producer.clone(), api_config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/v1/batches", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let api = tokio::spawn(klingq_producer::serve(listener, state, async {
+        let _ = stopped.await;
+    }));
+    let body_mib = body.len() as f64 / (1024.0 * 1024.0);
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let response = http
+        .post(&url)
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await?;
+    let status = response.status();
+    let answer: serde_json::Value = response.json().await?;
+    let http_seconds = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        status.is_success() && answer["total"] == args.jobs,
+        "POST /v1/batches answered {status}: {answer}"
+    );
+    println!(
+        "HTTP API: {} jobs ({body_mib:.1} MiB of JSON Lines) in {http_seconds:.2} s: {:.0} jobs/s",
+        args.jobs,
+        args.jobs as f64 / http_seconds
+    );
+    let _ = stop.send(());
+    let _ = api.await;
+    let figures = EnqueueFigures {
+        jobs: args.jobs,
+        library_seconds,
+        library_jobs_per_s: args.jobs as f64 / library_seconds,
+        http_seconds,
+        http_jobs_per_s: args.jobs as f64 / http_seconds,
+        http_body_mib: body_mib,
+        peak_rss_mib: peak_rss_mib(),
+        redis_commands_per_job: (after.commands - before.commands) as f64
+            / args.jobs.max(1) as f64,
+    };
+    println!(
+        "redis: {:.1} commands per job; peak RSS {:.1} MiB",
+        figures.redis_commands_per_job, figures.peak_rss_mib
+    );
+    delete_namespace(&mut redis, queue.keys().prefix()).await?;
+    println!("{}", serde_json::to_string(&figures)?);
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+struct PipelineFigures {
+    jobs: u64,
+    concurrency: usize,
+    video_bytes: u64,
+    enqueue_seconds: f64,
+    process_seconds: f64,
+    process_jobs_per_s: f64,
+    succeeded: u64,
+    peak_rss_mib: f64,
+    cpu_percent: f64,
+    redis_commands_per_job: f64,
+}
+
+async fn pipeline_bench(args: PipelineBenchArgs, settings: Settings) -> anyhow::Result<()> {
+    // Zero latency: runs succeed as soon as they are created; tiny videos.
+    let per_second = (args.video_bytes / 5).max(1).to_string();
+    let sim = SimProcess::start(&[
+        "--median-latency-secs",
+        "0",
+        "--latency-sigma",
+        "0",
+        "--queue-max-secs",
+        "0",
+        "--dispatch-secs",
+        "0",
+        "--tail-probability",
+        "0",
+        "--video-bytes-per-second",
+        &per_second,
+        "--balance-usd",
+        "1000000000",
+    ])
+    .await?;
+    let mut worker_settings = settings.worker_settings();
+    worker_settings.queue.namespace = format!(
+        "bench-pipeline-{}-{}",
+        std::process::id(),
+        klingq_core::job::now_ms()
+    );
+    let mut provider = klingq_provider::ProviderConfig::for_tests(sim.base_url.clone(), "bench");
+    provider.deadline = Duration::from_secs(600);
+    worker_settings.provider = provider;
+    worker_settings.worker.concurrency = args.concurrency;
+    worker_settings.worker.provider_concurrency = args.concurrency as u64 * 4;
+    worker_settings.worker.health_bind = String::new();
+    worker_settings.worker.shutdown_grace_secs = 5;
+    println!(
+        "bench pipeline: {} jobs, concurrency {}, {} B videos, simulator {}, S3 {} bucket {}",
+        args.jobs,
+        args.concurrency,
+        args.video_bytes,
+        sim.base_url,
+        worker_settings
+            .storage
+            .endpoint
+            .as_deref()
+            .unwrap_or("(AWS default)"),
+        worker_settings.storage.bucket
+    );
+    let worker = klingq_worker::Worker::connect(worker_settings, Duration::from_secs(10))
+        .await
+        .context("starting the worker (set KLINGQ_S3_ENDPOINT, KLINGQ_S3_BUCKET and AWS_* for an S3-compatible store)")?;
+    let queue = worker.queue.clone();
+    let mut redis = queue.connection();
+    let before = redis_counters(&mut redis).await?;
+    let started = Instant::now();
+    let batch = klingq_core::JobId::new().to_string();
+    queue
+        .open_batch(&batch, &serde_json::json!({"bench": "pipeline"}), 0)
+        .await?;
+    let jobs: Vec<NewJob> = (0..args.jobs)
+        .map(|n| NewJob::new(&bench_spec(n)))
+        .collect::<Result<_, _>>()?;
+    queue.enqueue_many(&jobs, Some(&batch)).await?;
+    queue.seal_batch(&batch).await?;
+    drop(jobs);
+    let enqueue_seconds = started.elapsed().as_secs_f64();
+    println!("enqueued in {enqueue_seconds:.2} s");
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(worker.run(async {
+        let _ = stopped.await;
+    }));
+    let cpu_before = cpu_seconds();
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    let record = loop {
+        let record = queue.batch(&batch).await?.context("the batch vanished")?;
+        if record.done {
+            break record;
+        }
+        if last_report.elapsed() >= Duration::from_secs(5) {
+            println!(
+                "  {} / {} done ({:.0} jobs/s so far)",
+                record.terminal,
+                args.jobs,
+                record.terminal as f64 / started.elapsed().as_secs_f64()
+            );
+            last_report = Instant::now();
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(3600),
+            "the batch did not finish within an hour"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let process_seconds = started.elapsed().as_secs_f64();
+    let cpu_percent = (cpu_seconds() - cpu_before) / process_seconds * 100.0;
+    let after = redis_counters(&mut redis).await?;
+    let succeeded = record.counts.get("succeeded").copied().unwrap_or(0);
+    let _ = stop.send(());
+    run.await??;
+    let figures = PipelineFigures {
+        jobs: args.jobs,
+        concurrency: args.concurrency,
+        video_bytes: args.video_bytes,
+        enqueue_seconds,
+        process_seconds,
+        process_jobs_per_s: args.jobs as f64 / process_seconds,
+        succeeded,
+        peak_rss_mib: peak_rss_mib(),
+        cpu_percent,
+        redis_commands_per_job: (after.commands - before.commands) as f64
+            / args.jobs.max(1) as f64,
+    };
+    println!(
+        "processed {} jobs ({succeeded} succeeded) in {process_seconds:.2} s: {:.0} jobs/s; worker CPU {cpu_percent:.0} %, peak RSS {:.1} MiB, {:.1} Redis commands per job",
+        args.jobs, figures.process_jobs_per_s, figures.peak_rss_mib, figures.redis_commands_per_job
+    );
+    delete_namespace(&mut redis, queue.keys().prefix()).await?;
+    anyhow::ensure!(
+        succeeded == args.jobs,
+        "only {succeeded} of {} jobs succeeded",
+        args.jobs
+    );
     println!("{}", serde_json::to_string(&figures)?);
     Ok(())
 }

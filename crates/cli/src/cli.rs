@@ -88,6 +88,8 @@ pub(crate) enum ConfigCommand {
     Default,
     /// Print the effective settings (defaults, file, environment), secrets redacted.
     Show,
+    /// Print the configuration reference (Markdown) the README carries.
+    Reference,
 }
 
 /// An error caused by the user's input: exit code 2.
@@ -110,6 +112,11 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             bench::run(command, settings).await?;
         }
         Command::Config(ConfigCommand::Default) => print!("{}", settings::render_default_toml()),
+        Command::Config(ConfigCommand::Reference) => {
+            println!("{}", settings::REFERENCE_START);
+            print!("{}", settings::render_reference_markdown());
+            println!("{}", settings::REFERENCE_END);
+        }
         Command::Config(ConfigCommand::Show) => {
             print!("{}", settings::effective_toml(cli.config.as_deref())?);
         }
