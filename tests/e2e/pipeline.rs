@@ -445,3 +445,147 @@ async fn sigterm_exits_zero_and_the_rest_finish_on_restart() {
     restarted.kill().await.unwrap();
     assert_all_succeeded_once(&env, &records).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_hold_jobs_over_them_as_scheduled() {
+    let (env, _) = env("budget", SimConfig::fast(), false).await;
+    // A batch budget of $1.40 pays for two 5-second jobs at $0.14/s; the other two must wait.
+    let batch = klingq_core::JobId::new().to_string();
+    env.queue
+        .open_batch(&batch, &serde_json::json!({}), 1_400_000)
+        .await
+        .unwrap();
+    let jobs: Vec<NewJob> = (0..4).map(|n| job(&format!("budgeted {n}"))).collect();
+    let ids: Vec<String> = env
+        .queue
+        .enqueue_many(&jobs, Some(&batch))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    env.queue.seal_batch(&batch).await.unwrap();
+    let worker = InProcessWorker::start(&env).await;
+    let records = wait_for(
+        "two jobs done and two held by the budget",
+        Duration::from_secs(60),
+        || async {
+            let records = env.queue.jobs(&ids).await.ok()?;
+            let succeeded = records
+                .iter()
+                .filter(|r| r.state == JobState::Succeeded)
+                .count();
+            let held = records
+                .iter()
+                .filter(|r| {
+                    r.state == JobState::Scheduled
+                        && r.reason
+                            .as_deref()
+                            .is_some_and(|reason| reason.contains("batch budget"))
+                })
+                .count();
+            (succeeded == 2 && held == 2).then_some(records)
+        },
+    )
+    .await
+    .unwrap();
+    worker.stop().await;
+    assert_eq!(
+        env.sim.charges().len(),
+        2,
+        "jobs over the budget were never submitted"
+    );
+    assert!(
+        records.iter().all(|r| r.error.is_none()),
+        "waiting is not failing"
+    );
+}
+
+/// Parses Prometheus text into (name with labels, value), failing on a malformed sample line.
+fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(|line| {
+            let (name, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad sample line {line:?}"));
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+            (name.to_owned(), value)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_metrics_parse_and_carry_every_named_metric() {
+    let (env, _) = env("metrics", SimConfig::fast(), false).await;
+    let port = klingq_testkit::redis::free_port();
+    let mut settings = env.services.worker_settings();
+    settings.worker.health_bind = format!("127.0.0.1:{port}");
+    let worker = klingq_worker::Worker::connect(settings, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let join = tokio::spawn(worker.run(async {
+        let _ = stopped.await;
+    }));
+    let ids = enqueue(
+        &env,
+        &(0..3).map(|n| format!("measured {n}")).collect::<Vec<_>>(),
+    )
+    .await;
+    wait_terminal(&env.queue, &ids, Duration::from_secs(60)).await;
+    let http = reqwest::Client::new();
+    let ready = http
+        .get(format!("http://127.0.0.1:{port}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let text = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let _ = stop.send(());
+    join.await.unwrap().unwrap();
+    let samples = parse_prometheus(&text);
+    for name in [
+        "klingq_queue_jobs{queue=\"videos\",state=\"waiting\"}",
+        "klingq_queue_oldest_waiting_seconds{queue=\"videos\"}",
+        "klingq_jobs_finished_total{outcome=\"succeeded\"}",
+        "klingq_step_duration_seconds_count{step=\"generate\"}",
+        "klingq_spend_usd_total{kind=\"charged\"}",
+        "klingq_spend_usd_total{kind=\"estimated\"}",
+        "klingq_webhook_deliveries_total{outcome=\"succeeded\"}",
+        "klingq_provider_limit_cap",
+        "klingq_bytes_rehosted_total",
+    ] {
+        assert!(
+            samples.iter().any(|(sample, _)| sample == name),
+            "{name} missing from:\n{text}"
+        );
+    }
+    let value = |name: &str| {
+        samples
+            .iter()
+            .find(|(s, _)| s == name)
+            .map(|(_, v)| *v)
+            .unwrap()
+    };
+    assert_eq!(
+        value("klingq_jobs_finished_total{outcome=\"succeeded\"}"),
+        3.0
+    );
+    assert!((value("klingq_spend_usd_total{kind=\"charged\"}") - 2.1).abs() < 1e-9);
+    assert!(
+        samples.iter().any(|(s, v)| s
+            .starts_with("klingq_provider_requests_total{operation=\"create\"")
+            && *v >= 3.0),
+        "provider requests missing:\n{text}"
+    );
+}

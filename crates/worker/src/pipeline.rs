@@ -21,6 +21,7 @@ use klingq_core::{Checkpoint, CostModel, JobError, JobId, JobSpec, JobState, Sto
 use klingq_provider::{ErrorClass, Mode, ProviderError, Run, RunFailureKind, VideoProvider};
 use klingq_queue::{BudgetDecision, Completion, EventExtras, JobFailure, Lease};
 use klingq_storage::{RehostError, VideoStore};
+use tracing::Instrument;
 
 use crate::config::WorkerConfig;
 use crate::metrics::PipelineMetrics;
@@ -46,7 +47,14 @@ pub async fn handle_job(
     lease: Lease,
     pipeline: Data<Arc<Pipeline>>,
 ) -> Result<Completion, JobFailure> {
-    let result = pipeline.run(&spec, &lease).await;
+    // One span per attempt: every log line of the job carries its id, attempt and batch.
+    let span = tracing::info_span!(
+        "job",
+        job_id = %lease.job_id(),
+        attempt = lease.attempt(),
+        batch_id = lease.batch_id().unwrap_or("-"),
+    );
+    let result = pipeline.run(&spec, &lease).instrument(span).await;
     pipeline.metrics.finished(&result);
     result
 }
