@@ -30,7 +30,8 @@ pub const DEFAULT_NEGATIVE_PROMPT: &str = "blur, distort, and low quality";
 /// The provider's default classifier-free guidance scale.
 pub const DEFAULT_CFG_SCALE: f64 = 0.5;
 
-const FIELDS: &[&str] = &[
+/// Every field of the request, in the schema's order.
+pub const FIELDS: &[&str] = &[
     "prompt",
     "multi_prompt",
     "voice_ids",

@@ -368,13 +368,7 @@ impl Queue {
         for id in job_ids {
             pipe.cmd("HGETALL").arg(self.inner.keys.job(id));
         }
-        let hashes: Vec<HashMap<String, String>> = self
-            .retrying(Duration::from_secs(5), || {
-                let mut conn = self.inner.conn.clone();
-                let pipe = &pipe;
-                async move { Ok(pipe.query_async(&mut conn).await?) }
-            })
-            .await?;
+        let hashes: Vec<HashMap<String, String>> = self.query_pipe(&pipe).await?;
         Ok(job_ids
             .iter()
             .zip(hashes)
@@ -444,6 +438,18 @@ impl Queue {
                 .arg(offset)
                 .arg(offset + limit - 1),
         )
+        .await
+    }
+
+    /// Runs a pipeline of plain commands, retrying transient errors for a few seconds.
+    pub(crate) async fn query_pipe<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, QueueError> {
+        self.retrying(Duration::from_secs(5), || {
+            let mut conn = self.inner.conn.clone();
+            async move { Ok(pipe.query_async(&mut conn).await?) }
+        })
         .await
     }
 
@@ -612,14 +618,7 @@ impl Queue {
             let mut pipe = redis::pipe();
             pipe.cmd("XLEN").arg(&stream);
             pipe.cmd("XINFO").arg("GROUPS").arg(&stream);
-            let (len, groups): (u64, Value) = match self
-                .retrying(Duration::from_secs(5), || {
-                    let mut conn = self.inner.conn.clone();
-                    let pipe = &pipe;
-                    async move { Ok(pipe.query_async(&mut conn).await?) }
-                })
-                .await
-            {
+            let (len, groups): (u64, Value) = match self.query_pipe(&pipe).await {
                 Ok(reply) => reply,
                 // No stream yet: nothing was ever enqueued at this priority.
                 Err(QueueError::Redis(error)) if error.code() == Some("ERR") => continue,
@@ -655,13 +654,7 @@ impl Queue {
         let mut pipe = redis::pipe();
         pipe.cmd("ZCARD").arg(keys.delayed(queue));
         pipe.cmd("ZCARD").arg(keys.dead(queue));
-        let (scheduled, dead): (u64, u64) = self
-            .retrying(Duration::from_secs(5), || {
-                let mut conn = self.inner.conn.clone();
-                let pipe = &pipe;
-                async move { Ok(pipe.query_async(&mut conn).await?) }
-            })
-            .await?;
+        let (scheduled, dead): (u64, u64) = self.query_pipe(&pipe).await?;
         stats.scheduled = scheduled;
         stats.dead = dead;
         Ok(stats)
