@@ -85,3 +85,23 @@ impl E2eServices {
         }
     }
 }
+
+/// Starts a helper process and waits until it prints `ready` (its first line); its further
+/// output is drained so it never blocks. Killed when dropped.
+pub async fn spawn_ready(mut command: tokio::process::Command) -> tokio::process::Child {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting a helper process");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut lines = BufReader::new(stdout).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("the helper process did not start in time")
+        .expect("reading the helper's output");
+    assert_eq!(first.as_deref(), Some("ready"));
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    child
+}

@@ -4,7 +4,6 @@
 //! bytes match what the simulator served, and it published exactly one event.
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::time::Duration;
 
 use klingq_core::{GenerationRequest, JobSpec, JobState};
@@ -16,7 +15,6 @@ use klingq_testkit::redis::{redis_url, require_shared_redis, unique_namespace};
 use klingq_testkit::seaweed::ensure_seaweedfs;
 use klingq_testkit::wait_for;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
@@ -112,21 +110,9 @@ impl InProcessWorker {
 }
 
 async fn start_process(env: &Env) -> Child {
-    let mut child = Command::new(WORKER)
-        .envs(env.services.to_env())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("starting klingq-e2e-worker");
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("worker did not start in time")
-        .unwrap();
-    assert_eq!(first.as_deref(), Some("ready"));
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    child
+    let mut command = Command::new(WORKER);
+    command.envs(env.services.to_env());
+    klingq_e2e::spawn_ready(command).await
 }
 
 async fn wait_terminal(queue: &Queue, ids: &[String], timeout: Duration) -> Vec<JobRecord> {

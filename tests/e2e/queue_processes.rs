@@ -2,39 +2,26 @@
 //! recovery of a SIGKILLed worker's jobs by another within the lease timeout.
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use klingq_core::JobState;
 use klingq_queue::{NewJob, Queue, QueueConfig};
 use klingq_testkit::redis::{redis_url, require_shared_redis, unique_namespace};
 use klingq_testkit::wait_for;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_klingq-test-worker");
 
 async fn start_worker(namespace: &str, concurrency: usize, lease_secs: u64) -> Child {
-    let mut child = Command::new(WORKER)
-        .args([
-            redis_url(),
-            namespace.to_owned(),
-            concurrency.to_string(),
-            "0".to_owned(),
-            lease_secs.to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("starting klingq-test-worker");
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("worker did not start in time")
-        .unwrap();
-    assert_eq!(first.as_deref(), Some("ready"));
-    child
+    let mut command = Command::new(WORKER);
+    command.args([
+        redis_url(),
+        namespace.to_owned(),
+        concurrency.to_string(),
+        "0".to_owned(),
+        lease_secs.to_string(),
+    ]);
+    klingq_e2e::spawn_ready(command).await
 }
 
 async fn queue(namespace: &str) -> Queue {
