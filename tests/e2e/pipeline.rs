@@ -159,6 +159,10 @@ async fn assert_all_succeeded_once(env: &Env, records: &[JobRecord]) {
         );
         let checkpoint = record.checkpoint.as_ref().unwrap();
         let run_id = checkpoint["provider"]["run_id"].as_str().unwrap();
+        assert!(
+            checkpoint["step_ms"]["generate"].is_u64(),
+            "step timings are recorded: {checkpoint}"
+        );
         let video = &checkpoint["video"];
         let served = runs[run_id].video_sha256.clone().unwrap();
         assert_eq!(video["sha256"].as_str().unwrap(), served);

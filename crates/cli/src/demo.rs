@@ -205,7 +205,7 @@ pub(crate) async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Resul
     let producer = Producer::new(queue.clone(), cost);
     let mut api_config = settings.api.clone();
     api_config.tokens.clear();
-    let state = crate::serve::api_state(producer.clone(), api_config);
+    let state = crate::serve::api_state_for(producer.clone(), api_config, &settings.worker);
     let api_task = tokio::spawn(klingq_producer::serve(listener, state, stopped()));
     println!("dashboard and API: {api_url}/  (metrics: {api_url}/metrics)");
 

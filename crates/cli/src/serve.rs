@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::Args;
 use klingq_core::CostModel;
-use klingq_producer::{ApiState, Producer};
+use klingq_producer::{ApiState, Producer, StatsLimits};
 
 use crate::cli::shutdown_signal;
 use crate::settings::Settings;
@@ -27,17 +27,34 @@ pub(crate) async fn run(args: ServeArgs, settings: Settings) -> anyhow::Result<(
     let listener = tokio::net::TcpListener::bind(&config.bind)
         .await
         .with_context(|| format!("listening on {}", config.bind))?;
-    let state = api_state(producer, config);
+    let state = api_state_for(producer, config, &settings.worker);
     klingq_producer::serve(listener, state, shutdown_signal()).await?;
     Ok(())
 }
 
-/// The API's state with everything `klingq serve` adds to the producer's routes: `/metrics`.
+/// The API's state with everything `klingq serve` adds to the producer's routes: `/metrics`,
+/// and the worker's default limits for `GET /v1/stats`.
 pub(crate) fn api_state(producer: Producer, config: klingq_producer::ApiConfig) -> ApiState {
+    api_state_for(producer, config, &klingq_worker::WorkerConfig::default())
+}
+
+/// [`api_state`], reporting `worker`'s provider limit and daily budget in `GET /v1/stats`.
+pub(crate) fn api_state_for(
+    producer: Producer,
+    config: klingq_producer::ApiConfig,
+    worker: &klingq_worker::WorkerConfig,
+) -> ApiState {
     let metrics = axum::Router::new()
         .route("/metrics", axum::routing::get(metrics))
         .with_state(producer.queue().clone());
-    ApiState::new(producer, config).with_public_routes(metrics)
+    let limits = StatsLimits {
+        provider_limit: klingq_worker::pipeline::PROVIDER_LIMIT.to_owned(),
+        provider_max: worker.provider_concurrency,
+        daily_budget_usd: worker.daily_budget_usd,
+    };
+    ApiState::new(producer, config)
+        .with_stats_limits(limits)
+        .with_public_routes(metrics)
 }
 
 /// Queue depth, jobs finished, spend and webhook deliveries, read from Redis.

@@ -39,19 +39,7 @@ pub const JOB_FIELDS: &[&str] = &[
 ];
 
 /// The request's fields, as CSV columns.
-pub const REQUEST_FIELDS: &[&str] = &[
-    "prompt",
-    "multi_prompt",
-    "voice_ids",
-    "elements",
-    "generate_audio",
-    "duration",
-    "shot_type",
-    "start_image_url",
-    "end_image_url",
-    "negative_prompt",
-    "cfg_scale",
-];
+pub const REQUEST_FIELDS: &[&str] = klingq_core::request::FIELDS;
 
 /// Parses one job (nested or flat), reporting every violation with its path and rule.
 pub fn parse_job(value: &Value) -> Result<JobSpec, ValidationErrors> {

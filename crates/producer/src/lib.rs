@@ -4,21 +4,26 @@
 //! video queue (the payload is a [`klingq_core::JobSpec`] as JSON), reads jobs and batches as
 //! [`view`] types, cancels, lists and re-drives dead letters and reads completion events.
 //! [`input`] parses untrusted JSON, JSON Lines and CSV into jobs, naming each error's line and
-//! field. [`api`] is the HTTP API over the same calls, with its OpenAPI document.
+//! field. [`api`] is the HTTP API over the same calls, with its OpenAPI document; [`ops`] holds
+//! what operators see (statistics, job search, endpoint health), and the dashboard is served
+//! at `/`.
 //!
 //! The view types are the one description of what users see: the CLI's `--json` output and
 //! the API's responses are the same JSON.
 
 pub mod api;
 mod config;
+mod dashboard;
 mod error;
 pub mod input;
+pub mod ops;
 mod producer;
 pub mod view;
 
 pub use api::{ApiDoc, ApiState, ServeError, router, serve};
 pub use config::ApiConfig;
 pub use error::{BatchErrors, EntryErrors, ProducerError};
+pub use ops::StatsLimits;
 pub use producer::{
     BatchOptions, MAX_BATCH_IDEMPOTENCY_KEY_BYTES, Producer, RedriveTarget, batch_error_details,
     canonical_id, check_batch_options, is_event_cursor,

@@ -117,7 +117,9 @@ pub struct StatsView {
 pub(crate) const OUTCOMES: [&str; 4] = ["succeeded", "failed", "cancelled", "dead"];
 
 /// `finished:<outcome>` counters, every outcome listed.
-pub(crate) fn finished_counts(counters: &std::collections::HashMap<String, u64>) -> BTreeMap<String, u64> {
+pub(crate) fn finished_counts(
+    counters: &std::collections::HashMap<String, u64>,
+) -> BTreeMap<String, u64> {
     OUTCOMES
         .iter()
         .map(|outcome| {

@@ -141,14 +141,23 @@ impl Attempt<'_> {
         }
         if !self.checkpoint.provider.finished {
             if self.checkpoint.provider.run_id.is_none() {
-                self.timed("submit", |a| Box::pin(a.submit())).await?;
+                let started = Instant::now();
+                let result = self.submit().await;
+                self.record_step("submit", started);
+                result?;
             }
             if !self.checkpoint.provider.finished {
-                self.timed("generate", |a| Box::pin(a.generate())).await?;
+                let started = Instant::now();
+                let result = self.generate().await;
+                self.record_step("generate", started);
+                result?;
             }
         }
         if self.checkpoint.video.is_none() {
-            self.timed("download", |a| Box::pin(a.rehost())).await?;
+            let started = Instant::now();
+            let result = self.rehost().await;
+            self.record_step("download", started);
+            result?;
         }
         self.save(JobState::Publishing, "").await?;
         let provider = &self.checkpoint.provider;
@@ -167,16 +176,11 @@ impl Attempt<'_> {
         })
     }
 
-    /// Runs a step, adding its time to the checkpoint and the step histogram.
-    async fn timed<'s, F>(&'s mut self, step: &str, f: F) -> Result<(), JobFailure>
-    where
-        F: FnOnce(&'s mut Self) -> futures::future::BoxFuture<'s, Result<(), JobFailure>>,
-    {
-        let started = Instant::now();
-        let metrics = self.pipeline.metrics.clone();
-        let result = f(self).await;
-        metrics.step_duration(step, started.elapsed());
-        result
+    /// Adds a step's time to the checkpoint (saved with the next state) and the histogram.
+    fn record_step(&mut self, step: &str, started: Instant) {
+        let elapsed = started.elapsed();
+        *self.checkpoint.step_ms.entry(step.to_owned()).or_default() += elapsed.as_millis() as u64;
+        self.pipeline.metrics.step_duration(step, elapsed);
     }
 
     async fn save(&mut self, state: JobState, reason: &str) -> Result<(), JobFailure> {

@@ -35,7 +35,7 @@ const MAX_REDRIVE_IDS: usize = 1000;
 /// Most items one page may have.
 const MAX_PAGE: u64 = 1000;
 /// Largest page offset accepted.
-const MAX_OFFSET: u64 = 1_000_000_000;
+pub(crate) const MAX_OFFSET: u64 = 1_000_000_000;
 /// Longest one blocking read of the events stream waits before checking the time again.
 const EVENTS_POLL: Duration = Duration::from_secs(5);
 
@@ -94,7 +94,7 @@ fn json_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad_json(&e))
 }
 
-fn query<T: serde::de::DeserializeOwned>(uri: &Uri) -> Result<T, ApiError> {
+pub(crate) fn query<T: serde::de::DeserializeOwned>(uri: &Uri) -> Result<T, ApiError> {
     Query::<T>::try_from_uri(uri)
         .map(|Query(query)| query)
         .map_err(|rejection| {
@@ -106,7 +106,10 @@ fn query<T: serde::de::DeserializeOwned>(uri: &Uri) -> Result<T, ApiError> {
         })
 }
 
-fn path_id(path: Result<Path<String>, PathRejection>, what: &str) -> Result<String, ApiError> {
+pub(crate) fn path_id(
+    path: Result<Path<String>, PathRejection>,
+    what: &str,
+) -> Result<String, ApiError> {
     let raw = path.map(|Path(id)| id).unwrap_or_default();
     canonical_id(&raw).ok_or_else(|| ApiError::not_found(format!("no {what} with id {raw}")))
 }

@@ -4,13 +4,15 @@
 //!
 //! Every route but `/healthz`, `/readyz` and `/openapi.json` needs `Authorization: Bearer
 //! <token>` when tokens are configured; without tokens, [`serve`] only listens on loopback.
-//! More routes (a dashboard, metrics, webhook deliveries) join through
-//! [`ApiState::with_public_routes`] and [`ApiState::with_protected_routes`].
+//! The dashboard (`/` and `/dashboard/*`) is public: it is static, and its data calls carry the
+//! token. More routes (e.g. metrics) join through [`ApiState::with_public_routes`] and
+//! [`ApiState::with_protected_routes`].
 
 mod auth;
 mod error;
 mod handlers;
 mod openapi;
+mod ops;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 pub use openapi::ApiDoc;
 
 use crate::config::ApiConfig;
+use crate::ops::StatsLimits;
 use crate::producer::Producer;
 
 /// What the handlers share.
@@ -34,6 +37,8 @@ pub(crate) struct Shared {
     pub(crate) token_digests: Vec<[u8; 32]>,
     /// Cancelled when the server shuts down, so event streams end.
     pub(crate) shutdown: CancellationToken,
+    /// The worker's limits, reported by `GET /v1/stats`.
+    pub(crate) limits: StatsLimits,
 }
 
 pub(crate) type AppState = Arc<Shared>;
@@ -70,10 +75,25 @@ impl ApiState {
                 config,
                 token_digests,
                 shutdown: CancellationToken::new(),
+                limits: StatsLimits::default(),
             }),
             public_routes: Router::new(),
             protected_routes: Router::new(),
         }
+    }
+
+    /// Sets the worker limits `GET /v1/stats` reports (the provider limit's maximum, the daily
+    /// budget); without it, the worker's defaults.
+    pub fn with_stats_limits(mut self, limits: StatsLimits) -> Self {
+        let shared = &self.shared;
+        self.shared = Arc::new(Shared {
+            producer: shared.producer.clone(),
+            config: shared.config.clone(),
+            token_digests: shared.token_digests.clone(),
+            shutdown: shared.shutdown.clone(),
+            limits,
+        });
+        self
     }
 
     /// Adds routes that need no token (e.g. a metrics endpoint).
@@ -105,11 +125,27 @@ pub fn router(state: ApiState) -> Router {
     let protected = Router::new()
         .route(
             "/v1/jobs",
-            post(handlers::create_job).layer(DefaultBodyLimit::max(config.max_job_body_bytes)),
+            post(handlers::create_job)
+                .layer(DefaultBodyLimit::max(config.max_job_body_bytes))
+                .get(ops::list_jobs),
         )
         .route(
             "/v1/batches",
-            post(handlers::create_batch).layer(DefaultBodyLimit::max(config.max_batch_body_bytes)),
+            post(handlers::create_batch)
+                .layer(DefaultBodyLimit::max(config.max_batch_body_bytes))
+                .get(ops::list_batches),
+        )
+        .route("/v1/stats", get(ops::stats))
+        .route("/v1/webhooks/deliveries", get(ops::list_deliveries))
+        .route("/v1/webhooks/deliveries/{id}", get(ops::get_delivery))
+        .route(
+            "/v1/webhooks/deliveries/{id}/replay",
+            post(ops::replay_delivery),
+        )
+        .route("/v1/webhooks/endpoints", get(ops::list_endpoints))
+        .route(
+            "/v1/webhooks/endpoints/{id}/enable",
+            post(ops::enable_endpoint),
         )
         .route("/v1/jobs/{id}", get(handlers::get_job))
         .route("/v1/jobs/{id}/cancel", post(handlers::cancel_job))
@@ -133,6 +169,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/readyz", get(handlers::readyz))
         .route("/openapi.json", get(handlers::openapi_json))
         .with_state(app)
+        .merge(crate::dashboard::routes())
         .merge(state.public_routes);
     public
         .merge(protected)

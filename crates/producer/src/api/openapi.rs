@@ -17,11 +17,19 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::{ComponentsBuilder, RefOr};
 use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 
-use crate::api::handlers;
+use crate::api::{handlers, ops};
+use crate::ops::{
+    BatchListPage, EndpointEnabled, EndpointHealth, EndpointList, JobListItem, JobListPage,
+    ProviderLimitView, QueueDepth, SpendView, StatsView,
+};
 use crate::view::{
     BatchAccepted, BatchCancelResult, BatchView, CancelResult, ErrorBody, ErrorDetail, ErrorInfo,
     ErrorView, EventView, Health, JobAccepted, JobPage, JobView, NotDead, ProviderView,
     RedriveRequest, RedriveResult, VideoView,
+};
+use klingq_events::{
+    AttemptOutcome, AttemptRecord, DeliveryDetail, DeliveryPage, DeliveryStatus, DeliverySummary,
+    EndpointSource, ReplayMode, ReplayOutcome,
 };
 
 /// The API's OpenAPI document.
@@ -46,6 +54,14 @@ use crate::view::{
         handlers::dead_letters,
         handlers::redrive,
         handlers::events,
+        ops::stats,
+        ops::list_jobs,
+        ops::list_batches,
+        ops::list_deliveries,
+        ops::get_delivery,
+        ops::replay_delivery,
+        ops::list_endpoints,
+        ops::enable_endpoint,
         handlers::healthz,
         handlers::readyz,
         handlers::openapi_json,
@@ -78,6 +94,25 @@ use crate::view::{
         ErrorInfo,
         ErrorDetail,
         Health,
+        StatsView,
+        QueueDepth,
+        SpendView,
+        ProviderLimitView,
+        JobListItem,
+        JobListPage,
+        BatchListPage,
+        EndpointHealth,
+        EndpointList,
+        EndpointEnabled,
+        DeliveryPage,
+        DeliverySummary,
+        DeliveryDetail,
+        DeliveryStatus,
+        EndpointSource,
+        AttemptRecord,
+        AttemptOutcome,
+        ReplayOutcome,
+        ReplayMode,
     )),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
@@ -86,6 +121,8 @@ use crate::view::{
         (name = "batches", description = "Submit, follow and cancel batches of jobs."),
         (name = "dead letters", description = "Jobs the queue gave up on, and re-driving them."),
         (name = "events", description = "Completion events as Server-Sent Events."),
+        (name = "operations", description = "Queue depth, outcomes, spend and limits."),
+        (name = "webhooks", description = "Webhook deliveries, replays and endpoint health."),
         (name = "health", description = "Liveness, readiness and this document; no authentication."),
     )
 )]

@@ -12,19 +12,19 @@ use tokio::sync::oneshot;
 
 use crate::{TestWorker, enqueue_poison, generating_spec, producer, wait_state};
 
-const TOKEN: &str = "test-token-1";
+pub(crate) const TOKEN: &str = "test-token-1";
 const JOB_BODY_LIMIT: usize = 64 * 1024;
 
-struct Server {
-    base: String,
-    client: reqwest::Client,
-    producer: Producer,
+pub(crate) struct Server {
+    pub(crate) base: String,
+    pub(crate) client: reqwest::Client,
+    pub(crate) producer: Producer,
     stop: Option<oneshot::Sender<()>>,
     join: tokio::task::JoinHandle<Result<(), ServeError>>,
 }
 
 impl Server {
-    async fn start(prefix: &str) -> Self {
+    pub(crate) async fn start(prefix: &str) -> Self {
         let producer = producer(prefix).await;
         let config = ApiConfig {
             tokens: vec!["other-token".into(), TOKEN.into()],
@@ -47,31 +47,31 @@ impl Server {
         }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
-    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+    pub(crate) fn get(&self, path: &str) -> reqwest::RequestBuilder {
         self.client.get(self.url(path)).bearer_auth(TOKEN)
     }
 
-    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+    pub(crate) fn post(&self, path: &str) -> reqwest::RequestBuilder {
         self.client.post(self.url(path)).bearer_auth(TOKEN)
     }
 
-    async fn post_json(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+    pub(crate) async fn post_json(&self, path: &str, body: &Value) -> (StatusCode, Value) {
         let response = self.post(path).json(body).send().await.unwrap();
         let status = response.status();
         (status, response.json().await.unwrap())
     }
 
-    async fn get_json(&self, path: &str) -> (StatusCode, Value) {
+    pub(crate) async fn get_json(&self, path: &str) -> (StatusCode, Value) {
         let response = self.get(path).send().await.unwrap();
         let status = response.status();
         (status, response.json().await.unwrap())
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -106,7 +106,14 @@ fn rules(body: &Value) -> Vec<(String, String)> {
 async fn health_is_open_and_every_other_route_needs_a_token() {
     let server = Server::start("api-auth").await;
     let client = &server.client;
-    for path in ["/healthz", "/readyz", "/openapi.json"] {
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/openapi.json",
+        "/",
+        "/dashboard/app.js",
+        "/dashboard/style.css",
+    ] {
         let response = client.get(server.url(path)).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::OK, "{path}");
     }
@@ -136,6 +143,17 @@ async fn health_is_open_and_every_other_route_needs_a_token() {
         ("GET", "/v1/dead-letters".to_owned()),
         ("POST", "/v1/dead-letters/redrive".to_owned()),
         ("GET", "/v1/events".to_owned()),
+        ("GET", "/v1/jobs".to_owned()),
+        ("GET", "/v1/batches".to_owned()),
+        ("GET", "/v1/stats".to_owned()),
+        ("GET", "/v1/webhooks/deliveries".to_owned()),
+        ("GET", format!("/v1/webhooks/deliveries/{id}")),
+        ("POST", format!("/v1/webhooks/deliveries/{id}/replay")),
+        ("GET", "/v1/webhooks/endpoints".to_owned()),
+        (
+            "POST",
+            "/v1/webhooks/endpoints/ep_0123456789abcdef/enable".to_owned(),
+        ),
     ];
     for (method, path) in &routes {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
@@ -180,7 +198,7 @@ async fn health_is_open_and_every_other_route_needs_a_token() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
-    assert_eq!(response.headers()["allow"], "POST");
+    assert_eq!(response.headers()["allow"], "POST,GET,HEAD");
     server.stop().await;
 }
 

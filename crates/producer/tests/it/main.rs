@@ -1,8 +1,9 @@
 //! The producer against a real Redis: the library (`library`) and the HTTP API over real HTTP
-//! (`api`). Each test uses its own namespace of the shared Redis.
+//! (`api`), and the operator routes and dashboard (`ops`). Each test uses its own namespace of the shared Redis.
 
 mod api;
 mod library;
+mod ops;
 
 use std::time::Duration;
 

@@ -1,0 +1,52 @@
+//! The dashboard: three static files embedded in the binary, served without a token at `/`,
+//! `/dashboard/app.js` and `/dashboard/style.css`. The page asks for a token only when the API
+//! answers 401, keeps it in the browser's localStorage and sends it on every data call.
+
+use axum::Router;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http::header;
+
+const INDEX_HTML: &str = include_str!("index.html");
+const APP_JS: &str = include_str!("app.js");
+const STYLE_CSS: &str = include_str!("style.css");
+
+/// What every dashboard response carries: its type, no caching across releases, and a policy
+/// that allows only this origin's scripts, styles and data.
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; \
+                 connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+            ),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn index() -> Response {
+    asset("text/html; charset=utf-8", INDEX_HTML)
+}
+
+async fn app_js() -> Response {
+    asset("text/javascript; charset=utf-8", APP_JS)
+}
+
+async fn style_css() -> Response {
+    asset("text/css; charset=utf-8", STYLE_CSS)
+}
+
+/// The dashboard's routes, all public.
+pub(crate) fn routes() -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/dashboard/app.js", get(app_js))
+        .route("/dashboard/style.css", get(style_css))
+}
