@@ -444,7 +444,7 @@ async fn unreachable_source_is_transient_and_its_url_is_redacted() {
 #[tokio::test]
 async fn stalled_source_hits_the_idle_timeout_and_aborts_the_upload() {
     let harness =
-        Harness::new(|config| config.download_idle_timeout = Duration::from_millis(500)).await;
+        Harness::new(|config| config.download_idle_timeout = Duration::from_secs(1)).await;
     let job_id = new_job_id();
     let (size, sent) = (12 * MIB, 6 * MIB);
     let error = harness
@@ -456,7 +456,20 @@ async fn stalled_source_hits_the_idle_timeout_and_aborts_the_upload() {
         )
         .await
         .unwrap_err();
-    assert!(matches!(error, RehostError::SourceBody { .. }), "{error:?}");
+    // The source stalls after 6 MiB; on a loaded machine the idle timeout may even fire before
+    // the headers arrive. Either way it is a timeout of the source, transient, storing nothing.
+    assert!(
+        matches!(
+            error,
+            RehostError::SourceBody { .. } | RehostError::SourceRequest { .. }
+        ),
+        "{error:?}"
+    );
+    assert!(
+        full_error_text(&error).to_lowercase().contains("time"),
+        "{}",
+        full_error_text(&error)
+    );
     assert!(error.is_transient());
     harness.assert_nothing_stored(&job_id).await;
 
