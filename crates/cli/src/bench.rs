@@ -716,8 +716,7 @@ async fn enqueue_bench(args: EnqueueBenchArgs, settings: Settings) -> anyhow::Re
         http_jobs_per_s: args.jobs as f64 / http_seconds,
         http_body_mib: body_mib,
         peak_rss_mib: peak_rss_mib(),
-        redis_commands_per_job: (after.commands - before.commands) as f64
-            / args.jobs.max(1) as f64,
+        redis_commands_per_job: (after.commands - before.commands) as f64 / args.jobs.max(1) as f64,
     };
     println!(
         "redis: {:.1} commands per job; peak RSS {:.1} MiB",
@@ -851,8 +850,7 @@ async fn pipeline_bench(args: PipelineBenchArgs, settings: Settings) -> anyhow::
         succeeded,
         peak_rss_mib: peak_rss_mib(),
         cpu_percent,
-        redis_commands_per_job: (after.commands - before.commands) as f64
-            / args.jobs.max(1) as f64,
+        redis_commands_per_job: (after.commands - before.commands) as f64 / args.jobs.max(1) as f64,
     };
     println!(
         "processed {} jobs ({succeeded} succeeded) in {process_seconds:.2} s: {:.0} jobs/s; worker CPU {cpu_percent:.0} %, peak RSS {:.1} MiB, {:.1} Redis commands per job",
