@@ -8,7 +8,9 @@ export CARGO_TERM_COLOR=never
 cargo build --locked -p klingq
 export KLINGQ_BIN="${KLINGQ_BIN:-$PWD/target/debug/klingq}"
 if [ ! -d bench/bullmq/node_modules/bullmq ]; then
-    (cd bench/bullmq && npm ci --no-audit --no-fund)
+    # npm 11 leaves some of msgpackr's optional platform packages out of the lock file, which
+    # `npm ci` then refuses; the versions are pinned exactly in package.json either way.
+    (cd bench/bullmq && { npm ci --no-audit --no-fund || npm install --no-audit --no-fund; })
 fi
 mkdir -p bench/out
 bench_dir="bench/out/smoke-$(date -u +%Y%m%dT%H%M%SZ)"

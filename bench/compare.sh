@@ -27,7 +27,9 @@ done
 bench_init "${BENCH_OUT:-$bench_root/bench/out/compare-$(date -u +%Y%m%dT%H%M%SZ)}"
 [ -n "${KLINGQ_REDIS_URL:-}" ] || bench_start_redis
 if [ ! -d "$here/bullmq/node_modules/bullmq" ]; then
-    (cd "$here/bullmq" && npm ci --no-audit --no-fund >&2)
+    # npm 11 leaves some optional platform packages out of the lock file; `npm install` still
+    # honours it and the exact pins in package.json.
+    (cd "$here/bullmq" && { npm ci --no-audit --no-fund || npm install --no-audit --no-fund; } >&2)
 fi
 echo "compare: $jobs jobs; Redis $KLINGQ_REDIS_URL; load: $(uptime | sed 's/.*load average: //')" >&2
 
