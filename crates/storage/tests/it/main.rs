@@ -27,6 +27,21 @@ pub(crate) struct Harness {
 }
 
 impl Harness {
+    /// Re-hosts `url` for a fresh job id, expecting it to fail; returns the id and the error.
+    pub(crate) async fn failed_rehost(
+        &self,
+        url: &str,
+        expected_size: Option<u64>,
+    ) -> (String, klingq_storage::RehostError) {
+        let job_id = new_job_id();
+        let error = self
+            .store
+            .rehost(&job_id, url, expected_size)
+            .await
+            .unwrap_err();
+        (job_id, error)
+    }
+
     /// A fresh bucket and a store with 5 MiB parts; `customize` may change the config further.
     pub(crate) async fn new(customize: impl FnOnce(&mut StorageConfig)) -> Harness {
         let endpoint = ensure_seaweedfs().await.expect("SeaweedFS for tests");

@@ -198,12 +198,9 @@ async fn octet_stream_is_accepted() {
 #[tokio::test]
 async fn wrong_content_type_is_transient_and_stores_nothing() {
     let harness = Harness::new(|_| {}).await;
-    let job_id = new_job_id();
-    let error = harness
-        .store
-        .rehost(&job_id, &harness.source.url("/html/5000"), None)
-        .await
-        .unwrap_err();
+    let (job_id, error) = harness
+        .failed_rehost(&harness.source.url("/html/5000"), None)
+        .await;
     assert!(
         matches!(error, RehostError::WrongContentType { content_type: Some(ref found) } if found == "text/html"),
         "{error:?}"
@@ -217,12 +214,9 @@ async fn wrong_content_type_is_transient_and_stores_nothing() {
 #[tokio::test]
 async fn missing_ftyp_is_transient_and_stores_nothing() {
     let harness = Harness::new(|_| {}).await;
-    let job_id = new_job_id();
-    let error = harness
-        .store
-        .rehost(&job_id, &harness.source.url("/notmp4/5000"), None)
-        .await
-        .unwrap_err();
+    let (job_id, error) = harness
+        .failed_rehost(&harness.source.url("/notmp4/5000"), None)
+        .await;
     assert!(
         matches!(error, RehostError::NotMp4 { ref found } if found == "mdat"),
         "{error:?}"
@@ -278,12 +272,9 @@ async fn reset_mid_body_is_transient_and_aborts_the_upload() {
 #[tokio::test]
 async fn provider_size_mismatch_is_transient() {
     let harness = Harness::new(|_| {}).await;
-    let job_id = new_job_id();
-    let error = harness
-        .store
-        .rehost(&job_id, &harness.source.url("/video/5000"), Some(5001))
-        .await
-        .unwrap_err();
+    let (job_id, error) = harness
+        .failed_rehost(&harness.source.url("/video/5000"), Some(5001))
+        .await;
     assert!(
         matches!(
             error,
@@ -303,12 +294,9 @@ async fn provider_size_mismatch_is_transient() {
 #[tokio::test]
 async fn unsized_body_is_checked_against_the_provider_size() {
     let harness = Harness::new(|_| {}).await;
-    let job_id = new_job_id();
-    let error = harness
-        .store
-        .rehost(&job_id, &harness.source.url("/unsized/5000"), Some(6000))
-        .await
-        .unwrap_err();
+    let (job_id, error) = harness
+        .failed_rehost(&harness.source.url("/unsized/5000"), Some(6000))
+        .await;
     assert!(
         matches!(
             error,
