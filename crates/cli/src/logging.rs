@@ -1,19 +1,11 @@
-//! Logs: human-readable by default, JSON lines with `--log-format json`; `RUST_LOG` filters.
+//! Logs and traces: human-readable logs by default, JSON lines with `--log-format json`
+//! (`RUST_LOG` filters them); spans exported over OTLP when an endpoint is configured and the
+//! binary is built with `--features otlp`. See klingq-telemetry.
 
-use tracing_subscriber::EnvFilter;
+use klingq_telemetry::TelemetryConfig;
 
-/// klingq's own crates, logged at info (debug with `--verbose`); everything else at warn.
-const CRATES: [&str; 9] = [
-    "klingq",
-    "klingq_core",
-    "klingq_queue",
-    "klingq_provider",
-    "klingq_sim",
-    "klingq_storage",
-    "klingq_worker",
-    "klingq_producer",
-    "klingq_events",
-];
+use crate::cli::{Cli, Command};
+use crate::settings;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum LogFormat {
@@ -22,18 +14,39 @@ pub(crate) enum LogFormat {
     Json,
 }
 
-pub(crate) fn init(format: LogFormat, verbose: bool) {
-    let level = if verbose { "debug" } else { "info" };
-    let default = std::iter::once("warn".to_owned())
-        .chain(CRATES.iter().map(|name| format!("{name}={level}")))
-        .collect::<Vec<_>>()
-        .join(",");
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
+/// The process's telemetry settings. The command loads (and reports errors in) the same
+/// configuration; here a configuration that does not load only means no export.
+pub(crate) fn config(cli: &Cli) -> TelemetryConfig {
+    let telemetry = settings::load(cli.config.as_deref())
+        .map(|settings| settings.telemetry)
+        .unwrap_or_default();
+    TelemetryConfig {
+        log_format: match cli.log_format {
+            LogFormat::Human => klingq_telemetry::LogFormat::Human,
+            LogFormat::Json => klingq_telemetry::LogFormat::Json,
+        },
+        verbose: cli.verbose,
+        otlp_endpoint: telemetry.otlp_endpoint,
+        service_name: telemetry.service_name,
+        default_service_name: service_role(&cli.command).to_owned(),
+    }
+}
+
+/// The `service.name` a command exports its spans under, unless configured.
+fn service_role(command: &Command) -> &'static str {
+    match command {
+        Command::Worker => "klingq-worker",
+        Command::Serve(_) => "klingq-api",
+        Command::Demo(_) => "klingq-demo",
+        Command::Sim(_) => "klingq-sim",
+        Command::Bench(_) => "klingq-bench",
+        _ => "klingq-cli",
+    }
+}
+
+/// The caller's trace for the producer commands: the `TRACEPARENT` environment variable, as
+/// OpenTelemetry specifies for processes started by a traced parent. Invalid values are
+/// ignored (the job starts a trace of its own).
+pub(crate) fn env_trace_parent() -> Option<klingq_core::TraceParent> {
+    std::env::var("TRACEPARENT").ok()?.parse().ok()
 }

@@ -16,7 +16,6 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    logging::init(args.log_format, args.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -27,11 +26,20 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(cli::run(args)) {
-        Ok(code) => code,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            ExitCode::from(cli::exit_code_of(&error))
+    runtime.block_on(async {
+        // Inside the runtime: the span exporter sends through it.
+        let (telemetry, problem) = klingq_telemetry::init(&logging::config(&args));
+        if let Some(problem) = problem {
+            tracing::warn!("{problem}; spans are not exported");
         }
-    }
+        let result = cli::run(args).await;
+        telemetry.shutdown().await;
+        match result {
+            Ok(code) => code,
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                ExitCode::from(cli::exit_code_of(&error))
+            }
+        }
+    })
 }

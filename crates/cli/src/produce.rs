@@ -441,7 +441,10 @@ async fn enqueue(args: EnqueueArgs, settings: &Settings, cost: CostModel) -> any
         )
     })?;
     let producer = connect(settings, cost).await?;
-    let accepted = match producer.enqueue(spec).await {
+    let accepted = match producer
+        .enqueue_traced(spec, crate::logging::env_trace_parent())
+        .await
+    {
         Err(ProducerError::Invalid(errors)) => {
             return Err(invalid(
                 json,
@@ -560,6 +563,7 @@ async fn submit(args: SubmitArgs, settings: &Settings, cost: CostModel) -> anyho
         partial: args.partial,
         idempotency_key: args.idempotency_key.clone(),
         source: Some("cli".to_owned()),
+        trace: crate::logging::env_trace_parent(),
     };
     let jobs: Vec<_> = entries.into_iter().map(|e| e.entry).collect();
     let reject = |errors: BatchErrors| {

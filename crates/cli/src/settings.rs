@@ -460,7 +460,27 @@ pub(crate) const SETTINGS: &[Setting] = &[
         "[]",
         "Global endpoints receiving every event. From the environment: comma-separated URLs signed with webhooks.secret; in the file: [[webhooks.endpoints]] with url, secret, event_types, name.",
     ),
+    setting(
+        "telemetry.otlp_endpoint",
+        "KLINGQ_OTLP_ENDPOINT",
+        "\"\"",
+        "OTLP/HTTP (protobuf) collector to export traces to, e.g. `http://otel-collector:4318` (`/v1/traces` is appended). Empty: the standard `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT`, else no export. Needs a build with `--features otlp` (the Docker image has it); `OTEL_EXPORTER_OTLP_HEADERS` and `OTEL_BSP_*` apply.",
+    ),
+    setting(
+        "telemetry.service_name",
+        "KLINGQ_SERVICE_NAME",
+        "\"\"",
+        "`service.name` of exported spans. Empty: `OTEL_SERVICE_NAME`, else the command's role: `klingq-worker`, `klingq-api` (serve), `klingq-demo`, `klingq-sim`, `klingq-cli`.",
+    ),
 ];
+
+/// How the process exports traces (`[telemetry]`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct TelemetrySettings {
+    pub(crate) otlp_endpoint: String,
+    pub(crate) service_name: String,
+}
 
 /// All of klingq's configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -472,6 +492,7 @@ pub(crate) struct Settings {
     pub(crate) worker: klingq_worker::WorkerConfig,
     pub(crate) api: klingq_producer::ApiConfig,
     pub(crate) webhooks: klingq_events::WebhookConfig,
+    pub(crate) telemetry: TelemetrySettings,
 }
 
 impl Settings {

@@ -10,6 +10,7 @@ pub mod event;
 pub mod job;
 pub mod request;
 pub mod secret;
+pub mod trace;
 pub mod validation;
 
 pub use cost::CostModel;
@@ -20,4 +21,5 @@ pub use job::{
 };
 pub use request::{Element, GenerationRequest, PromptShot, VideoDuration};
 pub use secret::{Secret, SignedUrl, redact_url};
+pub use trace::TraceParent;
 pub use validation::{FieldError, ValidationErrors};

@@ -16,16 +16,17 @@ use std::time::{Duration, Instant};
 
 use apalis_core::task::data::Data;
 use klingq_core::job::{format_ms, now_ms};
-use klingq_core::{JobError, redact_url};
+use klingq_core::{JobError, TraceParent, redact_url};
 use klingq_queue::{JobFailure, Lease, Queue};
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use tracing::Instrument;
 
 use crate::config::Checked;
 use crate::error::WebhookError;
 use crate::payload::{DeliveryJob, EndpointSource, endpoint_id};
 use crate::signing::{
-    HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, WebhookSecret, signature_header, unix_now,
+    HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_TRACEPARENT, WebhookSecret, signature_header, unix_now,
 };
 use crate::ssrf::{GuardedResolver, check_url, find_refusal};
 use crate::store::{self, AttemptOutcome, AttemptRecord};
@@ -85,7 +86,19 @@ pub(crate) async fn handle(
     lease: Lease,
     deliverer: Data<Arc<Deliverer>>,
 ) -> Result<(), JobFailure> {
-    deliverer.deliver(job, &lease).await
+    // A child of the span that enqueued the event's job (a new trace for batch events); the
+    // receiver gets this span as the parent of its own in the `traceparent` header.
+    let span = tracing::info_span!(
+        "webhook_delivery",
+        delivery_id = %lease.job_id(),
+        event_id = %job.event_id,
+        event_type = %job.event_type,
+        attempt = lease.attempt(),
+        otel.kind = "client",
+        trace_id = tracing::field::Empty,
+    );
+    let trace = klingq_telemetry::continue_trace(&span, lease.trace_parent());
+    deliverer.deliver(job, &lease, trace).instrument(span).await
 }
 
 fn job_error(code: &str, message: String) -> JobError {
@@ -244,7 +257,12 @@ impl Deliverer {
         schedule.get(index).copied().map(jitter).unwrap_or_default()
     }
 
-    pub(crate) async fn deliver(&self, job: DeliveryJob, lease: &Lease) -> Result<(), JobFailure> {
+    pub(crate) async fn deliver(
+        &self,
+        job: DeliveryJob,
+        lease: &Lease,
+        trace: TraceParent,
+    ) -> Result<(), JobFailure> {
         let delivery_id = lease.job_id().to_owned();
         let attempt = lease.attempt();
         let last_attempt = attempt >= lease.max_attempts();
@@ -311,6 +329,7 @@ impl Deliverer {
             .header(HEADER_ID, &job.event_id)
             .header(HEADER_TIMESTAMP, timestamp.to_string())
             .header(HEADER_SIGNATURE, signature)
+            .header(HEADER_TRACEPARENT, trace.to_string())
             .body(job.body.clone())
             .send()
             .await;

@@ -250,6 +250,8 @@ impl Dispatcher {
         };
         let event_type = field("type").unwrap_or_default();
         let subject = field("subject").unwrap_or_default();
+        // The job's trace, which its deliveries continue.
+        let trace = field("trace").and_then(|trace| trace.parse().ok());
         let mut targets: Vec<(String, EndpointSource, Option<String>)> = Vec::new();
         let url_in = |value: &Value| {
             value
@@ -319,6 +321,7 @@ impl Dispatcher {
                 let mut job = NewJob::new(&delivery)?;
                 job.id = delivery_id(&delivery.event_id, &delivery.url);
                 job.max_attempts = Some(max_attempts);
+                job.trace = trace;
                 Ok(job)
             })
             .collect()

@@ -21,6 +21,9 @@ type HmacSha256 = Hmac<Sha256>;
 pub const SECRET_PREFIX: &str = "whsec_";
 /// Header carrying the event id, constant across retries.
 pub const HEADER_ID: &str = "webhook-id";
+/// The W3C Trace Context header of a delivery (not signed): the delivery's span in the trace
+/// of the job the event is about.
+pub const HEADER_TRACEPARENT: &str = "traceparent";
 /// Header carrying this attempt's time, in Unix seconds.
 pub const HEADER_TIMESTAMP: &str = "webhook-timestamp";
 /// Header carrying the space-separated `v1,<base64>` signatures.

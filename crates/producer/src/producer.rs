@@ -6,8 +6,11 @@
 use std::time::Duration;
 
 use futures::StreamExt;
+use tracing::Instrument;
 use klingq_core::cost::{micros_to_usd, usd_to_micros};
-use klingq_core::{CostModel, FieldError, JobId, JobSpec, JobState, ValidationErrors, redact_url};
+use klingq_core::{
+    CostModel, FieldError, JobId, JobSpec, JobState, TraceParent, ValidationErrors, redact_url,
+};
 use klingq_queue::{CancelOutcome, NewJob, Queue, QueueConfig, QueueError, RedriveOutcome};
 use redis::streams::StreamRangeReply;
 use serde_json::json;
@@ -39,6 +42,9 @@ pub struct BatchOptions {
     pub idempotency_key: Option<String>,
     /// Where the batch came from (`cli`, `api`), kept in its info.
     pub source: Option<String>,
+    /// The caller's trace (an HTTP `traceparent`, the CLI's `TRACEPARENT`): the batch's
+    /// enqueue span continues it. Each job still gets a trace of its own, linked to it.
+    pub trace: Option<TraceParent>,
 }
 
 /// What to re-drive from the dead letters.
@@ -107,10 +113,27 @@ impl Producer {
     /// Validates and enqueues one job. With an idempotency key seen before (within its TTL),
     /// the first job's id comes back with `created: false`.
     pub async fn enqueue(&self, job: JobSpec) -> Result<JobAccepted, ProducerError> {
+        self.enqueue_traced(job, None).await
+    }
+
+    /// [`Producer::enqueue`] continuing the caller's trace: the job's trace is the caller's,
+    /// and its attempts and webhooks are children of the enqueue span.
+    pub async fn enqueue_traced(
+        &self,
+        job: JobSpec,
+        parent: Option<TraceParent>,
+    ) -> Result<JobAccepted, ProducerError> {
         job.validate().map_err(ProducerError::Invalid)?;
-        let new_job = self.new_job(&job, job.idempotency_key.clone())?;
+        let mut new_job = self.new_job(&job, job.idempotency_key.clone())?;
+        let span = tracing::info_span!(
+            "enqueue",
+            job_id = %new_job.id,
+            otel.kind = "producer",
+            trace_id = tracing::field::Empty,
+        );
+        new_job.trace = Some(klingq_telemetry::continue_trace(&span, parent));
         let estimated_micros = new_job.estimated_micros;
-        let enqueued = self.queue.enqueue(&new_job, None).await?;
+        let enqueued = self.queue.enqueue(&new_job, None).instrument(span).await?;
         if enqueued.created {
             tracing::debug!(job = %enqueued.id, "job enqueued");
         }
@@ -199,6 +222,14 @@ impl Producer {
             }
         };
 
+        let span = tracing::info_span!(
+            "enqueue_batch",
+            batch_id = %batch_id,
+            jobs = valid.len(),
+            otel.kind = "producer",
+            trace_id = tracing::field::Empty,
+        );
+        klingq_telemetry::continue_trace(&span, options.trace);
         let mut new_jobs = Vec::with_capacity(valid.len());
         let mut estimated_micros = 0u64;
         for (index, spec) in &valid {
@@ -208,7 +239,8 @@ impl Producer {
                     .as_ref()
                     .map(|batch_key| format!("batch:{batch_key}:{index}"))
             });
-            let job = self.new_job(spec, key)?;
+            let mut job = self.new_job(spec, key)?;
+            job.trace = Some(klingq_telemetry::new_job_trace(&span, &job.id.to_string()));
             estimated_micros += job.estimated_micros;
             new_jobs.push(job);
         }
@@ -221,11 +253,16 @@ impl Producer {
             info["budget_usd"] = json!(budget);
         }
         let budget_micros = options.budget_usd.map(usd_to_micros).unwrap_or(0);
-        self.queue
-            .open_batch(&batch_id, &info, budget_micros)
-            .await?;
-        let enqueued = self.queue.enqueue_many(&new_jobs, Some(&batch_id)).await?;
-        let total_in_batch = self.queue.seal_batch(&batch_id).await?;
+        let (enqueued, total_in_batch) = async {
+            self.queue
+                .open_batch(&batch_id, &info, budget_micros)
+                .await?;
+            let enqueued = self.queue.enqueue_many(&new_jobs, Some(&batch_id)).await?;
+            let total_in_batch = self.queue.seal_batch(&batch_id).await?;
+            Ok::<_, ProducerError>((enqueued, total_in_batch))
+        }
+        .instrument(span)
+        .await?;
         let deduplicated = enqueued
             .iter()
             .zip(&new_jobs)
@@ -258,6 +295,7 @@ impl Producer {
             idempotency_key: key,
             estimated_micros: self.estimate_micros(spec),
             max_attempts: None,
+            trace: None,
         })
     }
 

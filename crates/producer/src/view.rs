@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use klingq_core::cost::micros_to_usd;
 use klingq_core::job::format_ms;
 use klingq_core::{
-    Checkpoint, FieldError, JobError, JobSpec, JobState, Priority, StoredVideo, redact_url,
+    Checkpoint, FieldError, JobError, JobSpec, JobState, Priority, StoredVideo, TraceParent,
+    redact_url,
 };
 use klingq_queue::{BatchRecord, JobRecord, StoredEvent};
 use serde::{Deserialize, Serialize};
@@ -66,6 +67,10 @@ pub struct JobView {
     pub video: Option<VideoView>,
     /// Why the job failed, was cancelled or died; `null` otherwise.
     pub error: Option<ErrorView>,
+    /// The id of the job's trace (W3C Trace Context, 32 hex digits): its enqueue, attempts and
+    /// webhook deliveries, in a tracing backend and in the logs' `trace_id`.
+    #[schema(pattern = "^[0-9a-f]{32}$")]
+    pub trace_id: Option<String>,
 }
 
 /// The provider run of a job.
@@ -195,6 +200,10 @@ impl JobView {
             provider,
             video: checkpoint.video.map(VideoView::from),
             error: record.error.map(ErrorView::from),
+            trace_id: record
+                .trace
+                .and_then(|trace| trace.parse::<TraceParent>().ok())
+                .map(|trace| trace.trace_id_hex()),
         }
     }
 }

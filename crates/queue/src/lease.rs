@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use apalis_core::task::Task;
 use apalis_core::task::from_request::FromRequest;
-use klingq_core::JobState;
+use klingq_core::{JobState, TraceParent};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -31,6 +31,7 @@ pub(crate) struct Delivery {
     pub(crate) checkpoint: Option<String>,
     pub(crate) created_ms: u64,
     pub(crate) state: JobState,
+    pub(crate) trace: Option<TraceParent>,
 }
 
 pub(crate) struct LeaseInner {
@@ -86,6 +87,12 @@ impl Lease {
 
     pub fn created_ms(&self) -> u64 {
         self.inner.delivery.created_ms
+    }
+
+    /// The span that enqueued the job, when it was enqueued with one: the parent of every
+    /// attempt's span.
+    pub fn trace_parent(&self) -> Option<TraceParent> {
+        self.inner.delivery.trace
     }
 
     /// The job's payload as stored (JSON).

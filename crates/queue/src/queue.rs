@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use klingq_core::job::now_ms;
-use klingq_core::{JobError, JobId, JobState, Priority, redact_url};
+use klingq_core::{JobError, JobId, JobState, Priority, TraceParent, redact_url};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, Script, Value};
 use serde_json::Value as Json;
@@ -34,6 +34,9 @@ pub struct NewJob {
     pub estimated_micros: u64,
     /// Overrides the queue's maximum attempts for this job.
     pub max_attempts: Option<u32>,
+    /// The span that enqueued the job: every attempt and every webhook of the job continue
+    /// its trace.
+    pub trace: Option<TraceParent>,
 }
 
 impl NewJob {
@@ -47,6 +50,7 @@ impl NewJob {
             idempotency_key: None,
             estimated_micros: 0,
             max_attempts: None,
+            trace: None,
         })
     }
 }
@@ -261,7 +265,8 @@ impl Queue {
                 .arg(job.max_attempts.unwrap_or(config.max_attempts).max(1))
                 .arg(job.run_at_ms.unwrap_or(0))
                 .arg(job.idempotency_key.as_deref().unwrap_or(""))
-                .arg(job.estimated_micros);
+                .arg(job.estimated_micros)
+                .arg(job.trace.map(|t| t.to_string()).unwrap_or_default());
         }
         cmd
     }

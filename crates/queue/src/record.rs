@@ -36,6 +36,10 @@ pub struct JobRecord {
     pub run_at_ms: Option<u64>,
     pub estimated_micros: u64,
     pub charged_micros: u64,
+    /// The `traceparent` of the span that enqueued the job; its trace id finds the job's
+    /// trace in a tracing backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 impl JobRecord {
@@ -78,6 +82,7 @@ impl JobRecord {
             reason: text(&mut fields, "reason"),
             error: text(&mut fields, "error").and_then(|e| serde_json::from_str(&e).ok()),
             worker: text(&mut fields, "worker"),
+            trace: text(&mut fields, "trace"),
         })
     }
 }

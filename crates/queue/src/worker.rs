@@ -874,6 +874,9 @@ async fn reclaim_expired(
 }
 
 /// Runs the start script on read entries: counts attempts and reads the jobs.
+/// Values per started entry in the start script's reply.
+const START_FIELDS: usize = 12;
+
 async fn start(shared: &Shared, entries: Entries) -> Result<Vec<Delivery>, QueueError> {
     if entries.is_empty() {
         return Ok(Vec::new());
@@ -891,8 +894,8 @@ async fn start(shared: &Shared, entries: Entries) -> Result<Vec<Delivery>, Queue
         .queue
         .run_scripts(&ScriptBatch::One(cmd), Duration::from_secs(10))
         .await?;
-    let mut deliveries = Vec::with_capacity(reply.len() / 11);
-    for row in reply.chunks(11) {
+    let mut deliveries = Vec::with_capacity(reply.len() / START_FIELDS);
+    for row in reply.chunks(START_FIELDS) {
         let text = |i: usize| row.get(i).and_then(value_string).unwrap_or_default();
         let number = |i: usize| text(i).parse::<u64>().unwrap_or(0);
         let entry = text(0);
@@ -912,6 +915,8 @@ async fn start(shared: &Shared, entries: Entries) -> Result<Vec<Delivery>, Queue
             checkpoint: non_empty(text(7)),
             created_ms: number(8),
             state: text(9).parse().unwrap_or(JobState::Queued),
+            // A job enqueued without one (or by an older release) starts a trace per attempt.
+            trace: text(11).parse().ok(),
         });
     }
     Ok(deliveries)

@@ -47,16 +47,25 @@ pub async fn handle_job(
     lease: Lease,
     pipeline: Data<Arc<Pipeline>>,
 ) -> Result<Completion, JobFailure> {
-    // One span per attempt: every log line of the job carries its id, attempt and batch.
+    // One span per attempt, a child of the span that enqueued the job: every log line of the
+    // job carries its id, attempt, batch and trace id.
     let span = tracing::info_span!(
         "job",
         job_id = %lease.job_id(),
         attempt = lease.attempt(),
         batch_id = lease.batch_id().unwrap_or("-"),
+        otel.kind = "consumer",
+        trace_id = tracing::field::Empty,
     );
+    klingq_telemetry::continue_trace(&span, lease.trace_parent());
     let result = pipeline.run(&spec, &lease).instrument(span).await;
     pipeline.metrics.finished(&result);
     result
+}
+
+/// A step's span, named after the step in traces (`submit`, `generate`, `download`).
+fn step_span(step: &'static str) -> tracing::Span {
+    tracing::info_span!("step", otel.name = step, step)
 }
 
 /// One attempt of one job.
@@ -142,20 +151,20 @@ impl Attempt<'_> {
         if !self.checkpoint.provider.finished {
             if self.checkpoint.provider.run_id.is_none() {
                 let started = Instant::now();
-                let result = self.submit().await;
+                let result = self.submit().instrument(step_span("submit")).await;
                 self.record_step("submit", started);
                 result?;
             }
             if !self.checkpoint.provider.finished {
                 let started = Instant::now();
-                let result = self.generate().await;
+                let result = self.generate().instrument(step_span("generate")).await;
                 self.record_step("generate", started);
                 result?;
             }
         }
         if self.checkpoint.video.is_none() {
             let started = Instant::now();
-            let result = self.rehost().await;
+            let result = self.rehost().instrument(step_span("download")).await;
             self.record_step("download", started);
             result?;
         }

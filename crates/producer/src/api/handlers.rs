@@ -12,7 +12,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use http::{HeaderMap, StatusCode, Uri, header};
-use klingq_core::{JobSpec, ValidationErrors};
+use klingq_core::{JobSpec, TraceParent, ValidationErrors};
 use serde::Deserialize;
 use serde_json::Value;
 use utoipa::IntoParams;
@@ -114,6 +114,15 @@ pub(crate) fn path_id(
     canonical_id(&raw).ok_or_else(|| ApiError::not_found(format!("no {what} with id {raw}")))
 }
 
+/// The caller's W3C `traceparent` header, which the job's trace continues. An invalid one is
+/// ignored, as the Trace Context specification says: the job starts a trace of its own.
+fn trace_parent(headers: &HeaderMap) -> Option<TraceParent> {
+    headers
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse().ok())
+}
+
 /// The `Idempotency-Key` header, checked: visible ASCII, 1 to `max` bytes.
 fn idempotency_header(headers: &HeaderMap, max: usize) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
@@ -173,6 +182,8 @@ fn accepted<T: serde::Serialize>(location: String, body: T) -> Response {
     params(
         ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255,
             description = "Retries with the same key return the first job."),
+        ("traceparent" = Option<String>, Header,
+            description = "W3C Trace Context: the job's trace continues the caller's. An invalid value is ignored."),
     ),
     request_body(content = openapi::JobInput, content_type = "application/json"),
     responses(
@@ -213,7 +224,10 @@ pub(crate) async fn create_job(
             _ => spec.idempotency_key = Some(key),
         }
     }
-    let accepted_job = app.producer.enqueue(spec).await?;
+    let accepted_job = app
+        .producer
+        .enqueue_traced(spec, trace_parent(&headers))
+        .await?;
     Ok(accepted(
         format!("/v1/jobs/{}", accepted_job.id),
         accepted_job,
@@ -266,6 +280,8 @@ struct BatchObjectBody {
         BatchQuery,
         ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 200,
             description = "Retries with the same key return the first batch."),
+        ("traceparent" = Option<String>, Header,
+            description = "W3C Trace Context: the batch's enqueue continues the caller's trace; each job gets a trace of its own, linked to it. An invalid value is ignored."),
     ),
     request_body(content(
         (openapi::BatchInput = "application/json"),
@@ -345,6 +361,7 @@ pub(crate) async fn create_batch(
         .unwrap_or(false),
         idempotency_key: key,
         source: Some("api".to_owned()),
+        trace: trace_parent(&headers),
     };
     if !errors.is_empty() {
         return Err(ApiError::from_validation(errors));

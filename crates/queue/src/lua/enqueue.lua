@@ -1,14 +1,14 @@
 -- Enqueues jobs. ARGV[4]: queue; ARGV[5]: idempotency TTL (s); ARGV[6]: batch ('' for none);
--- then per job 7 values: id, payload, prio, max_attempts, run_at_ms (0: now), idempotency key
--- ('' for none), estimated micros. Returns per job: 1 and its id when written, 0 and the
+-- then per job 8 values: id, payload, prio, max_attempts, run_at_ms (0: now), idempotency key
+-- ('' for none), estimated micros, traceparent ('' for none). Returns per job: 1 and its id when written, 0 and the
 -- existing job's id when an idempotency key (or the same job id) matched.
 local queue, idem_ttl, batch = ARGV[4], ARGV[5], ARGV[6]
 local delayed = P .. ':q:' .. queue .. ':delayed'
 local out, index, batch_ids = {}, {}, {}
 local n_written, est_total, n_queued, n_scheduled = 0, 0, 0, 0
-for i = 7, #ARGV, 7 do
+for i = 7, #ARGV, 8 do
   local id, payload, prio, max_attempts = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local run_at, idem, est = tonumber(ARGV[i + 4]), ARGV[i + 5], ARGV[i + 6]
+  local run_at, idem, est, trace = tonumber(ARGV[i + 4]), ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
   local jk = jobkey(id)
   local existing = nil
   if idem ~= '' then
@@ -34,6 +34,10 @@ for i = 7, #ARGV, 7 do
     if idem ~= '' then
       fields[#fields + 1] = 'idem'
       fields[#fields + 1] = idem
+    end
+    if trace ~= '' then
+      fields[#fields + 1] = 'trace'
+      fields[#fields + 1] = trace
     end
     if batch ~= '' then
       fields[#fields + 1] = 'batch'

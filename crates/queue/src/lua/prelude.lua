@@ -33,9 +33,15 @@ local function iso(ms)
     math.floor(rem / 3600), math.floor(rem % 3600 / 60), rem % 60, ms % 1000)
 end
 
-local function append_event(event_id, event_type, subject, body)
-  redis.call('XADD', P .. ':events', 'MAXLEN', '~', MAXLEN, '*',
-    'id', event_id, 'type', event_type, 'subject', subject, 'event', body)
+-- `trace`: the subject job's traceparent, which its webhook deliveries continue (false: none).
+local function append_event(event_id, event_type, subject, body, trace)
+  if trace then
+    redis.call('XADD', P .. ':events', 'MAXLEN', '~', MAXLEN, '*',
+      'id', event_id, 'type', event_type, 'subject', subject, 'event', body, 'trace', trace)
+  else
+    redis.call('XADD', P .. ':events', 'MAXLEN', '~', MAXLEN, '*',
+      'id', event_id, 'type', event_type, 'subject', subject, 'event', body)
+  end
 end
 
 -- Marks a batch done once it is sealed and every job in it is terminal, and publishes
@@ -60,7 +66,7 @@ local function check_batch_done(batch)
   local body = cjson.encode({ id = event_id, type = 'batch.completed', timestamp = iso(NOW),
     data = { batch_id = batch, total = tonumber(b[2]), counts = counts,
       estimated_usd = est / 1e6, charged_usd = charged / 1e6 } })
-  append_event(event_id, 'batch.completed', batch, body)
+  append_event(event_id, 'batch.completed', batch, body, false)
   redis.call('EXPIRE', bk, RETENTION)
   redis.call('EXPIRE', bk .. ':jobs', RETENTION)
 end
@@ -127,7 +133,7 @@ local function finish(jk, id, job, state, reason, err, event_id, event_type, eve
   local stats = P .. ':q:' .. job.q .. ':stats'
   redis.call('HINCRBY', stats, 'finished:' .. state, 1)
   if charged > 0 then redis.call('HINCRBY', stats, 'charged_micros', charged) end
-  if event ~= '' then append_event(event_id, event_type, id, event) end
+  if event ~= '' then append_event(event_id, event_type, id, event, redis.call('HGET', jk, 'trace')) end
   set_state(jk, state, fields, job.state or false, job.batch or false)
   redis.call('EXPIRE', jk, RETENTION)
 end

@@ -2,14 +2,14 @@
 -- entries whose job is gone, finished, or re-queued under a newer entry.
 -- ARGV: consumer, then (stream, entry, job id) triples.
 -- Returns per started entry: entry, id, attempts, max_attempts, payload, batch, redrives,
--- checkpoint, created_ms, state, prio.
+-- checkpoint, created_ms, state, prio, traceparent.
 local consumer = ARGV[4]
 local out = {}
 for i = 5, #ARGV, 3 do
   local stream, entry, id = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local jk = jobkey(id)
   local f = redis.call('HMGET', jk, 'state', 'entry', 'max_attempts', 'payload', 'batch',
-    'redrives', 'checkpoint', 'created_ms', 'prio')
+    'redrives', 'checkpoint', 'created_ms', 'prio', 'trace')
   if not f[1] or TERMINAL[f[1]] or f[2] ~= entry then
     redis.call('XACK', stream, GROUP, entry)
     redis.call('XDEL', stream, entry)
@@ -28,6 +28,7 @@ for i = 5, #ARGV, 3 do
     out[n + 9] = f[8] or '0'
     out[n + 10] = f[1]
     out[n + 11] = f[9] or 'normal'
+    out[n + 12] = f[10] or ''
   end
 end
 return out
