@@ -107,13 +107,18 @@ impl FromStr for TraceParent {
         let value = value.trim();
         let bytes = value.as_bytes();
         if !value.is_ascii() {
-            return Err(TraceParentError("must be ASCII: 00-<32 hex>-<16 hex>-<2 hex>"));
+            return Err(TraceParentError(
+                "must be ASCII: 00-<32 hex>-<16 hex>-<2 hex>",
+            ));
         }
         if bytes.len() < 55 {
-            return Err(TraceParentError("must be 55 characters: 00-<32 hex>-<16 hex>-<2 hex>"));
+            return Err(TraceParentError(
+                "must be 55 characters: 00-<32 hex>-<16 hex>-<2 hex>",
+            ));
         }
-        let version = parse_hex::<1>(&value[0..2])
-            .ok_or(TraceParentError("the version must be two lower-case hex digits"))?[0];
+        let version = parse_hex::<1>(&value[0..2]).ok_or(TraceParentError(
+            "the version must be two lower-case hex digits",
+        ))?[0];
         if version == 0xff {
             return Err(TraceParentError("version ff is invalid"));
         }
@@ -126,12 +131,15 @@ impl FromStr for TraceParent {
         if bytes[2] != b'-' || bytes[35] != b'-' || bytes[52] != b'-' {
             return Err(TraceParentError("fields must be separated by '-'"));
         }
-        let trace_id = parse_hex::<16>(&value[3..35])
-            .ok_or(TraceParentError("the trace id must be 32 lower-case hex digits"))?;
-        let span_id = parse_hex::<8>(&value[36..52])
-            .ok_or(TraceParentError("the parent id must be 16 lower-case hex digits"))?;
-        let flags = parse_hex::<1>(&value[53..55])
-            .ok_or(TraceParentError("the flags must be two lower-case hex digits"))?[0];
+        let trace_id = parse_hex::<16>(&value[3..35]).ok_or(TraceParentError(
+            "the trace id must be 32 lower-case hex digits",
+        ))?;
+        let span_id = parse_hex::<8>(&value[36..52]).ok_or(TraceParentError(
+            "the parent id must be 16 lower-case hex digits",
+        ))?;
+        let flags = parse_hex::<1>(&value[53..55]).ok_or(TraceParentError(
+            "the flags must be two lower-case hex digits",
+        ))?[0];
         if trace_id == [0; 16] {
             return Err(TraceParentError("the trace id must not be all zeros"));
         }
@@ -207,14 +215,38 @@ mod tests {
     fn invalid_values_name_the_rule() {
         let cases = [
             ("", "55 characters"),
-            ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-", "exactly 55"),
-            ("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "version ff"),
-            ("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", "trace id"),
-            ("00-00000000000000000000000000000000-00f067aa0ba902b7-01", "all zeros"),
-            ("00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", "parent id"),
-            ("00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "separated"),
-            ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g", "flags"),
-            ("é0-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "ASCII"),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-",
+                "exactly 55",
+            ),
+            (
+                "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                "version ff",
+            ),
+            (
+                "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+                "trace id",
+            ),
+            (
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+                "all zeros",
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+                "parent id",
+            ),
+            (
+                "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                "separated",
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
+                "flags",
+            ),
+            (
+                "é0-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                "ASCII",
+            ),
         ];
         for (value, rule) in cases {
             let error = value.parse::<TraceParent>().unwrap_err().to_string();
@@ -224,10 +256,9 @@ mod tests {
 
     #[test]
     fn a_future_version_is_read_for_its_first_four_fields() {
-        let parent: TraceParent =
-            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-03-extra"
-                .parse()
-                .unwrap();
+        let parent: TraceParent = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-03-extra"
+            .parse()
+            .unwrap();
         // Re-emitted as version 00, with only the flags version 00 defines.
         assert_eq!(parent.to_string(), EXAMPLE);
     }

@@ -26,7 +26,8 @@ use crate::config::Checked;
 use crate::error::WebhookError;
 use crate::payload::{DeliveryJob, EndpointSource, endpoint_id};
 use crate::signing::{
-    HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_TRACEPARENT, WebhookSecret, signature_header, unix_now,
+    HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_TRACEPARENT, WebhookSecret,
+    signature_header, unix_now,
 };
 use crate::ssrf::{GuardedResolver, check_url, find_refusal};
 use crate::store::{self, AttemptOutcome, AttemptRecord};

@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use tracing::Instrument;
 use klingq_core::cost::{micros_to_usd, usd_to_micros};
 use klingq_core::{
     CostModel, FieldError, JobId, JobSpec, JobState, TraceParent, ValidationErrors, redact_url,
@@ -15,6 +14,7 @@ use klingq_queue::{CancelOutcome, NewJob, Queue, QueueConfig, QueueError, Redriv
 use redis::streams::StreamRangeReply;
 use serde_json::json;
 use time::OffsetDateTime;
+use tracing::Instrument;
 
 use crate::error::{BatchErrors, EntryErrors, ProducerError};
 use crate::view::{
@@ -549,6 +549,7 @@ impl Producer {
                     id: field("id"),
                     event_type: field("type"),
                     body: field("event"),
+                    trace: entry.get::<String>("trace").filter(|t| !t.is_empty()),
                     cursor: entry.id.clone(),
                 }
                 .into()

@@ -178,4 +178,7 @@ pub struct StoredEvent {
     pub event_type: String,
     /// The event body, as published (compact JSON).
     pub body: String,
+    /// The `traceparent` of the job the event is about (none for batch events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }

@@ -9,7 +9,7 @@ use apalis::prelude::WorkerBuilderExt;
 use apalis_core::task::data::Data;
 use apalis_core::worker::builder::WorkerBuilder;
 use klingq_core::job::now_ms;
-use klingq_core::{JobState, Priority};
+use klingq_core::{JobState, Priority, TraceParent};
 use klingq_queue::{
     CancelOutcome, Completion, EventExtras, JobFailure, Lease, LeaseError, NewJob, Queue,
     QueueBackend, QueueConfig, RedriveOutcome, WorkerHandle, WorkerOptions, consumer_name,
@@ -46,6 +46,8 @@ struct Seen {
     runs: Arc<Mutex<HashMap<String, u32>>>,
     order: Arc<Mutex<Vec<u64>>>,
     started_ms: Arc<Mutex<HashMap<String, u64>>>,
+    /// The trace context each run of each job was handed.
+    traces: Arc<Mutex<HashMap<String, Vec<Option<TraceParent>>>>>,
 }
 
 impl Seen {
@@ -66,6 +68,12 @@ async fn handler(job: TestJob, lease: Lease, seen: Data<Seen>) -> Result<Complet
         *count
     };
     seen.order.lock().unwrap().push(job.n);
+    seen.traces
+        .lock()
+        .unwrap()
+        .entry(id.clone())
+        .or_default()
+        .push(lease.trace_parent());
     seen.started_ms.lock().unwrap().insert(id, now_ms());
     match job.behavior {
         Behavior::Succeed => {}
@@ -264,6 +272,54 @@ async fn batch_is_processed_exactly_once_with_counts_and_one_batch_event() {
         (stats.waiting, stats.in_flight, stats.scheduled, stats.dead),
         (0, 0, 0, 0)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trace_context_rides_to_every_attempt_the_record_and_the_event() {
+    let queue = shared_queue("trace", |_| {}).await;
+    let trace = TraceParent::new_root();
+    let mut traced = job(1, Behavior::FailTimes(1));
+    traced.trace = Some(trace);
+    let untraced = job(2, Behavior::Succeed);
+    let traced_id = queue.enqueue(&traced, None).await.unwrap().id;
+    let untraced_id = queue.enqueue(&untraced, None).await.unwrap().id;
+
+    let seen = Seen::default();
+    let worker = spawn_worker(&queue, 4, &seen);
+    wait_state(
+        &queue,
+        &traced_id,
+        JobState::Succeeded,
+        Duration::from_secs(20),
+    )
+    .await;
+    wait_state(
+        &queue,
+        &untraced_id,
+        JobState::Succeeded,
+        Duration::from_secs(20),
+    )
+    .await;
+    worker.stop().await;
+
+    // Both attempts of the retried job continued the trace; the other job had none.
+    let traces = seen.traces.lock().unwrap().clone();
+    assert_eq!(traces[&traced_id], vec![Some(trace), Some(trace)]);
+    assert_eq!(traces[&untraced_id], vec![None]);
+    let record = queue.job(&traced_id).await.unwrap().unwrap();
+    assert_eq!(record.trace, Some(trace.to_string()));
+    assert_eq!(queue.job(&untraced_id).await.unwrap().unwrap().trace, None);
+    // The completion event carries the job's trace for its webhook deliveries.
+    let events = queue.read_events("0", 10, None).await.unwrap();
+    let trace_of = |id: &str| {
+        events
+            .iter()
+            .find(|e| e.body.contains(id))
+            .map(|e| e.trace.clone())
+            .unwrap_or_else(|| panic!("no event for {id}: {events:?}"))
+    };
+    assert_eq!(trace_of(&traced_id), Some(trace.to_string()));
+    assert_eq!(trace_of(&untraced_id), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

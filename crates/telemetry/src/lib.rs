@@ -17,9 +17,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use klingq_core::TraceParent;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
 #[cfg(feature = "otlp")]
 use tracing_subscriber::filter::Targets;
-use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 

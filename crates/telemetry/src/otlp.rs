@@ -164,7 +164,10 @@ fn own_traceparent(span: &tracing::Span) -> Option<TraceParent> {
     )
 }
 
-pub(crate) fn continue_trace(span: &tracing::Span, parent: Option<TraceParent>) -> Option<TraceParent> {
+pub(crate) fn continue_trace(
+    span: &tracing::Span,
+    parent: Option<TraceParent>,
+) -> Option<TraceParent> {
     let context = match parent {
         Some(parent) => Context::new().with_remote_span_context(span_context(parent)),
         // A root: not a child of whatever span happens to be current.
@@ -194,7 +197,10 @@ mod tests {
     fn the_traces_path_is_appended_once() {
         assert_eq!(traces_url("http://c:4318"), "http://c:4318/v1/traces");
         assert_eq!(traces_url("http://c:4318/"), "http://c:4318/v1/traces");
-        assert_eq!(traces_url("http://c:4318/v1/traces"), "http://c:4318/v1/traces");
+        assert_eq!(
+            traces_url("http://c:4318/v1/traces"),
+            "http://c:4318/v1/traces"
+        );
     }
 
     #[test]

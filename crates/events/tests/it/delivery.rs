@@ -1,9 +1,10 @@
 //! Webhook delivery end to end: real Redis, a real video worker producing completion events,
 //! the dispatcher and delivery worker, and real HTTP receivers.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
+use klingq_core::TraceParent;
 use klingq_core::job::now_ms;
 use klingq_events::{
     AttemptOutcome, DeliveryQuery, DeliveryStatus, EndpointConfig, ReplayMode, disabled_endpoints,
@@ -213,6 +214,11 @@ async fn events_reach_job_batch_and_global_endpoints_signed_and_once() {
         types(&at_batches_only),
         BTreeMap::from([("batch.completed".to_owned(), 1)])
     );
+    // Jobs enqueued without a trace, and batch events, still name a (new) trace per delivery.
+    for request in at_global.iter().chain(&at_batches_only) {
+        let header = request.traceparent.as_deref().unwrap_or_default();
+        assert!(header.parse::<TraceParent>().is_ok(), "{request:?}");
+    }
     let completed = at_batch
         .iter()
         .find(|r| r.json()["type"] == "batch.completed")
@@ -252,14 +258,14 @@ async fn every_event_arrives_after_the_receiver_was_down_for_a_while() {
     );
     let video_worker = spawn_video_worker(&queue);
     let mut ids = Vec::new();
+    let mut traces = HashMap::new();
     for _ in 0..3 {
-        ids.push(
-            queue
-                .enqueue(&video_job(Some(&url), Ending::Succeed), None)
-                .await
-                .unwrap()
-                .id,
-        );
+        let mut job = video_job(Some(&url), Ending::Succeed);
+        let trace = TraceParent::new_root();
+        job.trace = Some(trace);
+        let id = queue.enqueue(&job, None).await.unwrap().id;
+        traces.insert(id.clone(), trace);
+        ids.push(id);
     }
     // Nobody listens yet: every delivery fails and is retried.
     wait_for("every delivery to fail twice", WAIT, || async {
@@ -288,6 +294,20 @@ async fn every_event_arrives_after_the_receiver_was_down_for_a_while() {
         .map(|r| r.json()["data"]["job_id"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(subjects, ids.iter().cloned().collect());
+    // After retries, each delivery still continues its job's trace, as a child span.
+    for request in &received {
+        let job_id = request.json()["data"]["job_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let header: TraceParent = request
+            .traceparent
+            .as_deref()
+            .unwrap_or_else(|| panic!("no traceparent on {request:?}"))
+            .parse()
+            .unwrap();
+        assert_eq!(header.trace_id(), traces[&job_id].trace_id());
+    }
     for delivery in delivered {
         let detail = get_delivery(&queue, &delivery.id).await.unwrap().unwrap();
         let log = &detail.attempts_log;

@@ -73,6 +73,8 @@ pub(crate) struct Received {
     pub(crate) path: String,
     pub(crate) id: String,
     pub(crate) timestamp: String,
+    /// The `traceparent` header.
+    pub(crate) traceparent: Option<String>,
     pub(crate) body: String,
     /// How many of the path's secrets produced one of the request's signatures.
     pub(crate) n_secrets_matched: usize,
@@ -243,6 +245,10 @@ async fn receive(
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned(),
+        traceparent: headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
         body: String::from_utf8_lossy(&body).into_owned(),
         n_secrets_matched,
         at: Instant::now(),

@@ -438,6 +438,86 @@ async fn retried_posts_with_an_idempotency_key_return_the_same_id() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_traceparent_header_starts_the_job_s_trace_and_each_batch_job_has_its_own() {
+    let server = Server::start("api-trace").await;
+    let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let post_job = |traceparent: Option<&'static str>, n: usize| {
+        let mut request = server.post("/v1/jobs").json(&job(n));
+        if let Some(value) = traceparent {
+            request = request.header("traceparent", value);
+        }
+        request.send()
+    };
+    let trace_of = |id: Value| {
+        let server = &server;
+        async move {
+            let (status, view) = server
+                .get_json(&format!("/v1/jobs/{}", id.as_str().unwrap()))
+                .await;
+            assert_eq!(status, StatusCode::OK);
+            view["trace_id"].as_str().unwrap().to_owned()
+        }
+    };
+    let is_trace_id = |id: &str| {
+        id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) && id != "0".repeat(32)
+    };
+
+    // The caller's trace continues into the job.
+    let traced: Value = post_job(Some(caller), 1)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        trace_of(traced["id"].clone()).await,
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+    // No header, or an invalid one (ignored, as Trace Context says): a trace of its own.
+    let mut own = Vec::new();
+    for header in [None, Some("00-zz-not-a-trace-01")] {
+        let response = post_job(header, 2).await.unwrap();
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        let body: Value = response.json().await.unwrap();
+        let trace_id = trace_of(body["id"].clone()).await;
+        assert!(is_trace_id(&trace_id), "{trace_id}");
+        assert_ne!(trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        own.push(trace_id);
+    }
+    assert_ne!(own[0], own[1]);
+
+    // A batch: every job is a trace of its own, whatever the request's trace.
+    let response = server
+        .post("/v1/batches")
+        .header("traceparent", caller)
+        .json(&json!([job(1), job(2), job(3)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let batch: Value = response.json().await.unwrap();
+    let (_, page) = server
+        .get_json(&format!(
+            "/v1/batches/{}/jobs",
+            batch["id"].as_str().unwrap()
+        ))
+        .await;
+    let traces: std::collections::HashSet<String> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|view| view["trace_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(traces.len(), 3, "{page}");
+    assert!(
+        traces
+            .iter()
+            .all(|t| is_trace_id(t) && !t.starts_with("4bf92f35"))
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_in_every_form_with_pagination_and_cancel() {
     let server = Server::start("api-batches").await;
     // A JSON array.
