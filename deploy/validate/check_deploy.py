@@ -44,9 +44,16 @@ EXTRA_ENV = {
     "KLINGQ_CONFIG",
     "KLINGQ_WEBHOOK_SECRET",
     "KLINGQ_WEBHOOK_ALLOW_CIDRS",
-}
+} | set(
+    # The OpenTelemetry SDK's own variables (builds with the `otlp` feature).
+    "OTEL_EXPORTER_OTLP_ENDPOINT OTEL_EXPORTER_OTLP_TRACES_ENDPOINT OTEL_EXPORTER_OTLP_HEADERS "
+    "OTEL_EXPORTER_OTLP_TIMEOUT OTEL_SERVICE_NAME OTEL_RESOURCE_ATTRIBUTES OTEL_TRACES_SAMPLER "
+    "OTEL_TRACES_SAMPLER_ARG OTEL_BSP_SCHEDULE_DELAY OTEL_BSP_MAX_QUEUE_SIZE".split()
+)
 # `<VAR>_FILE` is read for settings only, not for the variables the AWS SDK reads itself.
-NO_FILE_VARIANT = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RUST_LOG", "KLINGQ_CONFIG"}
+NO_FILE_VARIANT = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RUST_LOG", "KLINGQ_CONFIG"} | {
+    name for name in EXTRA_ENV if name.startswith("OTEL_")
+}
 
 # Grace the kubelet/Docker must leave beyond the worker's own shutdown grace.
 MIN_GRACE_MARGIN_SECS = 10

@@ -772,6 +772,9 @@ fn job_text(job: &JobView) -> String {
     if let Some(batch) = &job.batch_id {
         line("batch", batch);
     }
+    if let Some(trace) = &job.trace_id {
+        line("trace", trace);
+    }
     line(
         "attempts",
         &format!("{} of {}", job.attempts, job.max_attempts),

@@ -148,6 +148,31 @@ async fn enqueue_prints_the_id_and_status_and_cancel_show_the_job() {
         human.contains("state") && human.contains("queued"),
         "{human}"
     );
+    // Without a caller's trace the job has one of its own; TRACEPARENT passes the caller's on.
+    let own_trace = job["trace_id"].as_str().unwrap();
+    assert!(
+        human.contains(&format!("trace         {own_trace}")),
+        "{human}"
+    );
+    let traced = cli
+        .command(&[
+            "enqueue",
+            "--image",
+            "https://e.com/t.png",
+            "--prompt",
+            "traced",
+        ])
+        .env(
+            "TRACEPARENT",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
+        .output()
+        .unwrap();
+    assert!(traced.status.success(), "{}", stderr(&traced));
+    let traced_id = String::from_utf8(traced.stdout).unwrap().trim().to_owned();
+    let traced = cli.json(&["status", &traced_id, "--json"]);
+    assert_eq!(traced["trace_id"], "0af7651916cd43dd8448eb211c80319c");
+    assert_ne!(own_trace, "0af7651916cd43dd8448eb211c80319c");
 
     // --json FILE takes a nested job; `-` reads a bare request from stdin.
     let file = cli.file(

@@ -162,7 +162,8 @@ pub(crate) struct JobListQuery {
     /// Only jobs of this batch (listed in enqueue order).
     #[param(format = "uuid")]
     batch_id: Option<String>,
-    /// Text to look for: a prefix of the job id, or text in its metadata (case-insensitive).
+    /// Text to look for: a prefix of the job id or of its trace id, or text in its metadata
+    /// (case-insensitive).
     #[param(max_length = 200)]
     q: Option<String>,
     /// Jobs to skip: the previous page's `next_offset` (default 0).
@@ -175,7 +176,13 @@ pub(crate) struct JobListQuery {
 
 /// Whether a job matches the search text (already lowercased).
 fn matches_text(item: &JobListItem, text: &str) -> bool {
-    if item.job.id.to_ascii_lowercase().starts_with(text) {
+    if item.job.id.to_ascii_lowercase().starts_with(text)
+        || item
+            .job
+            .trace_id
+            .as_deref()
+            .is_some_and(|t| t.starts_with(text))
+    {
         return true;
     }
     item.job

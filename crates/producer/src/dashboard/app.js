@@ -322,7 +322,8 @@ async function refreshJobs() {
   const page = await api('/v1/jobs?' + params.toString());
   const rows = page.items.map((job) => el('tr', { 'data-job-id': job.id, 'data-state': job.state },
     el('td', {}, el('code', { title: job.id }, shortId(job.id)),
-      job.batch_id ? el('div', { class: 'muted' }, 'batch ', el('code', { title: job.batch_id }, shortId(job.batch_id))) : null),
+      job.batch_id ? el('div', { class: 'muted' }, 'batch ', el('code', { title: job.batch_id }, shortId(job.batch_id))) : null,
+      job.trace_id ? el('div', { class: 'muted' }, 'trace ', el('code', { title: job.trace_id }, job.trace_id.slice(0, 8))) : null),
     el('td', {}, el('span', { class: stateClass(job.state) }, job.state),
       job.attempts > 1 ? el('div', { class: 'muted' }, `attempt ${job.attempts}/${job.max_attempts}`) : null),
     el('td', {}, stepTimings(job)),

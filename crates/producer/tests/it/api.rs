@@ -473,6 +473,11 @@ async fn a_traceparent_header_starts_the_job_s_trace_and_each_batch_job_has_its_
         trace_of(traced["id"].clone()).await,
         "4bf92f3577b34da6a3ce929d0e0e4736"
     );
+    // An operator finds the job from a trace id seen in a tracing backend.
+    let (_, found) = server.get_json("/v1/jobs?q=4bf92f3577b3").await;
+    let found: Vec<&Value> = found["items"].as_array().unwrap().iter().collect();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["id"], traced["id"]);
     // No header, or an invalid one (ignored, as Trace Context says): a trace of its own.
     let mut own = Vec::new();
     for header in [None, Some("00-zz-not-a-trace-01")] {
