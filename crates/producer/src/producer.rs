@@ -240,7 +240,7 @@ impl Producer {
                     .map(|batch_key| format!("batch:{batch_key}:{index}"))
             });
             let mut job = self.new_job(spec, key)?;
-            job.trace = Some(klingq_telemetry::new_job_trace(&span, &job.id.to_string()));
+            job.trace = Some(klingq_telemetry::new_job_trace(&span, &job.id));
             estimated_micros += job.estimated_micros;
             new_jobs.push(job);
         }

@@ -213,7 +213,7 @@ pub fn continue_trace(span: &tracing::Span, parent: Option<TraceParent>) -> Trac
 
 /// A new trace for one job of a batch: the job's own trace, whose root span (exported when
 /// export is on) links to `batch`, the span of the request that enqueued the batch.
-pub fn new_job_trace(batch: &tracing::Span, job_id: &str) -> TraceParent {
+pub fn new_job_trace(batch: &tracing::Span, job_id: &dyn std::fmt::Display) -> TraceParent {
     #[cfg(feature = "otlp")]
     if EXPORTING.load(Ordering::Relaxed)
         && let Some(own) = otlp::linked_root(batch, job_id)
@@ -240,7 +240,7 @@ mod tests {
         assert_eq!(continue_trace(&span, Some(parent)), parent);
         let root = continue_trace(&span, None);
         assert_ne!(root.trace_id(), parent.trace_id());
-        assert_ne!(new_job_trace(&span, "job").trace_id(), root.trace_id());
+        assert_ne!(new_job_trace(&span, &"job").trace_id(), root.trace_id());
     }
 
     #[test]
