@@ -397,3 +397,38 @@ async fn each_job_is_one_trace_from_enqueue_to_webhook_across_processes() {
     processes.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_collector_costs_spans_not_jobs() {
+    require_shared_redis().await.unwrap();
+    let namespace = unique_namespace("trace-down");
+    let dir = std::env::temp_dir().join(format!("klingq-trace-down-{namespace}"));
+    // Nothing listens there: every export fails.
+    let collector = format!("http://127.0.0.1:{}", free_port());
+    let output = Command::new(env!("CARGO_BIN_EXE_klingq"))
+        .args(["demo", "--jobs", "3", "--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.join("s3"))
+        .env_remove("KLINGQ_CONFIG")
+        .env_remove("RUNFLOW_API_KEY")
+        .env("KLINGQ_REDIS_URL", redis_url())
+        .env("KLINGQ_NAMESPACE", &namespace)
+        .env("KLINGQ_OTLP_ENDPOINT", &collector)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{}\n{stdout}\n{stderr}",
+        output.status
+    );
+    assert!(stdout.contains("3 of 3 succeeded"), "{stdout}");
+    // The failed exports are reported.
+    assert!(stderr.contains("export failed"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -26,6 +26,8 @@ use crate::{TelemetryConfig, TelemetryError};
 
 /// The longest an export request may take; the collector being down only drops spans.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest the last export may hold up the process's exit.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The running exporter: the tracer provider and the tracer the layer uses.
 #[derive(Debug)]
@@ -80,11 +82,15 @@ impl Exporter {
             .with_threads(false)
     }
 
-    /// Exports what is buffered, then stops. The processor's thread sends through the Tokio
-    /// runtime, so it waits on a blocking thread, never on a runtime worker.
+    /// Exports what is buffered, then stops; gives up after [`SHUTDOWN_TIMEOUT`] so an
+    /// unreachable collector cannot hold up a worker's exit past its orchestrator's grace.
+    /// The processor's thread sends through the Tokio runtime, so this waits on a blocking
+    /// thread, never on a runtime worker.
     pub(crate) async fn shutdown(self) {
         let provider = self.provider;
-        let result = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+        let result =
+            tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT))
+                .await;
         if let Ok(Err(error)) = result {
             eprintln!("warning: exporting the last spans failed: {error}");
         }
