@@ -82,7 +82,9 @@ async fn stats_job_search_and_batch_pages() {
     assert_eq!(ids(&page), vec![single_id.clone()]);
     let (_, page) = server.get_json("/v1/jobs?q=ACME%20corp").await;
     assert_eq!(ids(&page).len(), 3);
-    let prefix = &single_id[..20];
+    // UUIDv7 ids made in the same millisecond share their first ~23 characters (time and
+    // counter): only a longer prefix names one job.
+    let prefix = &single_id[..32];
     let (_, page) = server.get_json(&format!("/v1/jobs?q={prefix}")).await;
     assert_eq!(ids(&page), vec![single_id.clone()]);
     let (_, page) = server
