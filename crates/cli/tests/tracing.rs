@@ -134,6 +134,29 @@ impl Processes {
     }
 }
 
+/// Sends `request` and reads its JSON answer.
+async fn json_of(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
+/// The built `klingq` with `args`, in `namespace` on the shared Redis, exporting spans to
+/// `collector` every 100 ms (rather than every 5 s), logging warnings only: logs are filtered,
+/// spans are exported regardless.
+fn klingq(args: &[&str], namespace: &str, collector: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_klingq"));
+    command
+        .args(args)
+        .env_remove("KLINGQ_CONFIG")
+        .env("KLINGQ_REDIS_URL", redis_url())
+        .env("KLINGQ_NAMESPACE", namespace)
+        .env("KLINGQ_OTLP_ENDPOINT", collector)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
 fn span<'a>(spans: &'a [Span], what: &str, test: impl Fn(&Span) -> bool) -> &'a Span {
     spans
         .iter()
@@ -159,18 +182,9 @@ async fn each_job_is_one_trace_from_enqueue_to_webhook_across_processes() {
     let worker_log = dir.join("worker.log");
 
     let command = |args: &[&str]| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_klingq"));
+        let mut command = klingq(args, &namespace, &receiver);
         command
-            .args(args)
-            .env_remove("KLINGQ_CONFIG")
             .env_remove("OTEL_SERVICE_NAME")
-            .env("KLINGQ_REDIS_URL", redis_url())
-            .env("KLINGQ_NAMESPACE", &namespace)
-            .env("KLINGQ_OTLP_ENDPOINT", &receiver)
-            // Export every 100 ms rather than every 5 s.
-            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-            // Logs are filtered; spans are exported regardless.
-            .env("RUST_LOG", "warn")
             .env("KLINGQ_PROVIDER_BASE_URL", sim.base_url())
             .env("RUNFLOW_API_KEY", "trace-key")
             .env("KLINGQ_S3_ENDPOINT", &s3.endpoint_url)
@@ -186,9 +200,7 @@ async fn each_job_is_one_trace_from_enqueue_to_webhook_across_processes() {
             .env("KLINGQ_WEBHOOK_ALLOW_CIDRS", "127.0.0.1/32")
             .env("KLINGQ_WORKER_HEALTH_BIND", "")
             .env("KLINGQ_BLOCK_TIMEOUT_MS", "200")
-            .env("KLINGQ_PROMOTE_INTERVAL_MS", "50")
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
+            .env("KLINGQ_PROMOTE_INTERVAL_MS", "50");
         command
     };
     let serve = command(&["serve", "--bind", &format!("127.0.0.1:{api_port}")])
@@ -225,42 +237,30 @@ async fn each_job_is_one_trace_from_enqueue_to_webhook_across_processes() {
 
     // One job continuing the caller's trace, and a batch of two.
     let hook_url = format!("{receiver}/hook");
-    let single: Value = client
-        .post(format!("{api}/v1/jobs"))
-        .header("traceparent", format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01"))
-        .json(
-            &json!({"start_image_url": "https://example.com/a.png", "prompt": "traced",
-            "webhook_url": hook_url}),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let batch: Value = client
-        .post(format!("{api}/v1/batches?webhook_url={hook_url}"))
-        .json(&json!([
-            {"start_image_url": "https://example.com/b.png", "prompt": "batch one"},
-            {"start_image_url": "https://example.com/c.png", "prompt": "batch two"},
-        ]))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let page: Value = client
-        .get(format!(
-            "{api}/v1/batches/{}/jobs",
-            batch["id"].as_str().unwrap()
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let single = json_of(
+        client
+            .post(format!("{api}/v1/jobs"))
+            .header("traceparent", format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01"))
+            .json(
+                &json!({"start_image_url": "https://example.com/a.png", "prompt": "traced",
+                "webhook_url": hook_url}),
+            ),
+    )
+    .await;
+    let batch = json_of(
+        client
+            .post(format!("{api}/v1/batches?webhook_url={hook_url}"))
+            .json(&json!([
+                {"start_image_url": "https://example.com/b.png", "prompt": "batch one"},
+                {"start_image_url": "https://example.com/c.png", "prompt": "batch two"},
+            ])),
+    )
+    .await;
+    let page = json_of(client.get(format!(
+        "{api}/v1/batches/{}/jobs",
+        batch["id"].as_str().unwrap()
+    )))
+    .await;
     let mut jobs = vec![single["id"].as_str().unwrap().to_owned()];
     jobs.extend(
         page["items"]
@@ -291,14 +291,7 @@ async fn each_job_is_one_trace_from_enqueue_to_webhook_across_processes() {
     .unwrap();
     let mut traces = Vec::new();
     for id in &jobs {
-        let view: Value = client
-            .get(format!("{api}/v1/jobs/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let view = json_of(client.get(format!("{api}/v1/jobs/{id}"))).await;
         assert_eq!(view["state"], "succeeded", "{view}");
         traces.push(view["trace_id"].as_str().unwrap().to_owned());
     }
@@ -405,21 +398,16 @@ async fn an_unreachable_collector_costs_spans_not_jobs() {
     let dir = std::env::temp_dir().join(format!("klingq-trace-down-{namespace}"));
     // Nothing listens there: every export fails.
     let collector = format!("http://127.0.0.1:{}", free_port());
-    let output = Command::new(env!("CARGO_BIN_EXE_klingq"))
-        .args(["demo", "--jobs", "3", "--bind", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.join("s3"))
-        .env_remove("KLINGQ_CONFIG")
-        .env_remove("RUNFLOW_API_KEY")
-        .env("KLINGQ_REDIS_URL", redis_url())
-        .env("KLINGQ_NAMESPACE", &namespace)
-        .env("KLINGQ_OTLP_ENDPOINT", &collector)
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .unwrap();
+    let output = klingq(
+        &["demo", "--jobs", "3", "--bind", "127.0.0.1:0", "--data-dir"],
+        &namespace,
+        &collector,
+    )
+    .arg(dir.join("s3"))
+    .env_remove("RUNFLOW_API_KEY")
+    .output()
+    .await
+    .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(

@@ -49,16 +49,6 @@ impl TraceParent {
         parent.is_valid().then_some(parent)
     }
 
-    /// A new span in the same trace, with the same flags.
-    pub fn child(&self) -> Self {
-        loop {
-            let span_id: [u8; 8] = rand::random();
-            if span_id != [0; 8] {
-                return Self { span_id, ..*self };
-            }
-        }
-    }
-
     pub fn trace_id(&self) -> [u8; 16] {
         self.trace_id
     }
@@ -69,11 +59,7 @@ impl TraceParent {
 
     /// The trace id as 32 lowercase hex digits: what tracing backends search by.
     pub fn trace_id_hex(&self) -> String {
-        hex(&self.trace_id)
-    }
-
-    pub fn span_id_hex(&self) -> String {
-        hex(&self.span_id)
+        hex::encode(self.trace_id)
     }
 
     pub fn is_sampled(&self) -> bool {
@@ -90,9 +76,10 @@ impl fmt::Display for TraceParent {
         // Written into one buffer: a batch formats one per job.
         let mut out = [b'-'; 55];
         out[..2].copy_from_slice(b"00");
-        hex_into(&self.trace_id, &mut out[3..35]);
-        hex_into(&self.span_id, &mut out[36..52]);
-        hex_into(&[self.flags], &mut out[53..55]);
+        let filled = hex::encode_to_slice(self.trace_id, &mut out[3..35])
+            .and(hex::encode_to_slice(self.span_id, &mut out[36..52]))
+            .and(hex::encode_to_slice([self.flags], &mut out[53..55]));
+        filled.map_err(|_| fmt::Error)?;
         f.write_str(std::str::from_utf8(&out).map_err(|_| fmt::Error)?)
     }
 }
@@ -168,35 +155,13 @@ impl<'de> serde::Deserialize<'de> for TraceParent {
     }
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
-fn hex_into(bytes: &[u8], out: &mut [u8]) {
-    for (i, byte) in bytes.iter().enumerate() {
-        out[2 * i] = HEX[usize::from(byte >> 4)];
-        out[2 * i + 1] = HEX[usize::from(byte & 0x0f)];
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    let mut out = vec![0u8; 2 * bytes.len()];
-    hex_into(bytes, &mut out);
-    String::from_utf8(out).expect("hex digits are ASCII")
-}
-
+/// `text` as N bytes of lower-case hex (the specification refuses upper case; `hex` takes both).
 fn parse_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
-    let digits = text.as_bytes();
-    if digits.len() != 2 * N {
+    if !text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
     }
-    let nibble = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
     let mut out = [0u8; N];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = nibble(digits[2 * i])? << 4 | nibble(digits[2 * i + 1])?;
-    }
+    hex::decode_to_slice(text, &mut out).ok()?;
     Some(out)
 }
 
@@ -210,7 +175,10 @@ mod tests {
     fn the_specification_example_round_trips() {
         let parent: TraceParent = EXAMPLE.parse().unwrap();
         assert_eq!(parent.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(parent.span_id_hex(), "00f067aa0ba902b7");
+        assert_eq!(
+            parent.span_id(),
+            [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]
+        );
         assert!(parent.is_sampled());
         assert_eq!(parent.to_string(), EXAMPLE);
         let json = serde_json::to_string(&parent).unwrap();
@@ -271,11 +239,8 @@ mod tests {
     }
 
     #[test]
-    fn children_keep_the_trace_and_roots_differ() {
+    fn roots_differ_and_round_trip() {
         let root = TraceParent::new_root();
-        let child = root.child();
-        assert_eq!(child.trace_id(), root.trace_id());
-        assert_ne!(child.span_id(), root.span_id());
         assert_ne!(TraceParent::new_root().trace_id(), root.trace_id());
         assert_eq!(root.to_string().parse::<TraceParent>().unwrap(), root);
         assert!(TraceParent::from_ids([0; 16], [1; 8], true).is_none());

@@ -346,7 +346,7 @@ pub async fn replay_delivery(
             new_job.id = JobId::new();
             new_job.max_attempts = Some(record.max_attempts.max(1));
             // The replay belongs to the same job's trace as the delivery it copies.
-            new_job.trace = record.trace.as_deref().and_then(|t| t.parse().ok());
+            new_job.trace = record.trace;
             let enqueued = deliveries.enqueue(&new_job, None).await?;
             tracing::info!(
                 delivery_id,

@@ -549,7 +549,7 @@ impl Producer {
                     id: field("id"),
                     event_type: field("type"),
                     body: field("event"),
-                    trace: entry.get::<String>("trace").filter(|t| !t.is_empty()),
+                    trace: entry.get::<String>("trace").and_then(|t| t.parse().ok()),
                     cursor: entry.id.clone(),
                 }
                 .into()

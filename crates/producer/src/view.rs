@@ -8,8 +8,7 @@ use std::collections::BTreeMap;
 use klingq_core::cost::micros_to_usd;
 use klingq_core::job::format_ms;
 use klingq_core::{
-    Checkpoint, FieldError, JobError, JobSpec, JobState, Priority, StoredVideo, TraceParent,
-    redact_url,
+    Checkpoint, FieldError, JobError, JobSpec, JobState, Priority, StoredVideo, redact_url,
 };
 use klingq_queue::{BatchRecord, JobRecord, StoredEvent};
 use serde::{Deserialize, Serialize};
@@ -200,10 +199,7 @@ impl JobView {
             provider,
             video: checkpoint.video.map(VideoView::from),
             error: record.error.map(ErrorView::from),
-            trace_id: record
-                .trace
-                .and_then(|trace| trace.parse::<TraceParent>().ok())
-                .map(|trace| trace.trace_id_hex()),
+            trace_id: record.trace.map(|trace| trace.trace_id_hex()),
         }
     }
 }

@@ -696,7 +696,7 @@ impl Queue {
                     id: field("id"),
                     event_type: field("type"),
                     body: field("event"),
-                    trace: fields.get("trace").filter(|t| !t.is_empty()).cloned(),
+                    trace: fields.get("trace").and_then(|t| t.parse().ok()),
                     cursor,
                 });
             }

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use klingq_core::{JobError, JobState, Priority};
+use klingq_core::{JobError, JobState, Priority, TraceParent};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -36,10 +36,10 @@ pub struct JobRecord {
     pub run_at_ms: Option<u64>,
     pub estimated_micros: u64,
     pub charged_micros: u64,
-    /// The `traceparent` of the span that enqueued the job; its trace id finds the job's
-    /// trace in a tracing backend.
+    /// The span that enqueued the job; its trace id finds the job's trace in a tracing
+    /// backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub trace: Option<String>,
+    pub trace: Option<TraceParent>,
 }
 
 impl JobRecord {
@@ -82,7 +82,7 @@ impl JobRecord {
             reason: text(&mut fields, "reason"),
             error: text(&mut fields, "error").and_then(|e| serde_json::from_str(&e).ok()),
             worker: text(&mut fields, "worker"),
-            trace: text(&mut fields, "trace"),
+            trace: text(&mut fields, "trace").and_then(|t| t.parse().ok()),
         })
     }
 }
@@ -178,7 +178,7 @@ pub struct StoredEvent {
     pub event_type: String,
     /// The event body, as published (compact JSON).
     pub body: String,
-    /// The `traceparent` of the job the event is about (none for batch events).
+    /// The trace of the job the event is about (none for batch events).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub trace: Option<String>,
+    pub trace: Option<TraceParent>,
 }

@@ -873,10 +873,10 @@ async fn reclaim_expired(
     Ok(())
 }
 
-/// Runs the start script on read entries: counts attempts and reads the jobs.
 /// Values per started entry in the start script's reply.
 const START_FIELDS: usize = 12;
 
+/// Runs the start script on read entries: counts attempts and reads the jobs.
 async fn start(shared: &Shared, entries: Entries) -> Result<Vec<Delivery>, QueueError> {
     if entries.is_empty() {
         return Ok(Vec::new());

@@ -307,7 +307,7 @@ async fn the_trace_context_rides_to_every_attempt_the_record_and_the_event() {
     assert_eq!(traces[&traced_id], vec![Some(trace), Some(trace)]);
     assert_eq!(traces[&untraced_id], vec![None]);
     let record = queue.job(&traced_id).await.unwrap().unwrap();
-    assert_eq!(record.trace, Some(trace.to_string()));
+    assert_eq!(record.trace, Some(trace));
     assert_eq!(queue.job(&untraced_id).await.unwrap().unwrap().trace, None);
     // The completion event carries the job's trace for its webhook deliveries.
     let events = queue.read_events("0", 10, None).await.unwrap();
@@ -315,10 +315,10 @@ async fn the_trace_context_rides_to_every_attempt_the_record_and_the_event() {
         events
             .iter()
             .find(|e| e.body.contains(id))
-            .map(|e| e.trace.clone())
+            .map(|e| e.trace)
             .unwrap_or_else(|| panic!("no event for {id}: {events:?}"))
     };
-    assert_eq!(trace_of(&traced_id), Some(trace.to_string()));
+    assert_eq!(trace_of(&traced_id), Some(trace));
     assert_eq!(trace_of(&untraced_id), None);
 }
 

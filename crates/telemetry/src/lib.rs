@@ -13,6 +13,7 @@
 #[cfg(feature = "otlp")]
 mod otlp;
 
+#[cfg(feature = "otlp")]
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use klingq_core::TraceParent;
@@ -39,12 +40,13 @@ const CRATES: [&str; 10] = [
 
 /// The environment variables the OpenTelemetry specification defines for an OTLP endpoint;
 /// either one configures export when `telemetry.otlp_endpoint` is empty.
-pub const OTEL_ENDPOINT_VARS: [&str; 2] = [
+const OTEL_ENDPOINT_VARS: [&str; 2] = [
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
     "OTEL_EXPORTER_OTLP_ENDPOINT",
 ];
 
 /// Whether spans are being exported (the OpenTelemetry layer is installed).
+#[cfg(feature = "otlp")]
 static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -168,18 +170,6 @@ pub fn init(config: &TelemetryConfig) -> (Telemetry, Option<TelemetryError>) {
 }
 
 impl Telemetry {
-    /// Whether spans are exported.
-    pub fn is_exporting(&self) -> bool {
-        #[cfg(feature = "otlp")]
-        {
-            self.exporter.is_some()
-        }
-        #[cfg(not(feature = "otlp"))]
-        {
-            false
-        }
-    }
-
     /// Exports what is buffered and stops exporting. Call before the process exits.
     pub async fn shutdown(self) {
         #[cfg(feature = "otlp")]
@@ -222,11 +212,6 @@ pub fn new_job_trace(batch: &tracing::Span, job_id: &dyn std::fmt::Display) -> T
     }
     let _ = (batch, job_id);
     TraceParent::new_root()
-}
-
-/// Whether spans are exported: the OTLP layer is installed and running.
-pub fn is_exporting() -> bool {
-    EXPORTING.load(Ordering::Relaxed)
 }
 
 #[cfg(test)]

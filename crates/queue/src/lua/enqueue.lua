@@ -1,7 +1,8 @@
 -- Enqueues jobs. ARGV[4]: queue; ARGV[5]: idempotency TTL (s); ARGV[6]: batch ('' for none);
 -- then per job 8 values: id, payload, prio, max_attempts, run_at_ms (0: now), idempotency key
--- ('' for none), estimated micros, traceparent ('' for none). Returns per job: 1 and its id when written, 0 and the
--- existing job's id when an idempotency key (or the same job id) matched.
+-- ('' for none), estimated micros, traceparent ('' for none). Returns per job: 1 and its id
+-- when written, 0 and the existing job's id when an idempotency key (or the same job id)
+-- matched.
 local queue, idem_ttl, batch = ARGV[4], ARGV[5], ARGV[6]
 local delayed = P .. ':q:' .. queue .. ':delayed'
 local out, index, batch_ids = {}, {}, {}

@@ -35,13 +35,13 @@ end
 
 -- `trace`: the subject job's traceparent, which its webhook deliveries continue (false: none).
 local function append_event(event_id, event_type, subject, body, trace)
+  local entry = { P .. ':events', 'MAXLEN', '~', MAXLEN, '*',
+    'id', event_id, 'type', event_type, 'subject', subject, 'event', body }
   if trace then
-    redis.call('XADD', P .. ':events', 'MAXLEN', '~', MAXLEN, '*',
-      'id', event_id, 'type', event_type, 'subject', subject, 'event', body, 'trace', trace)
-  else
-    redis.call('XADD', P .. ':events', 'MAXLEN', '~', MAXLEN, '*',
-      'id', event_id, 'type', event_type, 'subject', subject, 'event', body)
+    entry[#entry + 1] = 'trace'
+    entry[#entry + 1] = trace
   end
+  redis.call('XADD', unpack(entry))
 end
 
 -- Marks a batch done once it is sealed and every job in it is terminal, and publishes
