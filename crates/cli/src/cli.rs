@@ -105,10 +105,15 @@ pub(crate) fn exit_code_of(error: &anyhow::Error) -> u8 {
     }
 }
 
-pub(crate) async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+/// Runs the command. `settings` is the configuration as loaded once at startup; commands
+/// that need it report its error.
+pub(crate) async fn run(
+    cli: Cli,
+    settings: anyhow::Result<settings::Settings>,
+) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Bench(command) => {
-            let settings = settings::load(cli.config.as_deref())?;
+            let settings = settings?;
             bench::run(command, settings).await?;
         }
         Command::Config(ConfigCommand::Default) => print!("{}", settings::render_default_toml()),
@@ -121,7 +126,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", settings::effective_toml(cli.config.as_deref())?);
         }
         Command::Worker => {
-            let settings = settings::load(cli.config.as_deref())?;
+            let settings = settings?;
             let worker = klingq_worker::Worker::connect(
                 settings.worker_settings(),
                 std::time::Duration::from_secs(30),
@@ -143,11 +148,9 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             result?;
         }
         Command::Webhook(command) => return webhooks::run_webhook(command).await,
-        Command::Webhooks(command) => {
-            webhooks::run_webhooks(command, settings::load(cli.config.as_deref())?.queue).await?
-        }
+        Command::Webhooks(command) => webhooks::run_webhooks(command, settings?.queue).await?,
         Command::Demo(args) => {
-            return demo::run(args, settings::load(cli.config.as_deref())?).await;
+            return demo::run(args, settings?).await;
         }
         Command::Sim(args) => {
             klingq_sim::run(*args, async {
@@ -156,9 +159,9 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await?;
         }
         Command::Produce(command) => {
-            return produce::run(command, settings::load(cli.config.as_deref())?).await;
+            return produce::run(command, settings?).await;
         }
-        Command::Serve(args) => serve::run(args, settings::load(cli.config.as_deref())?).await?,
+        Command::Serve(args) => serve::run(args, settings?).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

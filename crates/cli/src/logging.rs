@@ -5,7 +5,7 @@
 use klingq_telemetry::TelemetryConfig;
 
 use crate::cli::{Cli, Command};
-use crate::settings;
+use crate::settings::Settings;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum LogFormat {
@@ -14,11 +14,11 @@ pub(crate) enum LogFormat {
     Json,
 }
 
-/// The process's telemetry settings. The command loads (and reports errors in) the same
-/// configuration; here a configuration that does not load only means no export.
-pub(crate) fn config(cli: &Cli) -> TelemetryConfig {
-    let telemetry = settings::load(cli.config.as_deref())
-        .map(|settings| settings.telemetry)
+/// The process's telemetry settings. A configuration that does not load only means no export
+/// here; the command that needs it reports the error.
+pub(crate) fn config(cli: &Cli, settings: Option<&Settings>) -> TelemetryConfig {
+    let telemetry = settings
+        .map(|settings| settings.telemetry.clone())
         .unwrap_or_default();
     TelemetryConfig {
         log_format: match cli.log_format {

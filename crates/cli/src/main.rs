@@ -28,11 +28,13 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         // Inside the runtime: the span exporter sends through it.
-        let (telemetry, problem) = klingq_telemetry::init(&logging::config(&args));
+        let settings = settings::load(args.config.as_deref());
+        let (telemetry, problem) =
+            klingq_telemetry::init(&logging::config(&args, settings.as_ref().ok()));
         if let Some(problem) = problem {
             tracing::warn!("{problem}; spans are not exported");
         }
-        let result = cli::run(args).await;
+        let result = cli::run(args, settings).await;
         telemetry.shutdown().await;
         match result {
             Ok(code) => code,
