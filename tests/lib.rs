@@ -57,6 +57,9 @@ impl E2eServices {
         storage.access_key_id = Some(SecretString::new(&self.s3_access_key));
         storage.secret_access_key = Some(SecretString::new(&self.s3_secret_key));
         storage.download_idle_timeout = Duration::from_secs(5);
+        // The simulator serves its videos on loopback, which the SSRF guard refuses unless
+        // allow-listed.
+        storage.download_allow_cidrs = vec!["127.0.0.0/8".to_owned(), "::1".to_owned()];
         let mut provider = ProviderConfig::for_tests(&self.sim_url, "e2e-key");
         provider.deadline = Duration::from_secs(120);
         WorkerSettings {

@@ -125,6 +125,8 @@ export KLINGQ_S3_FORCE_PATH_STYLE=true
 export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=testtesttest AWS_REGION=us-east-1
 export KLINGQ_WEBHOOK_SECRET="$secret"
 export KLINGQ_WEBHOOK_ALLOW_CIDRS=127.0.0.1/32
+# The simulator serves its videos on loopback, which the download's SSRF guard refuses otherwise.
+export KLINGQ_DOWNLOAD_ALLOW_CIDRS=127.0.0.0/8,::1
 export KLINGQ_WEBHOOK_RETRY_SCHEDULE="1s,2s,5s,10s,20s,30s,60s,60s,60s"
 export KLINGQ_LEASE_TIMEOUT_SECS=10
 export KLINGQ_RECLAIM_INTERVAL_SECS=2

@@ -2,3 +2,4 @@
 
 mod pipeline;
 mod queue_processes;
+mod ssrf;

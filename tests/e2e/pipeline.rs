@@ -322,6 +322,33 @@ async fn moderation_fails_the_job_with_the_provider_code_and_no_charge() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_error_that_echoes_the_api_key_is_scrubbed_from_record_and_event() {
+    let (env, _) = env("echo-auth", SimConfig::fast(), false).await;
+    let ids = enqueue(&env, &["an echoing provider [[sim:echo-auth]]".to_owned()]).await;
+    let worker = InProcessWorker::start(&env).await;
+    let records = wait_terminal(&env.queue, &ids, Duration::from_secs(60)).await;
+    worker.stop().await;
+    let record = &records[0];
+    assert_eq!(record.state, JobState::Failed);
+    let error = record.error.as_ref().unwrap();
+    assert_eq!(error.code, "INVALID_REQUEST");
+    assert!(
+        error.message.contains("Authorization: Bearer [redacted]"),
+        "{}",
+        error.message
+    );
+    assert!(!error.message.contains("e2e-key"), "{}", error.message);
+    let events = env.queue.read_events("0", 100, None).await.unwrap();
+    let failed: Vec<_> = events
+        .iter()
+        .filter(|e| e.event_type == "job.failed")
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert!(failed[0].body.contains("[redacted]"), "{}", failed[0].body);
+    assert!(!failed[0].body.contains("e2e-key"), "{}", failed[0].body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_credit_pauses_submissions_until_credit_returns() {
     let (env, _) = env("credit", SimConfig::fast(), false).await;
     env.sim.set_balance_usd(0.0);
@@ -554,6 +581,8 @@ async fn worker_metrics_parse_and_carry_every_named_metric() {
         "klingq_webhook_deliveries_total{outcome=\"succeeded\"}",
         "klingq_provider_limit_cap",
         "klingq_bytes_rehosted_total",
+        "klingq_provider_slot_releases_pending",
+        "klingq_provider_slot_releases_deferred_total",
     ] {
         assert!(
             samples.iter().any(|(sample, _)| sample == name),

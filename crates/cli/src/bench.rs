@@ -356,6 +356,12 @@ impl Drop for SimProcess {
     }
 }
 
+/// The simulator serves its videos on loopback, which the download's SSRF guard refuses unless
+/// allow-listed.
+fn allow_loopback_downloads(storage: &mut klingq_storage::StorageConfig) {
+    storage.download_allow_cidrs.push("127.0.0.0/8".to_owned());
+}
+
 /// Resets the peak-RSS mark (Linux: `/proc/self/clear_refs`), so the next peak is a step's own.
 fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -373,7 +379,9 @@ struct RehostFigures {
 }
 
 async fn rehost_bench(args: RehostBenchArgs, settings: Settings) -> anyhow::Result<()> {
-    let store = klingq_storage::VideoStore::new(settings.storage.clone())
+    let mut storage = settings.storage.clone();
+    allow_loopback_downloads(&mut storage);
+    let store = klingq_storage::VideoStore::new(storage)
         .await
         .context("building the S3 client (set KLINGQ_S3_ENDPOINT, KLINGQ_S3_BUCKET and AWS_* for an S3-compatible store)")?;
     store.ensure_bucket().await.context("creating the bucket")?;
@@ -526,6 +534,7 @@ async fn inflight_bench(args: InflightBenchArgs, settings: Settings) -> anyhow::
     .await?;
     let mut worker_settings = settings.worker_settings();
     worker_settings.queue.namespace = format!("bench-inflight-{}", klingq_core::job::now_ms());
+    allow_loopback_downloads(&mut worker_settings.storage);
     worker_settings.provider.base_url = sim.base_url.clone();
     worker_settings.provider.api_key = "bench".into();
     worker_settings.worker.concurrency = args.jobs as usize;
@@ -770,6 +779,7 @@ async fn pipeline_bench(args: PipelineBenchArgs, settings: Settings) -> anyhow::
     let mut provider = klingq_provider::ProviderConfig::for_tests(sim.base_url.clone(), "bench");
     provider.deadline = Duration::from_secs(600);
     worker_settings.provider = provider;
+    allow_loopback_downloads(&mut worker_settings.storage);
     worker_settings.worker.concurrency = args.concurrency;
     worker_settings.worker.provider_concurrency = args.concurrency as u64 * 4;
     worker_settings.worker.health_bind = String::new();

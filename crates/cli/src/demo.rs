@@ -157,6 +157,9 @@ pub(crate) async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Resul
         settings.storage.access_key_id = Some(klingq_storage::SecretString::new(&s3.access_key));
         settings.storage.secret_access_key =
             Some(klingq_storage::SecretString::new(&s3.secret_key));
+        // The simulator serves its videos on loopback, which the download's SSRF guard
+        // refuses unless allow-listed.
+        settings.storage.download_allow_cidrs = vec!["127.0.0.0/8".to_owned(), "::1".to_owned()];
         println!(
             "klingq demo: no RUNFLOW_API_KEY and S3 settings: using the simulator ({}) and an embedded S3 store in {}",
             sim.base_url(),

@@ -16,6 +16,17 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
+    // Secrets that reach the process other than through klingq's settings (the AWS SDK reads
+    // its own): the error scrubber removes them from every text too.
+    for name in [
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "RUNFLOW_API_KEY",
+    ] {
+        if let Ok(value) = std::env::var(name) {
+            klingq_core::scrub::register_secret(&value);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

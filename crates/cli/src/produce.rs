@@ -13,13 +13,13 @@ use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use klingq_core::{CostModel, JobState, ValidationErrors};
-use klingq_producer::input::{FileEntry, parse_csv, parse_job, parse_json_lines};
+use klingq_producer::input::{json_lines, json_lines_text, parse_csv, parse_job};
 use klingq_producer::view::{
     BatchView, ErrorBody, ErrorDetail, ErrorInfo, EventView, JobPage, JobView,
 };
 use klingq_producer::{
-    BatchErrors, BatchOptions, EntryErrors, Producer, ProducerError, RedriveTarget,
-    batch_error_details, check_batch_options,
+    BatchCheck, BatchErrors, BatchOptions, CappedErrors, MAX_ERROR_DETAILS, Producer,
+    ProducerError, RedriveTarget, batch_error_details,
 };
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -27,7 +27,8 @@ use serde_json::{Map, Value};
 use crate::cli::{InvalidInput, shutdown_signal};
 use crate::settings::Settings;
 
-/// At most this many errors are listed on stderr; `--json` lists them all.
+/// At most this many errors are listed on stderr; `--json` lists up to
+/// [`MAX_ERROR_DETAILS`].
 const MAX_LISTED_ERRORS: usize = 200;
 
 #[derive(Debug, Subcommand)]
@@ -337,13 +338,21 @@ fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
 /// Invalid input: with `--json`, the API's error body on stdout; the error (exit code 2) on
 /// stderr either way.
 fn invalid(json: bool, message: String, details: Vec<ErrorDetail>) -> anyhow::Error {
+    invalid_capped(json, message, details.into_iter().collect())
+}
+
+/// [`invalid`] with a capped list: `--json` lists the first [`MAX_ERROR_DETAILS`] errors, with
+/// `truncated` and `total_details`.
+fn invalid_capped(json: bool, message: String, details: CappedErrors) -> anyhow::Error {
     if json {
+        let total = details.total();
         let body = ErrorBody {
-            error: ErrorInfo {
-                code: "validation_failed".to_owned(),
-                message: message.lines().next().unwrap_or_default().to_owned(),
-                details,
-            },
+            error: ErrorInfo::new(
+                "validation_failed",
+                message.lines().next().unwrap_or_default(),
+                details.into_details(),
+                total,
+            ),
         };
         if let Err(error) = print_json(&body) {
             return error;
@@ -352,23 +361,40 @@ fn invalid(json: bool, message: String, details: Vec<ErrorDetail>) -> anyhow::Er
     InvalidInput(message).into()
 }
 
-/// Lists field errors, one a line, at most [`MAX_LISTED_ERRORS`].
-fn list_errors(out: &mut String, lines: impl Iterator<Item = String>) {
-    let mut n_lines = 0;
-    let mut n_more = 0;
+/// How many errors a list stands for.
+#[derive(Debug, Clone, Copy)]
+enum Total {
+    /// Exactly this many.
+    Exactly(usize),
+    /// More than the list holds, uncounted.
+    More,
+}
+
+/// Lists field errors, one a line, at most [`MAX_LISTED_ERRORS`], then says how many more
+/// there are.
+fn list_errors(out: &mut String, lines: impl Iterator<Item = String>, total: Total) {
+    let mut n_listed = 0;
+    let mut n_seen = 0;
     for line in lines {
-        if n_lines < MAX_LISTED_ERRORS {
+        n_seen += 1;
+        if n_listed < MAX_LISTED_ERRORS {
             out.push_str("\n  ");
             out.push_str(&line);
-            n_lines += 1;
-        } else {
-            n_more += 1;
+            n_listed += 1;
         }
     }
-    if n_more > 0 {
-        out.push_str(&format!(
-            "\n  ... and {n_more} more (--json lists them all)"
-        ));
+    let json_lists = if n_seen > n_listed {
+        format!("--json lists the first {}", n_seen.min(MAX_ERROR_DETAILS))
+    } else {
+        format!("the first {MAX_ERROR_DETAILS} are listed with --json")
+    };
+    match total {
+        Total::Exactly(total) if total > n_listed => out.push_str(&format!(
+            "\n  ... and {} more errors, {total} in all ({json_lists})",
+            total - n_listed
+        )),
+        Total::Exactly(_) => {}
+        Total::More => out.push_str(&format!("\n  ... and more errors ({json_lists})")),
     }
 }
 
@@ -413,7 +439,7 @@ async fn enqueue(args: EnqueueArgs, settings: &Settings, cost: CostModel) -> any
                     Vec::new(),
                 ));
             }
-            let text = read_input(path)?;
+            let text = read_input(path, json)?;
             let value: Value = serde_json::from_str(&text).map_err(|error| {
                 invalid(
                     json,
@@ -433,12 +459,9 @@ async fn enqueue(args: EnqueueArgs, settings: &Settings, cost: CostModel) -> any
                 Some(flag) if from_flags => format!("{flag}: {} [{}]", error.message, error.rule),
                 _ => error.to_string(),
             }),
+            Total::Exactly(errors.len()),
         );
-        invalid(
-            json,
-            message,
-            errors.into_iter().map(ErrorDetail::new).collect(),
-        )
+        invalid_capped(json, message, errors.into())
     })?;
     let producer = connect(settings, cost).await?;
     let accepted = match producer
@@ -446,10 +469,10 @@ async fn enqueue(args: EnqueueArgs, settings: &Settings, cost: CostModel) -> any
         .await
     {
         Err(ProducerError::Invalid(errors)) => {
-            return Err(invalid(
+            return Err(invalid_capped(
                 json,
                 format!("invalid job: {errors}"),
-                errors.into_iter().map(ErrorDetail::new).collect(),
+                errors.into(),
             ));
         }
         other => other?,
@@ -514,22 +537,40 @@ fn job_from_flags(args: &EnqueueArgs, json: bool) -> anyhow::Result<Value> {
     Ok(Value::Object(object))
 }
 
-fn read_input(path: &Path) -> anyhow::Result<String> {
-    if path == Path::new("-") {
-        let mut text = String::new();
+/// The input's text. Bytes that are not UTF-8 are invalid input (exit code 2), named by line
+/// and byte offset.
+fn read_input(path: &Path, json: bool) -> anyhow::Result<String> {
+    let bytes = if path == Path::new("-") {
+        let mut bytes = Vec::new();
         std::io::stdin()
-            .read_to_string(&mut text)
+            .read_to_end(&mut bytes)
             .context("reading stdin")?;
-        Ok(text)
+        bytes
     } else {
-        std::fs::read_to_string(path).map_err(|error| {
+        std::fs::read(path).map_err(|error| {
             if error.kind() == std::io::ErrorKind::NotFound {
-                InvalidInput(format!("{}: no such file", path.display())).into()
+                anyhow::Error::from(InvalidInput(format!("{}: no such file", path.display())))
             } else {
                 anyhow::Error::new(error).context(format!("reading {}", path.display()))
             }
-        })
-    }
+        })?
+    };
+    String::from_utf8(bytes).map_err(|error| {
+        let not_utf8 =
+            klingq_producer::input::NotUtf8::locate(error.as_bytes(), &error.utf8_error());
+        let mut detail = ErrorDetail::new(not_utf8.field_error());
+        detail.line = Some(not_utf8.line);
+        invalid(
+            json,
+            format!(
+                "{}: line {}: not valid UTF-8 at byte offset {}: is it a text file?",
+                path.display(),
+                not_utf8.line,
+                not_utf8.byte_offset
+            ),
+            vec![detail],
+        )
+    })
 }
 
 fn count(n: usize, noun: &str) -> String {
@@ -537,7 +578,7 @@ fn count(n: usize, noun: &str) -> String {
 }
 
 async fn submit(args: SubmitArgs, settings: &Settings, cost: CostModel) -> anyhow::Result<()> {
-    let text = read_input(&args.file)?;
+    let text = read_input(&args.file, args.json)?;
     let format = args.format.unwrap_or_else(|| {
         let is_csv = if args.file == Path::new("-") {
             !text.trim_start().starts_with('{')
@@ -549,14 +590,6 @@ async fn submit(args: SubmitArgs, settings: &Settings, cost: CostModel) -> anyho
         if is_csv { Format::Csv } else { Format::Jsonl }
     });
     let file = args.file.display().to_string();
-    let entries: Vec<FileEntry> = match format {
-        Format::Jsonl => parse_json_lines(&text),
-        Format::Csv => parse_csv(text.as_bytes())
-            .map_err(|error| invalid(args.json, format!("{file}: {error}"), Vec::new()))?,
-    };
-    drop(text);
-    let lines: Vec<u64> = entries.iter().map(|e| e.line).collect();
-    let line_of = |index: Option<u64>| index.and_then(|i| lines.get(i as usize).copied());
     let options = BatchOptions {
         webhook_url: args.webhook.clone(),
         budget_usd: args.budget_usd,
@@ -565,75 +598,91 @@ async fn submit(args: SubmitArgs, settings: &Settings, cost: CostModel) -> anyho
         source: Some("cli".to_owned()),
         trace: crate::logging::env_trace_parent(),
     };
-    let jobs: Vec<_> = entries.into_iter().map(|e| e.entry).collect();
-    let reject = |errors: BatchErrors| {
-        let mut details = batch_error_details(&errors);
-        for detail in &mut details {
-            detail.line = line_of(detail.index);
+
+    // Everything is checked before connecting, so a bad file is exit code 2 even with Redis
+    // down. A file over the batch limit is refused before any line is parsed; lines are
+    // parsed one at a time and only the first errors are kept.
+    let max_batch_jobs = settings.api.max_batch_jobs;
+    let mut check = BatchCheck::new(max_batch_jobs);
+    let mut jobs = Vec::new();
+    let mut keep = |check: &BatchCheck, checked: Option<(usize, klingq_core::JobSpec)>| {
+        if check.has_invalid() && !args.partial {
+            jobs = Vec::new();
+        } else {
+            jobs.extend(checked);
         }
-        let mut message = if errors.entries.is_empty() {
+    };
+    match format {
+        Format::Jsonl => {
+            let n_entries = json_lines_text(&text).count();
+            if n_entries > max_batch_jobs {
+                check.skip(n_entries);
+            } else {
+                for entry in json_lines(&text, settings.api.max_job_body_bytes) {
+                    let checked = check.check_parsed(entry.entry, Some(entry.line));
+                    keep(&check, checked);
+                }
+            }
+        }
+        Format::Csv => {
+            let entries = parse_csv(text.as_bytes())
+                .map_err(|error| invalid(args.json, format!("{file}: {error}"), Vec::new()))?;
+            if entries.len() > max_batch_jobs {
+                check.skip(entries.len());
+            } else {
+                for entry in entries {
+                    let checked = check.check_parsed(entry.entry, Some(entry.line));
+                    keep(&check, checked);
+                }
+            }
+        }
+    }
+    drop(text);
+    let reject = |errors: BatchErrors| {
+        let details = batch_error_details(&errors);
+        let mut message = if errors.invalid_entries == 0 {
             format!("{file}: invalid batch; nothing was enqueued")
         } else {
-            let n_invalid = errors.entries.len();
+            let n_invalid = errors.invalid_entries;
             format!(
                 "{file}: {n_invalid} of {} {} invalid; nothing was enqueued",
                 count(errors.total, "line"),
                 if n_invalid == 1 { "is" } else { "are" }
             )
         };
-        list_errors(&mut message, details.iter().map(describe_detail));
-        invalid(args.json, message, details)
+        list_errors(
+            &mut message,
+            details.details().iter().map(describe_detail),
+            Total::Exactly(details.total()),
+        );
+        invalid_capped(args.json, message, details)
     };
-
-    // Everything is checked before connecting, so a bad file is exit code 2 even with Redis
-    // down.
-    let mut errors = BatchErrors {
-        batch: check_batch_options(&options, jobs.len(), settings.api.max_batch_jobs),
-        entries: Vec::new(),
-        total: jobs.len(),
-    };
-    for (index, job) in jobs.iter().enumerate() {
-        if let Err(entry_errors) = job {
-            errors.entries.push(EntryErrors {
-                index,
-                errors: entry_errors.clone(),
-            });
-        }
-    }
-    if !errors.batch.is_empty()
-        || (!errors.entries.is_empty() && (!args.partial || errors.entries.len() == jobs.len()))
-    {
-        return Err(reject(errors));
-    }
-    drop(errors);
+    let rejected = check.finish(&options).map_err(reject)?;
 
     let producer = connect(settings, cost).await?;
-    let accepted = match producer.enqueue_batch(jobs, options).await {
+    let accepted = match producer.enqueue_checked(jobs, rejected, options).await {
         Ok(accepted) => accepted,
         Err(ProducerError::InvalidBatch(errors)) => return Err(reject(errors)),
         Err(error) => return Err(error.into()),
     };
-    if !accepted.rejected.is_empty() {
-        let mut indices: Vec<_> = accepted.rejected.iter().map(|d| d.index).collect();
-        indices.dedup();
+    if accepted.rejected_entries > 0 {
         let mut message = format!(
             "warning: {file}: skipped {} (enqueued {})",
-            count(indices.len(), "invalid line"),
+            count(accepted.rejected_entries as usize, "invalid line"),
             accepted.total
         );
-        let rejected = accepted.rejected.iter().map(|detail| {
-            let mut detail = detail.clone();
-            detail.line = line_of(detail.index);
-            describe_detail(&detail)
-        });
-        list_errors(&mut message, rejected);
+        let total = match accepted.rejected_truncated {
+            true => Total::More,
+            false => Total::Exactly(accepted.rejected.len()),
+        };
+        list_errors(
+            &mut message,
+            accepted.rejected.iter().map(describe_detail),
+            total,
+        );
         eprintln!("{message}");
     }
     if args.json {
-        let mut accepted = accepted.clone();
-        for detail in &mut accepted.rejected {
-            detail.line = line_of(detail.index);
-        }
         print_json(&accepted)?;
     } else {
         println!("{}", accepted.id);

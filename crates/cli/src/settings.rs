@@ -268,6 +268,12 @@ pub(crate) const SETTINGS: &[Setting] = &[
         "500000000",
         "Largest video accepted from the provider.",
     ),
+    setting(
+        "storage.download_allow_cidrs",
+        "KLINGQ_DOWNLOAD_ALLOW_CIDRS",
+        "[]",
+        "Video downloads (and each of at most 3 redirects) refuse private, loopback, link-local, CGNAT and other non-public addresses (SSRF guard; the job fails with `DOWNLOAD_REFUSED`) unless in these CIDRs (comma-separated). A local `klingq sim` needs `127.0.0.0/8`.",
+    ),
     // The worker.
     setting(
         "worker.concurrency",
@@ -399,6 +405,12 @@ pub(crate) const SETTINGS: &[Setting] = &[
         "KLINGQ_API_EVENTS_STREAM_MAX_SECS",
         "300",
         "One `GET /v1/events` response ends after this long; clients reconnect with Last-Event-ID and miss nothing.",
+    ),
+    setting(
+        "api.max_event_streams",
+        "KLINGQ_API_MAX_EVENT_STREAMS",
+        "64",
+        "Most `GET /v1/events` streams open at once (each holds one Redis connection); beyond it the API answers 503 with Retry-After.",
     ),
     // Webhooks.
     setting(
@@ -842,5 +854,20 @@ mod tests {
         std::fs::write(&bad, "[queue]\nmax_atempts = 5\n").unwrap();
         let error = load_with(Some(&bad), |_| None).unwrap_err();
         assert!(format!("{error:#}").contains("unknown setting queue.max_atempts"));
+    }
+
+    #[test]
+    fn download_allow_list_is_empty_by_default_and_read_from_the_environment() {
+        let defaults = load_with(None, |_| None).unwrap();
+        assert!(defaults.storage.download_allow_cidrs.is_empty());
+        let settings = load_with(None, |name| {
+            (name == "KLINGQ_DOWNLOAD_ALLOW_CIDRS").then(|| "127.0.0.0/8, ::1".into())
+        })
+        .unwrap();
+        assert_eq!(
+            settings.storage.download_allow_cidrs,
+            ["127.0.0.0/8", "::1"]
+        );
+        settings.storage.validate().unwrap();
     }
 }

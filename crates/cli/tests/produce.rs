@@ -425,6 +425,107 @@ async fn a_file_with_bad_lines_is_rejected_naming_lines_and_fields() {
     assert!(stderr(&output).contains("budget_usd"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_files_exit_2_naming_the_line_and_byte_offset() {
+    let cli = Cli::new("cli-binary").await;
+    let mut bytes = format!("{}\n{}\n", job_line(0), job_line(1)).into_bytes();
+    let offset = bytes.len() + 4;
+    bytes.extend_from_slice(b"{\"pr\xff\xfeompt\": 1}\n");
+    let path = cli.dir.join("binary.jsonl");
+    std::fs::write(&path, &bytes).unwrap();
+    let path = path.display().to_string();
+    for args in [
+        vec!["batch", "submit", path.as_str()],
+        vec!["enqueue", "--json", path.as_str()],
+    ] {
+        let output = cli.run(&args);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        let text = stderr(&output);
+        assert!(
+            text.contains(&format!("line 3: not valid UTF-8 at byte offset {offset}")),
+            "{args:?}: {text}"
+        );
+        assert_no_debug_dump(&text);
+    }
+    let output = cli.run(&["batch", "submit", &path, "--json"]);
+    assert_eq!(output.status.code(), Some(2));
+    let body: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let detail = &body["error"]["details"][0];
+    assert_eq!(
+        (detail["line"].clone(), detail["rule"].clone()),
+        (json!(3), json!("utf8"))
+    );
+    // A PNG is not text from its first bytes.
+    let png = cli.dir.join("image.png");
+    std::fs::write(&png, b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR").unwrap();
+    let output = cli.run(&[
+        "batch",
+        "submit",
+        &png.display().to_string(),
+        "--format",
+        "csv",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("line 1: not valid UTF-8 at byte offset 0"),
+        "{}",
+        stderr(&output)
+    );
+    let producer = cli.producer().await;
+    assert!(producer.queue().job_ids(0, 10).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_bad_files_get_short_errors_naming_the_limit() {
+    let cli = Cli::new("cli-huge").await;
+    // Over the 200,000-job limit: refused for its size alone.
+    let over = cli.file("over.jsonl", &"{}\n".repeat(250_000));
+    let output = cli.run(&["batch", "submit", &over, "--json"]);
+    assert_eq!(output.status.code(), Some(2));
+    let text = stderr(&output);
+    assert!(
+        text.contains("a batch may have at most 200000 jobs, got 250000 [max_items]"),
+        "{text}"
+    );
+    assert!(text.len() < 1024, "{text}");
+    let body: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(body["error"]["details"].as_array().unwrap().len(), 1);
+    assert!(output.stdout.len() < 1024);
+
+    // Within it, every line invalid: 200 errors on stderr, the first 1,000 with --json.
+    let within = cli.file("within.jsonl", &"{}\n".repeat(150_000));
+    let output = cli.run(&["batch", "submit", &within]);
+    assert_eq!(output.status.code(), Some(2));
+    let text = stderr(&output);
+    assert!(
+        text.contains("150000 of 150000 lines are invalid"),
+        "{text:.300}"
+    );
+    assert!(
+        text.contains("... and 299800 more errors, 300000 in all (--json lists the first 1000)"),
+        "{text:.300}"
+    );
+    assert!(text.lines().count() < 210);
+    let output = cli.run(&["batch", "submit", &within, "--json"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        output.stdout.len() < 256 * 1024,
+        "{} bytes",
+        output.stdout.len()
+    );
+    let body: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(body["error"]["details"].as_array().unwrap().len(), 1000);
+    assert_eq!(body["error"]["truncated"], true);
+    assert_eq!(body["error"]["total_details"], 300_000);
+    let producer = cli.producer().await;
+    assert!(producer.queue().job_ids(0, 10).await.unwrap().is_empty());
+}
+
 fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
     let deadline = std::time::Instant::now() + timeout;
     loop {

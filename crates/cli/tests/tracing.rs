@@ -190,6 +190,8 @@ async fn each_job_is_one_trace_from_enqueue_to_webhook_across_processes() {
             .env("KLINGQ_S3_ENDPOINT", &s3.endpoint_url)
             .env("KLINGQ_S3_BUCKET", &bucket)
             .env("KLINGQ_S3_FORCE_PATH_STYLE", "true")
+            // The simulator serves its videos on loopback (refused by the SSRF guard otherwise).
+            .env("KLINGQ_DOWNLOAD_ALLOW_CIDRS", "127.0.0.0/8")
             .env("AWS_ACCESS_KEY_ID", &s3.access_key)
             .env("AWS_SECRET_ACCESS_KEY", &s3.secret_key)
             .env("AWS_REGION", &s3.region)

@@ -239,27 +239,53 @@ impl JobSpec {
                             "must be at most {MAX_METADATA_BYTES} bytes as JSON, got {n_bytes}"
                         ),
                     );
+                } else if let Some(path) = find_nul(metadata, "metadata") {
+                    // Metadata is the user's own JSON, echoed as given: only NUL, which many
+                    // receivers (C strings, PostgreSQL text) cannot store, is refused.
+                    errors.push(
+                        path,
+                        "control_char",
+                        "must not contain U+0000 (NUL), in a key or a string",
+                    );
                 }
             }
         }
-        if let Some(url) = &self.webhook_url {
-            let lower = url.to_ascii_lowercase();
-            if !(lower.starts_with("http://") || lower.starts_with("https://"))
-                || !crate::request::is_acceptable_url(url)
-            {
-                errors.push("webhook_url", "url", "must be an http(s) URL with a host");
+        if let Some(url) = &self.webhook_url
+            && let Err(error) = crate::urls::check_webhook_url(url)
+        {
+            errors.push("webhook_url", error.rule, error.message);
+        }
+        if let Some(key) = &self.idempotency_key {
+            if key.is_empty() || key.len() > 255 {
+                errors.push(
+                    "idempotency_key",
+                    "max_length",
+                    format!("must be 1 to 255 bytes, got {}", key.len()),
+                );
+            } else {
+                crate::request::check_control_chars(&mut errors, "idempotency_key", key, false);
             }
         }
-        if let Some(key) = &self.idempotency_key
-            && (key.is_empty() || key.len() > 255)
-        {
-            errors.push(
-                "idempotency_key",
-                "max_length",
-                format!("must be 1 to 255 bytes, got {}", key.len()),
-            );
-        }
         errors.into_result()
+    }
+}
+
+/// The path of the first key or string in `value` that contains NUL.
+fn find_nul(value: &Value, path: &str) -> Option<String> {
+    match value {
+        Value::String(text) => text.contains('\0').then(|| path.to_owned()),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(index, item)| find_nul(item, &format!("{path}[{index}]"))),
+        Value::Object(object) => object.iter().find_map(|(key, item)| {
+            if key.contains('\0') {
+                Some(format!("{path}.{}", key.replace('\0', "\\u0000")))
+            } else {
+                find_nul(item, &format!("{path}.{key}"))
+            }
+        }),
+        Value::Null | Value::Bool(_) | Value::Number(_) => None,
     }
 }
 
@@ -311,13 +337,32 @@ pub struct JobError {
     pub step: String,
     /// A stable code: the provider's (`CONTENT_POLICY_VIOLATION`, `VALIDATION_ERROR`, ...) or ours.
     pub code: String,
+    /// Scrubbed ([`crate::scrub`]) whenever it is written: records, events and webhooks never
+    /// carry a secret or a signed URL that a provider echoed.
+    #[serde(serialize_with = "crate::scrub::serialize_scrubbed")]
     pub message: String,
     /// Field errors the provider returned, when it did.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "serialize_scrubbed_values"
+    )]
     pub details: Vec<Value>,
     /// Whether the provider cost is already committed (a run was created and may be billed).
     #[serde(default)]
     pub cost_committed: bool,
+}
+
+fn serialize_scrubbed_values<S: serde::Serializer>(
+    values: &[Value],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq as _;
+    let mut seq = serializer.serialize_seq(Some(values.len()))?;
+    for value in values {
+        seq.serialize_element(&crate::scrub::scrub_json(value))?;
+    }
+    seq.end()
 }
 
 /// The checkpoint a job carries between attempts; each field says how far it got.
@@ -408,8 +453,71 @@ mod tests {
     }
 
     #[test]
+    fn webhook_urls_keys_and_metadata_are_checked_as_delivered_and_stored() {
+        let rules = |spec: &JobSpec| -> Vec<(String, String)> {
+            match spec.validate() {
+                Ok(()) => Vec::new(),
+                Err(errors) => errors.into_iter().map(|e| (e.path, e.rule)).collect(),
+            }
+        };
+        let pair = |path: &str, rule: &str| (path.to_owned(), rule.to_owned());
+        let mut spec = JobSpec::new(GenerationRequest::new("https://e.com/a.png", "p"));
+        spec.webhook_url = Some(format!("https://hooks.e.com/{}", "a".repeat(900 * 1024)));
+        assert_eq!(rules(&spec), vec![pair("webhook_url", "max_length")]);
+        spec.webhook_url = Some("https://x\"onmouseover=alert(1)//e.com/".to_owned());
+        assert_eq!(rules(&spec), vec![pair("webhook_url", "url")]);
+        spec.webhook_url = Some("data:text/plain,x".to_owned());
+        assert_eq!(rules(&spec), vec![pair("webhook_url", "url")]);
+        spec.webhook_url = Some(format!("https://hooks.e.com/{}", "a".repeat(2000)));
+        assert_eq!(rules(&spec), vec![]);
+
+        spec.idempotency_key = Some("key\n1".to_owned());
+        spec.metadata =
+            Some(serde_json::json!({"ok": "tab\tand\nnewline", "a": {"b": ["x", "y\u{0}"]}}));
+        assert_eq!(
+            rules(&spec),
+            vec![
+                pair("metadata.a.b[1]", "control_char"),
+                pair("idempotency_key", "control_char")
+            ]
+        );
+        spec.idempotency_key = None;
+        spec.metadata = Some(serde_json::json!({"k\u{0}": 1}));
+        assert_eq!(
+            rules(&spec),
+            vec![pair("metadata.k\\u0000", "control_char")]
+        );
+        spec.metadata = Some(serde_json::json!({"escape": "\u{1b}[0m"}));
+        assert_eq!(rules(&spec), vec![]);
+    }
+
+    #[test]
     fn formats_epoch_ms() {
         assert_eq!(format_ms(0), "1970-01-01T00:00:00Z");
         assert_eq!(format_ms(1_500), "1970-01-01T00:00:01.5Z");
+    }
+}
+
+#[cfg(test)]
+mod scrub_tests {
+    use super::*;
+
+    #[test]
+    fn a_job_error_is_scrubbed_when_written() {
+        crate::Secret::new("sk_live_written_never_0001");
+        let error = JobError {
+            step: "submit".to_owned(),
+            code: "INVALID_REQUEST".to_owned(),
+            message: "echo: Bearer sk_live_written_never_0001 and https://b.example/v.mp4?X-Amz-Signature=s".to_owned(),
+            details: vec![serde_json::json!({"msg": "key sk_live_written_never_0001"})],
+            cost_committed: false,
+        };
+        let written = serde_json::to_string(&error).unwrap();
+        assert!(!written.contains("sk_live_written_never_0001"), "{written}");
+        assert!(!written.contains("X-Amz-Signature"), "{written}");
+        assert!(
+            written.contains("https://b.example/v.mp4?[redacted]"),
+            "{written}"
+        );
     }
 }

@@ -9,8 +9,10 @@ pub mod cost;
 pub mod event;
 pub mod job;
 pub mod request;
+pub mod scrub;
 pub mod secret;
 pub mod trace;
+pub mod urls;
 pub mod validation;
 
 pub use cost::CostModel;
@@ -20,6 +22,7 @@ pub use job::{
     StoredVideo,
 };
 pub use request::{Element, GenerationRequest, PromptShot, VideoDuration};
+pub use scrub::scrub;
 pub use secret::{Secret, SignedUrl, redact_url};
 pub use trace::TraceParent;
 pub use validation::{FieldError, ValidationErrors};

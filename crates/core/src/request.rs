@@ -335,12 +335,11 @@ impl GenerationRequest {
                 );
             }
             for (index, voice_id) in voice_ids.iter().enumerate() {
+                let path = format!("voice_ids[{index}]");
                 if voice_id.trim().is_empty() {
-                    errors.push(
-                        format!("voice_ids[{index}]"),
-                        "required",
-                        "must not be empty",
-                    );
+                    errors.push(path, "required", "must not be empty");
+                } else {
+                    check_control_chars(errors, &path, voice_id, false);
                 }
             }
         }
@@ -371,6 +370,7 @@ impl GenerationRequest {
                 ),
             );
         }
+        check_control_chars(errors, "negative_prompt", &self.negative_prompt, true);
         if !(0.0..=1.0).contains(&self.cfg_scale) || !self.cfg_scale.is_finite() {
             errors.push(
                 "cfg_scale",
@@ -392,6 +392,7 @@ fn check_prompt(errors: &mut ValidationErrors, path: &str, prompt: &str) {
             format!("must be at most {MAX_PROMPT_CHARS} characters, got {n_chars}"),
         );
     }
+    check_control_chars(errors, path, prompt, true);
 }
 
 fn check_elements(errors: &mut ValidationErrors, elements: &[Element]) {
@@ -455,36 +456,48 @@ fn check_elements(errors: &mut ValidationErrors, elements: &[Element]) {
     }
 }
 
-/// Accepts `http://host...`, `https://host...` and `data:[type][;base64],payload`.
+/// Accepts an http(s) URL the HTTP client can fetch, or a `data:[type][;base64],payload` URI,
+/// each within its length limit ([`crate::urls::check_media_url`]).
 fn check_url(errors: &mut ValidationErrors, path: &str, url: &str) {
-    if !is_acceptable_url(url) {
-        errors.push(
-            path,
-            "url",
-            "must be an http(s) URL with a host, or a data: URI",
-        );
+    if let Err(error) = crate::urls::check_media_url(url) {
+        errors.push(path, error.rule, error.message);
     }
 }
 
-/// Whether `url` is an http(s) URL with a host or a `data:` URI with a payload.
+/// Whether `url` is an http(s) URL with a host or a `data:` URI with a payload, within the
+/// length limits ([`crate::urls::check_media_url`]).
 pub fn is_acceptable_url(url: &str) -> bool {
-    if url.chars().any(char::is_whitespace) {
-        return false;
+    crate::urls::check_media_url(url).is_ok()
+}
+
+/// Refuses control characters in free text: everything Unicode calls a control (`U+0000` to
+/// `U+001F`, `U+007F` to `U+009F`) except, with `allow_newline_and_tab`, newline and tab.
+/// Reports the first one, with its position in characters.
+pub(crate) fn check_control_chars(
+    errors: &mut ValidationErrors,
+    path: &str,
+    text: &str,
+    allow_newline_and_tab: bool,
+) {
+    let found = text
+        .chars()
+        .enumerate()
+        .find(|(_, c)| c.is_control() && !(allow_newline_and_tab && (*c == '\n' || *c == '\t')));
+    if let Some((position, c)) = found {
+        let allowed = if allow_newline_and_tab {
+            "control characters other than newline and tab"
+        } else {
+            "control characters"
+        };
+        errors.push(
+            path,
+            "control_char",
+            format!(
+                "must not contain {allowed}; found U+{:04X} at character {position}",
+                c as u32
+            ),
+        );
     }
-    let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
-    if lower.starts_with("data:") {
-        return url.contains(',');
-    }
-    let rest = if lower.starts_with("https://") {
-        &url[8..]
-    } else if lower.starts_with("http://") {
-        &url[7..]
-    } else {
-        return false;
-    };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host = authority.rsplit('@').next().unwrap_or_default();
-    !host.is_empty() && !host.starts_with(':')
 }
 
 fn kind(value: &Value) -> &'static str {
@@ -887,6 +900,74 @@ mod tests {
                 json!({"start_image_url": "file:///etc/passwd", "prompt": "p", "end_image_url": "x"})
             ),
             vec![pair("start_image_url", "url"), pair("end_image_url", "url")]
+        );
+    }
+
+    #[test]
+    fn urls_the_http_client_cannot_send_to_are_refused() {
+        let base = |start: &str| json!({"start_image_url": start, "prompt": "p"});
+        assert_eq!(
+            rules(base("https://x\"onmouseover=alert(1)//e.com/")),
+            vec![pair("start_image_url", "url")]
+        );
+        let long = format!(
+            "https://e.com/{}",
+            "a".repeat(crate::urls::MAX_MEDIA_URL_BYTES)
+        );
+        assert_eq!(
+            rules(base(&long)),
+            vec![pair("start_image_url", "max_length")]
+        );
+        assert_eq!(
+            rules(
+                json!({"start_image_url": "https://e.com/a.png", "prompt": "p",
+                "end_image_url": "https://e.com/a b.png",
+                "elements": [{"video_url": "https://e.com:70000/v.mp4"}]})
+            ),
+            vec![
+                pair("elements[0].video_url", "url"),
+                pair("end_image_url", "url")
+            ]
+        );
+    }
+
+    #[test]
+    fn control_characters_are_refused_in_text_except_newline_and_tab() {
+        let request = |fields: Value| {
+            let mut value = json!({"start_image_url": "https://e.com/a.png"});
+            value
+                .as_object_mut()
+                .unwrap()
+                .extend(fields.as_object().unwrap().clone());
+            rules(value)
+        };
+        assert!(request(json!({"prompt": "line one\n\tline two"})).is_empty());
+        assert_eq!(
+            request(json!({"prompt": "a\u{0}b"})),
+            vec![pair("prompt", "control_char")]
+        );
+        assert_eq!(
+            request(
+                json!({"prompt": "p", "negative_prompt": "blur\r\n", "voice_ids": ["v\t1", "v2"]})
+            ),
+            vec![
+                pair("voice_ids[0]", "control_char"),
+                pair("negative_prompt", "control_char")
+            ]
+        );
+        assert_eq!(
+            request(json!({"shot_type": "customize",
+                "multi_prompt": [{"prompt": "ok"}, {"prompt": "esc \u{1b}[31m"}]})),
+            vec![pair("multi_prompt[1].prompt", "control_char")]
+        );
+        let errors = GenerationRequest::parse(&json!({
+            "start_image_url": "https://e.com/a.png", "prompt": "ab\u{7f}"
+        }))
+        .unwrap_err();
+        assert_eq!(
+            errors.0[0].message,
+            "must not contain control characters other than newline and tab; found U+007F at \
+             character 2"
         );
     }
 

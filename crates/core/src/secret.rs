@@ -6,12 +6,16 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A secret string (API key, webhook secret, token). `Debug` and `Display` print `[redacted]`;
 /// the value is reached only through [`Secret::expose`], which makes every use easy to find.
+/// Every secret registers its value with the scrubber ([`crate::scrub`]) when it is made, so
+/// an error text that echoes it loses it.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret(String);
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
+        let value = value.into();
+        crate::scrub::register_secret(&value);
+        Self(value)
     }
 
     pub fn expose(&self) -> &str {
@@ -41,19 +45,19 @@ impl fmt::Display for Secret {
 
 impl From<String> for Secret {
     fn from(value: String) -> Self {
-        Self(value)
+        Self::new(value)
     }
 }
 
 impl From<&str> for Secret {
     fn from(value: &str) -> Self {
-        Self(value.to_owned())
+        Self::new(value)
     }
 }
 
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        String::deserialize(deserializer).map(Secret)
+        String::deserialize(deserializer).map(Secret::new)
     }
 }
 

@@ -192,15 +192,14 @@ impl WebhookConfig {
                     redact_url(&endpoint.url)
                 )));
             }
-            let url = reqwest::Url::parse(&endpoint.url).map_err(|error| {
+            // The rule per-job and per-batch URLs follow at enqueue.
+            klingq_core::urls::check_webhook_url(&endpoint.url).map_err(|error| {
                 ConfigError(format!(
-                    "{label}.url {}: {error}",
-                    redact_url(&endpoint.url)
+                    "{label}.url {}: {}",
+                    redact_url(&endpoint.url),
+                    error.message
                 ))
             })?;
-            if !matches!(url.scheme(), "http" | "https") {
-                return Err(ConfigError(format!("{label}.url must be http or https")));
-            }
             endpoints.push(GlobalEndpoint {
                 name: if endpoint.name.is_empty() {
                     redact_url(&endpoint.url)
@@ -329,6 +328,33 @@ mod tests {
             !shown.contains("token=t") && !shown.contains(secret.expose()),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn endpoint_urls_follow_the_rule_of_job_webhook_urls() {
+        let secret = crate::WebhookSecret::generate().to_whsec();
+        let with_url = |url: &str| WebhookConfig {
+            secret: secret.clone(),
+            endpoints: vec![EndpointConfig::from(EndpointRepr::Url(url.to_owned()))],
+            ..WebhookConfig::default()
+        };
+        with_url("https://hooks.example.com/a").validate().unwrap();
+        for (url, expected) in [
+            (
+                "https://x\"onmouseover=alert(1)//e.com/",
+                "an HTTP request cannot carry",
+            ),
+            ("ftp://hooks.example.com/", "not http:// or https://"),
+        ] {
+            let error = with_url(url).validate().unwrap_err().to_string();
+            assert!(
+                error.contains("webhooks.endpoints[0].url") && error.contains(expected),
+                "{error}"
+            );
+        }
+        let long = format!("https://hooks.example.com/{}", "a".repeat(2048));
+        let error = with_url(&long).validate().unwrap_err().to_string();
+        assert!(error.contains("at most 2048 bytes"), "{error}");
     }
 
     #[test]

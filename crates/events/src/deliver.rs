@@ -9,6 +9,9 @@
 //!   listed and replayable.
 //! - A refused target (SSRF guard, https only), a disabled endpoint or a missing secret: fails
 //!   at once, never retried.
+//! - A URL the HTTP client can never send to (longer than 2,048 bytes, a host no request line
+//!   can carry, anything the client cannot build a request for): fails at once as
+//!   `INVALID_URL`, never retried. Enqueue refuses such URLs; this catches older jobs.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -39,9 +42,7 @@ pub(crate) const RESPONSE_BODY_LIMIT: usize = 1024;
 /// proxy (a proxy would resolve the target itself, past the guard), a whole-request timeout.
 pub(crate) fn build_client(config: &Checked) -> Result<reqwest::Client, WebhookError> {
     reqwest::Client::builder()
-        .dns_resolver(Arc::new(GuardedResolver {
-            policy: config.policy.clone(),
-        }))
+        .dns_resolver(Arc::new(GuardedResolver::new(config.policy.clone())))
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
         .timeout(config.timeout)
@@ -303,6 +304,16 @@ impl Deliverer {
                     .await;
             }
         };
+        // The rule enqueue applies; a job stored before it existed may still break it.
+        if let Err(error) = klingq_core::urls::check_webhook_url(&job.url) {
+            let failure = fail(
+                "INVALID_URL",
+                format!("the webhook URL cannot be delivered to: {}", error.message),
+            );
+            return self
+                .refuse(&delivery_id, attempt, AttemptOutcome::Refused, failure)
+                .await;
+        }
         let url = match check_url(&job.url, &self.config.policy, self.config.https_only) {
             Ok(url) => url,
             Err(refused) => {
@@ -350,6 +361,20 @@ impl Deliverer {
                 record.latency_ms = started.elapsed().as_millis() as u64;
                 if let Some(refused) = find_refusal(&error) {
                     let failure = fail("TARGET_REFUSED", refused.to_string());
+                    return self
+                        .refuse(&delivery_id, attempt, AttemptOutcome::Refused, failure)
+                        .await;
+                }
+                // No request could be built from the URL: nothing was sent, and nothing ever
+                // will be.
+                if error.is_builder() {
+                    let failure = fail(
+                        "INVALID_URL",
+                        format!(
+                            "the HTTP client cannot send to this URL: {}",
+                            describe(error, self.config.timeout)
+                        ),
+                    );
                     return self
                         .refuse(&delivery_id, attempt, AttemptOutcome::Refused, failure)
                         .await;
@@ -479,6 +504,51 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after(&value("soon"), now), None);
+    }
+
+    /// Whether reqwest can build a request for `text`: it parses the URL with `url`, then
+    /// parses the URL's text as the request line's `http::Uri` (reqwest's `try_uri`); a
+    /// failure there is a builder error, and nothing is sent.
+    fn client_can_send(text: &str) -> bool {
+        reqwest::Url::parse(text).is_ok_and(|url| url.as_str().parse::<http::Uri>().is_ok())
+    }
+
+    #[test]
+    fn every_url_enqueue_accepts_is_one_the_client_can_send_to() {
+        let mut corpus = vec![
+            "https://example.com/hook".to_owned(),
+            "https://user:pw@example.com:8443/a/b?x=1&y=2#frag".to_owned(),
+            "https://[2001:db8::1]:8080/hook".to_owned(),
+            "https://bücher.example/ä?ö=ü".to_owned(),
+            "https://x\"onmouseover=alert(1)//e.com/".to_owned(),
+            "https://e.com/%zz?%".to_owned(),
+        ];
+        for byte in 0x21u8..0x7f {
+            let c = char::from(byte);
+            corpus.extend([
+                format!("https://a{c}b.example.com/p"),
+                format!("https://e.com/p{c}q"),
+                format!("https://e.com/p?q={c}&r"),
+                format!("https://e.com/p#{c}"),
+                format!("https://u{c}v:w{c}x@e.com/"),
+            ]);
+        }
+        let mut refused_by_the_client = 0;
+        for url in &corpus {
+            let accepted = klingq_core::urls::check_webhook_url(url).is_ok();
+            if accepted {
+                assert!(
+                    client_can_send(url),
+                    "accepted at enqueue but not sendable: {url}"
+                );
+            }
+            if reqwest::Url::parse(url).is_ok() && !client_can_send(url) {
+                refused_by_the_client += 1;
+                assert!(!accepted, "{url}");
+            }
+        }
+        // The corpus holds URLs the parser reads but the client cannot send.
+        assert!(refused_by_the_client >= 4, "{refused_by_the_client}");
     }
 
     #[test]

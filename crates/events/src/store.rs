@@ -27,7 +27,8 @@ pub enum AttemptOutcome {
     Throttled,
     /// Answered `410 Gone`: the endpoint is disabled.
     Gone,
-    /// Not sent: the URL or its addresses are refused (SSRF guard, https only).
+    /// Not sent: the URL or its addresses are refused (SSRF guard, https only), or no request
+    /// can be built from the URL.
     Refused,
     /// Not sent: the endpoint is disabled or has no secret.
     Skipped,

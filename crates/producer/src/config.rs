@@ -22,6 +22,9 @@ pub struct ApiConfig {
     /// One `GET /v1/events` response ends after this many seconds; clients reconnect with
     /// `Last-Event-ID` and lose nothing.
     pub events_stream_max_secs: u64,
+    /// Most `GET /v1/events` streams open at once; each holds one Redis connection. Beyond it
+    /// the API answers 503 with `Retry-After`.
+    pub max_event_streams: usize,
 }
 
 impl Default for ApiConfig {
@@ -33,6 +36,7 @@ impl Default for ApiConfig {
             max_batch_body_bytes: 64 * 1024 * 1024,
             max_batch_jobs: 200_000,
             events_stream_max_secs: 300,
+            max_event_streams: 64,
         }
     }
 }

@@ -22,9 +22,12 @@
 //! JSON arrays, each written as JSON inside the cell. Rows may span lines inside quotes; an
 //! entry's line is the line its row starts on.
 
+use std::cell::Cell;
+use std::fmt;
 use std::io::Read;
 
 use klingq_core::{GenerationRequest, JobSpec, Priority, ValidationErrors};
+use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -43,16 +46,57 @@ pub const REQUEST_FIELDS: &[&str] = klingq_core::request::FIELDS;
 
 /// Parses one job (nested or flat), reporting every violation with its path and rule.
 pub fn parse_job(value: &Value) -> Result<JobSpec, ValidationErrors> {
-    let mut errors = ValidationErrors::default();
     let Some(object) = value.as_object() else {
-        errors.push(
-            "",
-            "type",
-            format!("must be a JSON object, got {}", kind(value)),
-        );
-        return Err(errors);
+        return Err(not_an_object(value));
     };
-    let request = if let Some(nested) = object.get("request") {
+    let flat_request = (!object.contains_key("request")).then(|| {
+        Value::Object(
+            object
+                .iter()
+                .filter(|(key, _)| !JOB_FIELDS.contains(&key.as_str()))
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect(),
+        )
+    });
+    parse_object(object, flat_request)
+}
+
+/// [`parse_job`] of a value given away: a flat job's request fields are moved, not copied.
+pub fn parse_job_value(value: Value) -> Result<JobSpec, ValidationErrors> {
+    let Value::Object(mut object) = value else {
+        return Err(not_an_object(&value));
+    };
+    if object.contains_key("request") {
+        return parse_object(&object, None);
+    }
+    let mut job_part = Map::new();
+    for field in JOB_FIELDS {
+        if let Some((key, value)) = object.remove_entry(*field) {
+            job_part.insert(key, value);
+        }
+    }
+    parse_object(&job_part, Some(Value::Object(object)))
+}
+
+fn not_an_object(value: &Value) -> ValidationErrors {
+    let mut errors = ValidationErrors::default();
+    errors.push(
+        "",
+        "type",
+        format!("must be a JSON object, got {}", kind(value)),
+    );
+    errors
+}
+
+/// A job from its object: nested when `flat_request` is `None` (the request under
+/// `request`), else flat, with the request's fields in `flat_request` and the job's in
+/// `object`.
+fn parse_object(
+    object: &Map<String, Value>,
+    flat_request: Option<Value>,
+) -> Result<JobSpec, ValidationErrors> {
+    let mut errors = ValidationErrors::default();
+    let request = if let (None, Some(nested)) = (&flat_request, object.get("request")) {
         for key in object.keys() {
             if key != "request" && !JOB_FIELDS.contains(&key.as_str()) {
                 errors.push(
@@ -67,33 +111,24 @@ pub fn parse_job(value: &Value) -> Result<JobSpec, ValidationErrors> {
         }
         GenerationRequest::parse(nested).map_err(|e| e.prefixed("request"))
     } else {
-        let request_part: Map<String, Value> = object
-            .iter()
-            .filter(|(key, _)| !JOB_FIELDS.contains(&key.as_str()))
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect();
-        GenerationRequest::parse(&Value::Object(request_part)).map_err(|errors| {
-            ValidationErrors(
-                errors
-                    .into_iter()
-                    .map(|mut error| {
-                        if error.rule == "unknown_field" {
-                            error.message = format!(
-                                "{}, or of the job: {}",
-                                error.message,
-                                JOB_FIELDS.join(", ")
-                            );
-                        }
-                        error
-                    })
-                    .collect(),
-            )
+        let request_part = flat_request.unwrap_or_else(|| Value::Object(Map::new()));
+        GenerationRequest::parse(&request_part).map_err(|mut errors| {
+            for error in &mut errors.0 {
+                if error.rule == "unknown_field" {
+                    error.message = format!(
+                        "{}, or of the job: {}",
+                        error.message,
+                        JOB_FIELDS.join(", ")
+                    );
+                }
+            }
+            errors
         })
     };
     let request = match request {
         Ok(request) => Some(request),
         Err(request_errors) => {
-            errors.0.extend(request_errors);
+            errors.extend(request_errors);
             None
         }
     };
@@ -156,10 +191,9 @@ pub fn parse_job(value: &Value) -> Result<JobSpec, ValidationErrors> {
         not_before,
     };
     if let Err(own) = spec.validate() {
-        errors.0.extend(
-            own.into_iter()
-                .filter(|e| e.path != "request" && !e.path.starts_with("request.")),
-        );
+        own.into_iter()
+            .filter(|e| e.path != "request" && !e.path.starts_with("request."))
+            .for_each(|e| errors.push_error(e));
     }
     if errors.is_empty() && has_request {
         Ok(spec)
@@ -195,24 +229,218 @@ pub enum FileError {
 
 /// Parses JSON Lines: one job (nested or flat) per line; blank lines are skipped.
 pub fn parse_json_lines(text: &str) -> Vec<FileEntry> {
+    json_lines(text, usize::MAX).collect()
+}
+
+/// The entries of JSON Lines, parsed one at a time as the iterator is read (see
+/// [`parse_job_text`]; a line longer than `max_entry_bytes` is an invalid entry).
+pub fn json_lines(text: &str, max_entry_bytes: usize) -> impl Iterator<Item = FileEntry> + '_ {
+    json_lines_text(text).map(move |(line, entry)| FileEntry {
+        line,
+        entry: parse_job_text(entry, max_entry_bytes),
+    })
+}
+
+/// The entries of JSON Lines as text, with their 1-based line: the non-blank lines.
+pub fn json_lines_text(text: &str) -> impl Iterator<Item = (u64, &str)> + '_ {
     text.lines()
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
-        .map(|(index, line)| FileEntry {
-            line: index as u64 + 1,
-            entry: match serde_json::from_str::<Value>(line) {
-                Ok(value) => parse_job(&value),
-                Err(error) => {
-                    let mut errors = ValidationErrors::default();
-                    let message = error
-                        .to_string()
-                        .replace(" at line 1 column ", " at column ");
-                    errors.push("", "json", format!("is not valid JSON: {message}"));
-                    Err(errors)
-                }
-            },
-        })
-        .collect()
+        .map(|(index, line)| (index as u64 + 1, line))
+}
+
+/// Most JSON values (objects, arrays, strings, numbers, ...) one job written as JSON may
+/// hold. A job has a few dozen; metadata at its 16 KB limit has at most about 8,000. The
+/// bound keeps a parsed entry's memory within a small multiple of its text.
+pub const MAX_ENTRY_VALUES: usize = 20_000;
+
+/// Parses one job written as JSON text (a batch entry, a JSON Lines line): at most
+/// `max_bytes` long and [`MAX_ENTRY_VALUES`] values, checked before or while parsing, so an
+/// entry never takes much more memory than its text. Invalid JSON is an entry error (`json`).
+pub fn parse_job_text(text: &str, max_bytes: usize) -> Result<JobSpec, ValidationErrors> {
+    let mut errors = ValidationErrors::default();
+    if text.len() > max_bytes {
+        errors.push(
+            "",
+            "max_length",
+            format!(
+                "a job may be at most {max_bytes} bytes of JSON, got {}",
+                text.len()
+            ),
+        );
+        return Err(errors);
+    }
+    let left = Cell::new(MAX_ENTRY_VALUES);
+    let exceeded = Cell::new(false);
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let parsed = BoundedValue {
+        left: &left,
+        exceeded: &exceeded,
+    }
+    .deserialize(&mut deserializer)
+    .and_then(|value| deserializer.end().map(|()| value));
+    match parsed {
+        Ok(value) => parse_job_value(value),
+        Err(_) if exceeded.get() => {
+            errors.push(
+                "",
+                "max_items",
+                format!("a job may hold at most {MAX_ENTRY_VALUES} JSON values"),
+            );
+            Err(errors)
+        }
+        Err(error) => {
+            let message = error
+                .to_string()
+                .replace(" at line 1 column ", " at column ");
+            errors.push("", "json", format!("is not valid JSON: {message}"));
+            Err(errors)
+        }
+    }
+}
+
+/// A JSON value built while counting its values down from `left`; parsing fails (setting
+/// `exceeded`) when none are left.
+struct BoundedValue<'a> {
+    left: &'a Cell<usize>,
+    exceeded: &'a Cell<bool>,
+}
+
+impl BoundedValue<'_> {
+    fn take<E: serde::de::Error>(&self) -> Result<(), E> {
+        match self.left.get() {
+            0 => {
+                self.exceeded.set(true);
+                Err(E::custom("too many JSON values"))
+            }
+            n => {
+                self.left.set(n - 1);
+                Ok(())
+            }
+        }
+    }
+
+    fn child(&self) -> Self {
+        Self {
+            left: self.left,
+            exceeded: self.exceeded,
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for BoundedValue<'_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for BoundedValue<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Value, E> {
+        self.take()?;
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Value, E> {
+        self.take()?;
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Value, E> {
+        self.take()?;
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+        self.take()?;
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
+        self.take()?;
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Value, E> {
+        self.take()?;
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+        self.take()?;
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Value, E> {
+        self.visit_unit()
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        self.take()?;
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element_seed(self.child())? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        self.take()?;
+        let mut object = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            self.take()?;
+            let value = map.next_value_seed(self.child())?;
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
+    }
+}
+
+/// Bytes that are not UTF-8, where they start: the 1-based line and the byte offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: not valid UTF-8 (at byte offset {byte_offset})")]
+pub struct NotUtf8 {
+    pub line: u64,
+    pub byte_offset: usize,
+}
+
+impl NotUtf8 {
+    /// Where `error` found the first invalid byte of `bytes`.
+    pub fn locate(bytes: &[u8], error: &std::str::Utf8Error) -> Self {
+        let valid = &bytes[..error.valid_up_to()];
+        Self {
+            line: 1 + valid.iter().filter(|b| **b == b'\n').count() as u64,
+            byte_offset: error.valid_up_to(),
+        }
+    }
+
+    /// The error as a field error (rule `utf8`) of the whole input.
+    pub fn field_error(&self) -> klingq_core::FieldError {
+        klingq_core::FieldError::new(
+            "",
+            "utf8",
+            format!(
+                "is not valid UTF-8: the bytes at offset {} (line {}) are not text",
+                self.byte_offset, self.line
+            ),
+        )
+    }
+}
+
+/// The input as text, or where it stops being UTF-8.
+pub fn utf8_text(bytes: &[u8]) -> Result<&str, NotUtf8> {
+    std::str::from_utf8(bytes).map_err(|error| NotUtf8::locate(bytes, &error))
 }
 
 /// Parses CSV with a header row (see the module docs for the mapping).
@@ -292,11 +520,11 @@ pub fn parse_csv(reader: impl Read) -> Result<Vec<FileEntry>, FileError> {
             };
             object.insert(name.clone(), value);
         }
-        let entry = match parse_job(&Value::Object(object)) {
+        let entry = match parse_job_value(Value::Object(object)) {
             Ok(spec) if cell_errors.is_empty() => Ok(spec),
             Ok(_) => Err(cell_errors),
             Err(mut errors) => {
-                errors.0.extend(cell_errors);
+                errors.extend(cell_errors);
                 Err(errors)
             }
         };
@@ -409,6 +637,60 @@ mod tests {
         assert_eq!(json_error.0[0].rule, "json");
         let missing = entries[2].entry.clone().unwrap_err();
         assert_eq!(missing.0[0].path, "start_image_url");
+    }
+
+    #[test]
+    fn job_text_is_parsed_within_its_size_and_value_limits() {
+        let good = r#"{"start_image_url": "https://e.com/a.png", "prompt": "p"}"#;
+        assert!(parse_job_text(good, 1024).is_ok());
+        let rule = |result: Result<JobSpec, ValidationErrors>| {
+            let errors = result.unwrap_err();
+            (errors.0[0].path.clone(), errors.0[0].rule.clone())
+        };
+        assert_eq!(rule(parse_job_text(good, 10)), pair("", "max_length"));
+        assert_eq!(rule(parse_job_text("{oops", 1024)), pair("", "json"));
+        assert_eq!(
+            rule(parse_job_text(&format!("{good} x"), 1024)),
+            pair("", "json")
+        );
+        // 25,000 numbers in 50 KB: refused while parsing, before they are all built.
+        let many = format!(
+            r#"{{"start_image_url": "https://e.com/a.png", "prompt": "p", "metadata": {{"n": [{}]}}}}"#,
+            vec!["0"; 25_000].join(",")
+        );
+        assert_eq!(
+            rule(parse_job_text(&many, usize::MAX)),
+            pair("", "max_items")
+        );
+        // 9,000 (18 KB) are parsed, then checked as a job.
+        let fewer = many.replace(&vec!["0"; 25_000].join(","), &vec!["0"; 9_000].join(","));
+        assert_eq!(
+            parse_job_text(&fewer, usize::MAX)
+                .map_err(|e| e.0[0].clone())
+                .err()
+                .map(|e| (e.path, e.rule)),
+            Some(pair("metadata", "max_length"))
+        );
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_is_located() {
+        assert_eq!(utf8_text(b"ab\ncd"), Ok("ab\ncd"));
+        let error = utf8_text(b"ab\ncd\n\xffe").unwrap_err();
+        assert_eq!(
+            error,
+            NotUtf8 {
+                line: 3,
+                byte_offset: 6
+            }
+        );
+        assert_eq!(
+            error.to_string(),
+            "line 3: not valid UTF-8 (at byte offset 6)"
+        );
+        assert_eq!(error.field_error().rule, "utf8");
+        let lines = json_lines(&"x".repeat(20), 10).collect::<Vec<_>>();
+        assert_eq!(lines[0].entry.clone().unwrap_err().0[0].rule, "max_length");
     }
 
     #[test]

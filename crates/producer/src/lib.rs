@@ -22,9 +22,9 @@ pub mod view;
 
 pub use api::{ApiDoc, ApiState, ServeError, router, serve};
 pub use config::ApiConfig;
-pub use error::{BatchErrors, EntryErrors, ProducerError};
+pub use error::{BatchErrors, CappedErrors, MAX_ERROR_DETAILS, ProducerError};
 pub use ops::StatsLimits;
 pub use producer::{
-    BatchOptions, MAX_BATCH_IDEMPOTENCY_KEY_BYTES, Producer, RedriveTarget, batch_error_details,
-    canonical_id, check_batch_options, is_event_cursor,
+    BatchCheck, BatchOptions, MAX_BATCH_IDEMPOTENCY_KEY_BYTES, Producer, RedriveTarget,
+    batch_error_details, canonical_id, check_batch_options, is_event_cursor,
 };

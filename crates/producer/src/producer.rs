@@ -16,10 +16,10 @@ use serde_json::json;
 use time::OffsetDateTime;
 use tracing::Instrument;
 
-use crate::error::{BatchErrors, EntryErrors, ProducerError};
+use crate::error::{BatchErrors, CappedErrors, ProducerError};
 use crate::view::{
-    BatchAccepted, BatchCancelResult, BatchView, CancelResult, ErrorDetail, EventView, JobAccepted,
-    JobPage, JobView, NotDead, RedriveResult,
+    BatchAccepted, BatchCancelResult, BatchView, CancelResult, EventView, JobAccepted, JobPage,
+    JobView, NotDead, RedriveResult,
 };
 
 /// Longest batch idempotency key, in bytes: per-job keys derived from it stay within the
@@ -63,9 +63,12 @@ pub struct Producer {
 }
 
 impl Producer {
+    /// A producer over `queue`. It retries a failed Redis call once (within the queue's
+    /// `command_timeout_ms`), then reports Redis unavailable: its callers answer people and
+    /// services, who should hear that at once rather than after 30 s.
     pub fn new(queue: Queue, cost: CostModel) -> Self {
         Self {
-            queue,
+            queue: queue.failing_fast(),
             cost,
             max_batch_jobs: 200_000,
         }
@@ -146,50 +149,80 @@ impl Producer {
 
     /// Validates every entry, then enqueues the batch. Invalid entries (given as `Err`, or
     /// failing [`JobSpec::validate`]) reject the whole batch, listed by index, unless
-    /// `options.partial` is set; then the valid ones are enqueued and the rest reported.
+    /// `options.partial` is set; then the valid ones are enqueued and the rest reported. A
+    /// batch of more than `max_batch_jobs` entries is refused before any entry is validated.
+    /// Errors are listed up to [`crate::MAX_ERROR_DETAILS`] and counted.
     pub async fn enqueue_batch(
         &self,
         jobs: Vec<Result<JobSpec, ValidationErrors>>,
         options: BatchOptions,
     ) -> Result<BatchAccepted, ProducerError> {
-        let total = jobs.len();
-        let mut errors = BatchErrors {
-            batch: check_batch_options(&options, total, self.max_batch_jobs),
-            entries: Vec::new(),
-            total,
-        };
-        let mut valid = Vec::with_capacity(total);
-        for (index, job) in jobs.into_iter().enumerate() {
-            match job.and_then(|spec| spec.validate().map(|()| spec)) {
-                Ok(spec) => valid.push((index, spec)),
-                Err(entry_errors) => errors.entries.push(EntryErrors {
-                    index,
-                    errors: entry_errors,
-                }),
+        let mut check = BatchCheck::new(self.max_batch_jobs);
+        let mut valid = Vec::new();
+        if jobs.len() > self.max_batch_jobs {
+            check.skip(jobs.len());
+        } else {
+            valid.reserve(jobs.len());
+            for job in jobs {
+                let checked = check.check(job, None);
+                if check.has_invalid() && !options.partial {
+                    // Refused whatever comes next: keep only the errors.
+                    valid = Vec::new();
+                } else {
+                    valid.extend(checked);
+                }
             }
         }
-        if !errors.batch.is_empty() || (!errors.entries.is_empty() && !options.partial) {
-            return Err(ProducerError::InvalidBatch(errors));
+        let rejected = check
+            .finish(&options)
+            .map_err(ProducerError::InvalidBatch)?;
+        self.enqueue_valid(valid, rejected, options).await
+    }
+
+    /// Enqueues a batch checked entry by entry with a [`BatchCheck`]: `jobs` are its valid
+    /// entries with their index (each is validated again), `rejected` what
+    /// [`BatchCheck::finish`] returned (the entries left out, with `partial`).
+    pub async fn enqueue_checked(
+        &self,
+        jobs: Vec<(usize, JobSpec)>,
+        rejected: BatchErrors,
+        options: BatchOptions,
+    ) -> Result<BatchAccepted, ProducerError> {
+        let total = rejected.total.max(jobs.len());
+        let mut errors = BatchErrors {
+            batch: check_batch_options(&options, total, self.max_batch_jobs),
+            total,
+            ..BatchErrors::default()
+        };
+        for (index, spec) in &jobs {
+            if let Err(found) = spec.validate() {
+                errors.invalid_entries += 1;
+                errors.entries.push_entry(*index, None, found);
+            }
         }
-        if valid.is_empty() {
+        if jobs.is_empty() && errors.batch.is_empty() {
             errors.batch.push(FieldError::new(
                 "",
                 "min_items",
                 "no valid entry: nothing to enqueue",
             ));
+        }
+        if !errors.is_empty() {
             return Err(ProducerError::InvalidBatch(errors));
         }
-        let rejected: Vec<ErrorDetail> = errors
-            .entries
-            .into_iter()
-            .flat_map(|entry| {
-                let index = entry.index;
-                entry
-                    .errors
-                    .into_iter()
-                    .map(move |error| ErrorDetail::at(index, error))
-            })
-            .collect();
+        self.enqueue_valid(jobs, rejected, options).await
+    }
+
+    /// Enqueues jobs known to be valid (from [`BatchCheck`], or parsed by [`crate::input`]).
+    pub(crate) async fn enqueue_valid(
+        &self,
+        valid: Vec<(usize, JobSpec)>,
+        rejected: BatchErrors,
+        options: BatchOptions,
+    ) -> Result<BatchAccepted, ProducerError> {
+        let rejected_entries = rejected.invalid_entries as u64;
+        let rejected_truncated = rejected.entries.is_truncated();
+        let rejected = rejected.entries.into_details();
 
         // With a batch idempotency key, the first request's batch id is kept under the key;
         // a retry finds it and, if the first request stopped half-way, finishes the batch
@@ -212,6 +245,8 @@ impl Producer {
                                 total: view.total,
                                 deduplicated: 0,
                                 rejected,
+                                rejected_entries,
+                                rejected_truncated,
                                 estimated_usd: view.estimated_usd,
                                 budget_usd: view.budget_usd,
                             });
@@ -281,6 +316,8 @@ impl Producer {
             total: total_in_batch,
             deduplicated,
             rejected,
+            rejected_entries,
+            rejected_truncated,
             estimated_usd: micros_to_usd(estimated_micros),
             budget_usd: options.budget_usd,
         })
@@ -337,6 +374,8 @@ impl Producer {
             .queue
             .job(&id)
             .await?
+            // Webhook deliveries share the namespace's job records; they are not jobs here.
+            .filter(|record| record.queue == self.queue.name())
             .ok_or(ProducerError::JobNotFound(id))?;
         Ok(JobView::from_record(record))
     }
@@ -600,7 +639,7 @@ pub fn check_batch_options(
         ));
         probe.webhook_url = Some(url.clone());
         if let Err(found) = probe.validate() {
-            errors.0.extend(found);
+            errors.extend(found);
         }
     }
     if let Some(budget) = options.budget_usd
@@ -612,19 +651,135 @@ pub fn check_batch_options(
             format!("must be a positive number of USD, got {budget}"),
         );
     }
-    if let Some(key) = &options.idempotency_key
-        && (key.is_empty() || key.len() > MAX_BATCH_IDEMPOTENCY_KEY_BYTES)
-    {
-        errors.push(
-            "idempotency_key",
-            "max_length",
-            format!(
-                "must be 1 to {MAX_BATCH_IDEMPOTENCY_KEY_BYTES} bytes, got {}",
-                key.len()
-            ),
-        );
+    if let Some(key) = &options.idempotency_key {
+        if key.is_empty() || key.len() > MAX_BATCH_IDEMPOTENCY_KEY_BYTES {
+            errors.push(
+                "idempotency_key",
+                "max_length",
+                format!(
+                    "must be 1 to {MAX_BATCH_IDEMPOTENCY_KEY_BYTES} bytes, got {}",
+                    key.len()
+                ),
+            );
+        } else if let Some(c) = key.chars().find(|c| c.is_control()) {
+            errors.push(
+                "idempotency_key",
+                "control_char",
+                format!(
+                    "must not contain control characters; found U+{:04X}",
+                    c as u32
+                ),
+            );
+        }
     }
     errors.0
+}
+
+/// Checks a batch's entries one at a time, in order, keeping only counts and the first
+/// [`crate::MAX_ERROR_DETAILS`] errors: the caller decides what to keep of the valid jobs, so
+/// a batch of any size can be checked, and refused, in bounded memory. Entries past
+/// `max_batch_jobs` are counted, not validated; callers that can count first call
+/// [`BatchCheck::skip`] instead, so an oversized batch is refused before any validation.
+#[derive(Debug, Clone)]
+pub struct BatchCheck {
+    max_batch_jobs: usize,
+    entries: usize,
+    valid: usize,
+    errors: BatchErrors,
+}
+
+impl BatchCheck {
+    pub fn new(max_batch_jobs: usize) -> Self {
+        Self {
+            max_batch_jobs: max_batch_jobs.max(1),
+            entries: 0,
+            valid: 0,
+            errors: BatchErrors::default(),
+        }
+    }
+
+    /// The batch limit this check applies.
+    pub fn max_batch_jobs(&self) -> usize {
+        self.max_batch_jobs
+    }
+
+    /// Entries seen so far.
+    pub fn entries(&self) -> usize {
+        self.entries
+    }
+
+    /// Whether an entry was invalid: without `partial`, the batch will be refused.
+    pub fn has_invalid(&self) -> bool {
+        self.errors.invalid_entries > 0
+    }
+
+    /// Checks the next entry (its index is the number of entries before it; `line` is where
+    /// it starts in a file). Returns the job with its index when it is valid; records the
+    /// errors (listed up to the cap, all counted) when not. Past the batch limit it only
+    /// counts.
+    pub fn check(
+        &mut self,
+        entry: Result<JobSpec, ValidationErrors>,
+        line: Option<u64>,
+    ) -> Option<(usize, JobSpec)> {
+        self.check_parsed(entry.and_then(|spec| spec.validate().map(|()| spec)), line)
+    }
+
+    /// [`BatchCheck::check`] of an entry from a parser of [`crate::input`] (`parse_job`,
+    /// `parse_job_text`, `json_lines`, `parse_csv`), which validated it already.
+    pub fn check_parsed(
+        &mut self,
+        entry: Result<JobSpec, ValidationErrors>,
+        line: Option<u64>,
+    ) -> Option<(usize, JobSpec)> {
+        let index = self.entries;
+        self.entries += 1;
+        if self.entries > self.max_batch_jobs {
+            return None;
+        }
+        match entry {
+            Ok(spec) => {
+                self.valid += 1;
+                Some((index, spec))
+            }
+            Err(errors) => {
+                self.errors.invalid_entries += 1;
+                self.errors.entries.push_entry(index, line, errors);
+                None
+            }
+        }
+    }
+
+    /// Counts `n` entries without validating them (the batch is over its limit).
+    pub fn skip(&mut self, n: usize) {
+        self.entries += n;
+    }
+
+    /// The verdict. `Err` when the batch is refused: its size (then entries are not listed),
+    /// its options, an invalid entry without `options.partial`, or no valid entry. Otherwise
+    /// the errors of the entries left out, for [`Producer::enqueue_checked`].
+    pub fn finish(self, options: &BatchOptions) -> Result<BatchErrors, BatchErrors> {
+        let mut errors = self.errors;
+        errors.total = self.entries;
+        errors.batch = check_batch_options(options, self.entries, self.max_batch_jobs);
+        if self.entries > self.max_batch_jobs {
+            errors.entries = CappedErrors::new();
+            errors.invalid_entries = 0;
+            return Err(errors);
+        }
+        if !errors.batch.is_empty() || (errors.invalid_entries > 0 && !options.partial) {
+            return Err(errors);
+        }
+        if self.valid == 0 {
+            errors.batch.push(FieldError::new(
+                "",
+                "min_items",
+                "no valid entry: nothing to enqueue",
+            ));
+            return Err(errors);
+        }
+        Ok(errors)
+    }
 }
 
 /// The canonical spelling of a job or batch id, or `None` if it is not one.
@@ -636,29 +791,20 @@ pub fn canonical_id(id: &str) -> Option<String> {
 /// most 19 digits (so it fits Redis's 64-bit ids).
 pub fn is_event_cursor(cursor: &str) -> bool {
     let mut parts = cursor.splitn(2, '-');
-    let digits = |s: &str| !s.is_empty() && s.len() <= 19 && s.bytes().all(|b| b.is_ascii_digit());
-    parts.next().is_some_and(digits) && parts.next().is_none_or(digits)
+    // Each part is a u64, as Redis stream ids are (the largest, `18446744073709551615-…`,
+    // is valid too).
+    let number = |s: &str| s.bytes().all(|b| b.is_ascii_digit()) && s.parse::<u64>().is_ok();
+    parts.next().is_some_and(number) && parts.next().is_none_or(number)
 }
 
 fn epoch_ms(time: OffsetDateTime) -> u64 {
     u64::try_from(time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
 }
 
-/// The batch-entry errors of a rejected batch as details, by entry index.
-pub fn batch_error_details(errors: &BatchErrors) -> Vec<ErrorDetail> {
-    errors
-        .batch
-        .iter()
-        .cloned()
-        .map(ErrorDetail::new)
-        .chain(errors.entries.iter().flat_map(|entry| {
-            entry
-                .errors
-                .iter()
-                .cloned()
-                .map(|error| ErrorDetail::at(entry.index, error))
-        }))
-        .collect()
+/// The errors of a rejected batch as details: the batch's own, then its entries' by index;
+/// the first [`crate::MAX_ERROR_DETAILS`] of them listed, all counted.
+pub fn batch_error_details(errors: &BatchErrors) -> CappedErrors {
+    errors.details()
 }
 
 #[cfg(test)]

@@ -295,8 +295,16 @@ pub struct BatchAccepted {
     pub total: u64,
     /// Valid entries whose own idempotency key matched an earlier job (not added again).
     pub deduplicated: u64,
-    /// Invalid entries left out (only with `partial`), with every error.
+    /// Errors of the invalid entries left out (only with `partial`): the first 1,000.
     pub rejected: Vec<ErrorDetail>,
+    /// Invalid entries left out (only with `partial`).
+    #[serde(default)]
+    #[schema(required = true)]
+    pub rejected_entries: u64,
+    /// Whether `rejected` lists only the first 1,000 errors of the entries left out.
+    #[serde(default)]
+    #[schema(required = true)]
+    pub rejected_truncated: bool,
     /// Estimated cost of the batch's jobs.
     pub estimated_usd: f64,
     pub budget_usd: Option<f64>,
@@ -419,8 +427,35 @@ pub struct ErrorInfo {
     /// `unsupported_media_type`, `method_not_allowed`, `unavailable`, `internal`.
     pub code: String,
     pub message: String,
-    /// Every field error, for `validation_failed`; empty otherwise.
+    /// The field errors, for `validation_failed` (the first 1,000); empty otherwise.
     pub details: Vec<ErrorDetail>,
+    /// Whether `details` lists only the first of `total_details` errors.
+    #[serde(default)]
+    #[schema(required = true)]
+    pub truncated: bool,
+    /// Every field error found, listed in `details` or not.
+    #[serde(default)]
+    #[schema(required = true)]
+    pub total_details: u64,
+}
+
+impl ErrorInfo {
+    /// An error with the listed `details` out of `total_details` found.
+    pub fn new(
+        code: impl Into<String>,
+        message: impl Into<String>,
+        details: Vec<ErrorDetail>,
+        total_details: usize,
+    ) -> Self {
+        let total_details = total_details.max(details.len());
+        Self {
+            code: code.into(),
+            message: message.into(),
+            truncated: total_details > details.len(),
+            total_details: total_details as u64,
+            details,
+        }
+    }
 }
 
 /// One violated rule, naming the batch entry (when in a batch) and the field path.
@@ -435,7 +470,8 @@ pub struct ErrorDetail {
     /// Dotted path of the field, with `[i]` for array items; empty for the whole entry.
     pub path: String,
     /// A stable rule code: `required`, `type`, `unknown_field`, `exclusive`, `one_of`, `range`,
-    /// `max_length`, `min_items`, `max_items`, `url`, `sum`, `element_kind`, `format`, `json`.
+    /// `max_length`, `min_items`, `max_items`, `url`, `sum`, `element_kind`, `control_char`,
+    /// `format`, `json`, `utf8`.
     pub rule: String,
     pub message: String,
 }

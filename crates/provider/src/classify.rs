@@ -42,7 +42,8 @@ pub(crate) fn parse_envelope(body: &[u8]) -> Envelope {
         value
             .and_then(Value::as_str)
             .filter(|text| !text.is_empty())
-            .map(|text| truncate(text, MAX_MESSAGE_CHARS))
+            // A provider may echo what it was sent (the Authorization header, a signed URL).
+            .map(|text| truncate(&klingq_core::scrub(text), MAX_MESSAGE_CHARS))
     };
     let code = text(value.get("code"))
         .or_else(|| text(error.and_then(|error| error.get("code"))))

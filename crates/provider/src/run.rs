@@ -221,6 +221,10 @@ fn parse_failure(value: &Value) -> Option<RunFailure> {
         stage: string_field(value, "failure_stage_code")
             .or_else(|| string_field(value, "failure_stage")),
     };
+    let failure = RunFailure {
+        message: failure.message.as_deref().map(klingq_core::scrub),
+        ..failure
+    };
     (failure != RunFailure::default()).then_some(failure)
 }
 

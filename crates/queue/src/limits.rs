@@ -83,6 +83,21 @@ impl Queue {
         Ok(())
     }
 
+    /// Gives a slot back unless its expiry lies past `fence_ms` (ms since the epoch), i.e.
+    /// unless the holder took or renewed it after the release was asked for. For releases
+    /// retried after Redis was unreachable. Returns whether a slot was removed.
+    pub async fn release_slot_fenced(
+        &self,
+        name: &str,
+        holder: &str,
+        fence_ms: u64,
+    ) -> Result<bool, QueueError> {
+        let mut cmd = self.script_cmd(&scripts::SLOT_RELEASE);
+        cmd.arg(name).arg(holder).arg(fence_ms.max(1));
+        let removed: i64 = self.run_script(cmd).await?;
+        Ok(removed == 1)
+    }
+
     /// Lowers the shared cap after the provider throttled us; returns the new cap.
     pub async fn throttle_slots(
         &self,

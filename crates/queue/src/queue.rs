@@ -91,6 +91,9 @@ pub(crate) struct Inner {
     pub(crate) conn: ConnectionManager,
     /// A key in the namespace's slot: every script names it as KEYS[1] so Cluster routes it.
     route_key: String,
+    /// Retry a failed call once only (within the command timeout), for callers that answer a
+    /// person or a service and should say "Redis is unavailable" instead of waiting.
+    fail_fast: bool,
 }
 
 /// A connection to one queue of one namespace. Cheap to clone.
@@ -129,6 +132,7 @@ impl Queue {
                 client,
                 conn,
                 route_key,
+                fail_fast: false,
             }),
         })
     }
@@ -142,6 +146,23 @@ impl Queue {
                 client: self.inner.client.clone(),
                 conn: self.inner.conn.clone(),
                 route_key: self.inner.route_key.clone(),
+                fail_fast: self.inner.fail_fast,
+            }),
+        }
+    }
+
+    /// The same connection, retrying a failed call once only, within about
+    /// `command_timeout_ms`, instead of for up to 30 s: for producers, the API and the CLI,
+    /// which answer "Redis is unavailable" at once while workers keep trying.
+    pub fn failing_fast(&self) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config: self.inner.config.clone(),
+                keys: self.inner.keys.clone(),
+                client: self.inner.client.clone(),
+                conn: self.inner.conn.clone(),
+                route_key: self.inner.route_key.clone(),
+                fail_fast: true,
             }),
         }
     }
@@ -240,9 +261,14 @@ impl Queue {
         let policy = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(50))
             .with_max_delay(Duration::from_secs(2))
-            .with_jitter()
-            .with_total_delay(Some(budget))
-            .without_max_times();
+            .with_jitter();
+        let policy = if self.inner.fail_fast {
+            policy
+                .with_total_delay(Some(budget.min(self.inner.config.command_timeout())))
+                .with_max_times(1)
+        } else {
+            policy.with_total_delay(Some(budget)).without_max_times()
+        };
         op.retry(policy)
             .when(|error: &QueueError| error.is_transient())
             .notify(|error: &QueueError, delay: Duration| {
@@ -475,6 +501,8 @@ impl Queue {
         let record = self
             .job(job_id)
             .await?
+            // A job of another queue (a webhook delivery) is not this queue's to cancel.
+            .filter(|record| record.queue == self.inner.config.queue)
             .ok_or_else(|| QueueError::NotFound(job_id.to_owned()))?;
         if record.state.is_terminal() {
             return Ok(CancelOutcome::AlreadyTerminal(record.state));
@@ -562,14 +590,15 @@ impl Queue {
         self.jobs(&ids).await
     }
 
-    /// Re-drives one dead job: attempts reset, back to ready, a new completion event later.
+    /// Re-drives one dead or failed job: attempts reset, back to ready (resuming from its
+    /// checkpoint), a new completion event later.
     pub async fn redrive(&self, job_id: &str) -> Result<RedriveOutcome, QueueError> {
         let mut cmd = self.script_cmd(&scripts::REDRIVE);
-        cmd.arg(job_id);
+        cmd.arg(job_id).arg(&self.inner.config.queue);
         let previous: String = self.run_script(cmd).await?;
         match previous.as_str() {
             "" => Err(QueueError::NotFound(job_id.to_owned())),
-            "dead" => Ok(RedriveOutcome::Redriven),
+            "redriven" => Ok(RedriveOutcome::Redriven),
             other => Ok(RedriveOutcome::NotDead(
                 other.parse().map_err(|e: String| QueueError::Protocol(e))?,
             )),

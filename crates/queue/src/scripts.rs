@@ -30,10 +30,11 @@ script!(REDRIVE, "lua/redrive.lua");
 script!(RELEASE_MANY, "lua/release_many.lua");
 script!(SLOT_ACQUIRE, "lua/slot_acquire.lua");
 script!(SLOT_THROTTLE, "lua/slot_throttle.lua");
+script!(SLOT_RELEASE, "lua/slot_release.lua");
 script!(BUDGET_RESERVE, "lua/budget_reserve.lua");
 
 /// Every script, for loading them all at connect time (avoids a NOSCRIPT round trip later).
-pub(crate) fn all() -> [&'static Script; 14] {
+pub(crate) fn all() -> [&'static Script; 15] {
     [
         &ENQUEUE,
         &BATCH_OPEN,
@@ -48,6 +49,7 @@ pub(crate) fn all() -> [&'static Script; 14] {
         &RELEASE_MANY,
         &SLOT_ACQUIRE,
         &SLOT_THROTTLE,
+        &SLOT_RELEASE,
         &BUDGET_RESERVE,
     ]
 }

@@ -702,14 +702,16 @@ async fn fetch(
     count: usize,
     reclaim: bool,
 ) -> FetchOutput {
-    let mut conn = match conn {
-        Some(conn) => conn,
+    // A new connection first looks at this consumer's own pending entries: a read whose
+    // reply was lost with the old connection delivered entries nobody started.
+    let (mut conn, recover) = match conn {
+        Some(conn) => (conn, false),
         None => match connect_fetch(&shared).await {
-            Ok(conn) => conn,
+            Ok(conn) => (conn, true),
             Err(error) => return (None, Err(error)),
         },
     };
-    match read(&shared, &mut conn, count, reclaim).await {
+    match read(&shared, &mut conn, count, reclaim, recover).await {
         Ok(entries) => {
             let result = start(&shared, entries).await;
             (Some(conn), result)
@@ -755,9 +757,20 @@ async fn read(
     conn: &mut MultiplexedConnection,
     count: usize,
     reclaim: bool,
+    recover: bool,
 ) -> Result<Entries, QueueError> {
     let streams = shared.stream_keys();
     let mut entries: Entries = Vec::new();
+    if recover {
+        recover_own_pending(shared, conn, &streams, count, &mut entries).await?;
+        if !entries.is_empty() {
+            tracing::info!(
+                n = entries.len(),
+                "recovered jobs read just before the connection broke"
+            );
+            return Ok(entries);
+        }
+    }
     if reclaim {
         reclaim_expired(shared, conn, &streams, count, &mut entries).await?;
         if !entries.is_empty() {
@@ -808,6 +821,41 @@ async fn read(
     let reply: Value = cmd.query_async(conn).await?;
     collect(&reply, &mut entries);
     Ok(entries)
+}
+
+/// This consumer's pending entries that no handler here holds: delivered by a read whose
+/// reply was lost when the connection broke (the entries are pending for this consumer, and
+/// without this they would wait a whole lease for another worker's `XAUTOCLAIM`).
+async fn recover_own_pending(
+    shared: &Shared,
+    conn: &mut MultiplexedConnection,
+    streams: &[String],
+    count: usize,
+    entries: &mut Entries,
+) -> Result<(), QueueError> {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP")
+        .arg(GROUP)
+        .arg(&shared.consumer)
+        .arg("COUNT")
+        .arg(count)
+        .arg("STREAMS");
+    for stream in streams {
+        cmd.arg(stream);
+    }
+    for _ in streams {
+        cmd.arg("0");
+    }
+    let reply: Value = cmd.query_async(conn).await?;
+    let mut pending = Entries::new();
+    collect(&reply, &mut pending);
+    let held = shared.held.lock().expect("held map poisoned");
+    entries.extend(
+        pending
+            .into_iter()
+            .filter(|(_, entry, _)| !held.contains_key(entry)),
+    );
+    Ok(())
 }
 
 fn collect(reply: &Value, entries: &mut Entries) {

@@ -143,10 +143,19 @@ impl RunningWorker {
 }
 
 fn spawn_worker(queue: &Queue, concurrency: usize, seen: &Seen) -> RunningWorker {
+    spawn_worker_as(queue, consumer_name("test"), concurrency, seen)
+}
+
+fn spawn_worker_as(
+    queue: &Queue,
+    consumer: String,
+    concurrency: usize,
+    seen: &Seen,
+) -> RunningWorker {
     let backend = QueueBackend::<TestJob>::new(
         queue.clone(),
         WorkerOptions {
-            consumer: consumer_name("test"),
+            consumer,
             concurrency,
         },
     );
@@ -694,6 +703,70 @@ async fn stats_report_waiting_scheduled_and_the_oldest_age() {
         (3, 0, 2, 0)
     );
     assert_eq!(stats.waiting_by_priority.get("normal"), Some(&3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_read_just_before_a_connection_broke_start_without_waiting_a_lease() {
+    require_shared_redis().await.unwrap();
+    let mut config = config(&unique_namespace("orphans"));
+    // Far beyond the test: only the worker's own recovery, not a lapsed lease, starts them.
+    config.lease_timeout_secs = 3_600;
+    let queue = Queue::connect(config).await.unwrap();
+    let jobs: Vec<NewJob> = (0..5).map(|n| job(n, Behavior::Succeed)).collect();
+    let ids: Vec<String> = queue
+        .enqueue_many(&jobs, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    // A read whose reply was lost when the connection broke: Redis delivered the entries to
+    // the consumer (they are pending for it), and no handler ever saw them.
+    let consumer = consumer_name("orphans");
+    let stream = queue.keys().ready(queue.name(), Priority::Normal);
+    let mut conn = queue.connection();
+    let created: redis::RedisResult<redis::Value> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg("workers")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut conn)
+        .await;
+    assert!(created.is_ok() || format!("{created:?}").contains("BUSYGROUP"));
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("workers")
+        .arg(&consumer)
+        .arg("COUNT")
+        .arg(10)
+        .arg("STREAMS")
+        .arg(&stream)
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    // The same consumer connects again.
+    let seen = Seen::default();
+    let worker = spawn_worker_as(&queue, consumer, 8, &seen);
+    wait_for(
+        "the orphaned jobs to succeed",
+        Duration::from_secs(60),
+        || async {
+            let records = queue.jobs(&ids).await.ok()?;
+            records
+                .iter()
+                .all(|r| r.state == JobState::Succeeded)
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    worker.stop().await;
+    for id in &ids {
+        assert_eq!(seen.runs_of(id), 1, "{id} ran once");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

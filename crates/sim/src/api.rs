@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::config::OutputShape;
 use crate::error::{ApiError, FieldError, html_error};
-use crate::faults::{FaultToken, parse_header_tokens, parse_prompt_tokens};
+use crate::faults::{FaultKind, FaultToken, parse_header_tokens, parse_prompt_tokens};
 use crate::server::ConnHandle;
 use crate::state::{
     Admission, AfterCreate, CreateRequest, Outcome, PollFault, Run, RunSource, Sim,
@@ -373,6 +373,9 @@ pub(crate) async fn create_run(
     request.client_ref = client_ref;
     request.metadata = metadata;
     request.callback_url = callback_url;
+    if let Some(echo) = echo_auth(&request.tokens, &headers) {
+        return echo;
+    }
 
     let (admission, body) = {
         let mut state = sim.lock();
@@ -441,6 +444,9 @@ pub(crate) async fn run_sync(
         }
         Err(error) => return error.into_response(),
     };
+    if let Some(echo) = echo_auth(&request.tokens, &headers) {
+        return echo;
+    }
     let (admission, terminal) = {
         let mut state = sim.lock();
         let admission = state.admit(request, Instant::now());
@@ -742,6 +748,26 @@ pub(crate) async fn balance(State(sim): State<SharedSim>, headers: HeaderMap) ->
 /// Any other path: the Runflow 404 envelope.
 pub(crate) async fn fallback() -> Response {
     ApiError::not_found().into_response()
+}
+
+/// The `echo-auth` fault: a careless provider (or a proxy in front of it) that echoes the
+/// request's `Authorization` header into its error body, as some do.
+fn echo_auth(tokens: &[FaultToken], headers: &HeaderMap) -> Option<Response> {
+    if !tokens.iter().any(|token| token.kind == FaultKind::EchoAuth) {
+        return None;
+    }
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    Some(
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+            format!("could not process the request sent with Authorization: {authorization}"),
+        )
+        .into_response(),
+    )
 }
 
 #[cfg(test)]

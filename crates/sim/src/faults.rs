@@ -17,6 +17,7 @@ pub(crate) enum FaultKind {
     GatewayTimeoutAfterCreate,
     LostResponse,
     SlowCreate,
+    EchoAuth,
     Moderation,
     OutputModeration,
     ProviderTimeout,
@@ -64,6 +65,7 @@ const ALL: &[(&str, FaultKind)] = &[
     ("504-after-create", FaultKind::GatewayTimeoutAfterCreate),
     ("lost-response", FaultKind::LostResponse),
     ("slow-create", FaultKind::SlowCreate),
+    ("echo-auth", FaultKind::EchoAuth),
     ("moderation", FaultKind::Moderation),
     ("output-moderation", FaultKind::OutputModeration),
     ("provider-timeout", FaultKind::ProviderTimeout),
@@ -114,7 +116,8 @@ impl FaultKind {
             | GatewayTimeout
             | GatewayTimeoutAfterCreate
             | LostResponse
-            | SlowCreate => FaultScope::Create,
+            | SlowCreate
+            | EchoAuth => FaultScope::Create,
             Moderation | OutputModeration | ProviderTimeout | Stuck | NoUrl => FaultScope::Outcome,
             FlakyPoll | Poll5xx | PollReset | Poll404 => FaultScope::Poll,
             DownloadExpired | Download404 | Download5xx | DownloadReset | DownloadShort

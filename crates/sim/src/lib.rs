@@ -57,7 +57,9 @@
 //! - `504-after-create`: the run is created (and billed when it succeeds), the answer is a 504;
 //! - `lost-response`: the run is created (and billed when it succeeds), then the TCP connection is
 //!   closed without any HTTP response. On the sync endpoint this happens after the run finished;
-//! - `slow-create`: the run is created, the response waits `slow_create_secs`.
+//! - `slow-create`: the run is created, the response waits `slow_create_secs`;
+//! - `echo-auth`: 400 `INVALID_REQUEST` whose message echoes the request's `Authorization`
+//!   header, as a careless provider or proxy may (klingq must scrub it from every error text).
 //!
 //! Outcome faults decide how the run ends; they apply to every run with that prompt unless COUNT is given:
 //! - `moderation`: fails early with `CONTENT_POLICY_VIOLATION` (stage `moderation`), not billed;

@@ -5,6 +5,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use klingq_ssrf::AddressPolicy;
 use serde::{Deserialize, Deserializer};
 
 use crate::error::StorageError;
@@ -84,6 +85,12 @@ pub struct StorageConfig {
     pub download_timeout_floor: Duration,
     #[serde(default = "default_min_bytes_per_sec")]
     pub download_min_bytes_per_sec: u64,
+    /// CIDRs (`10.0.0.0/8`, `::1/128`; an entry may hold several, comma-separated) of
+    /// non-public addresses downloads may still connect to. Empty (the default): a source URL,
+    /// or any redirect hop, resolving to a loopback, private, link-local, CGNAT or other
+    /// non-public address is refused (the SSRF guard). A local simulator needs `127.0.0.0/8`.
+    #[serde(default)]
+    pub download_allow_cidrs: Vec<String>,
     /// Attempts per S3 request, including the first (the SDK's standard retry with backoff).
     #[serde(default = "default_s3_max_attempts")]
     pub s3_max_attempts: u32,
@@ -149,6 +156,7 @@ impl StorageConfig {
             download_idle_timeout: default_idle_timeout(),
             download_timeout_floor: default_timeout_floor(),
             download_min_bytes_per_sec: default_min_bytes_per_sec(),
+            download_allow_cidrs: Vec::new(),
             s3_max_attempts: default_s3_max_attempts(),
             s3_attempt_timeout: default_s3_attempt_timeout(),
         }
@@ -195,7 +203,14 @@ impl StorageConfig {
                 "download_min_bytes_per_sec and s3_max_attempts must be positive".to_owned(),
             );
         }
+        self.download_policy()?;
         Ok(())
+    }
+
+    /// The SSRF guard's allow-list of downloads, parsed from `download_allow_cidrs`.
+    pub fn download_policy(&self) -> Result<AddressPolicy, StorageError> {
+        AddressPolicy::parse(&self.download_allow_cidrs)
+            .map_err(|error| StorageError::Config(format!("download_allow_cidrs: {error}")))
     }
 }
 
@@ -264,6 +279,8 @@ mod tests {
         assert_eq!(config.max_video_bytes, 500_000_000);
         assert_eq!(config.checksum_mode, ChecksumMode::WhenSupported);
         assert_eq!(config.download_idle_timeout, Duration::from_secs(60));
+        assert!(config.download_allow_cidrs.is_empty());
+        assert_eq!(config.download_policy().unwrap(), AddressPolicy::default());
         assert!(config.validate().is_ok());
         assert!(serde_json::from_str::<StorageConfig>("{}").is_err());
     }
@@ -294,5 +311,19 @@ mod tests {
         config.max_video_bytes = 1000;
         config.access_key_id = Some(SecretString::new("a"));
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn download_allow_list_is_checked() {
+        let mut config = StorageConfig::new("b");
+        config.download_allow_cidrs = vec!["127.0.0.0/8, ::1".to_owned(), "10.0.0.0/8".to_owned()];
+        assert!(config.validate().is_ok());
+        let policy = config.download_policy().unwrap();
+        assert!(policy.check("127.0.0.5".parse().unwrap()).is_ok());
+        assert!(policy.check("::1".parse().unwrap()).is_ok());
+        assert!(policy.check("169.254.169.254".parse().unwrap()).is_err());
+        config.download_allow_cidrs = vec!["127.0.0.0/33".to_owned()];
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("download_allow_cidrs"), "{error}");
     }
 }

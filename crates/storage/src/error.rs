@@ -156,10 +156,25 @@ fn is_transient_s3_failure(status: Option<u16>, code: Option<&str>) -> bool {
         || status.is_some_and(|status| status >= 500 || status == 408 || status == 429)
 }
 
+/// [`RehostError::code`] of a download the SSRF guard refused.
+pub const DOWNLOAD_REFUSED: &str = "DOWNLOAD_REFUSED";
+/// [`RehostError::code`] of every other re-host failure.
+pub const REHOST_FAILED: &str = "REHOST_FAILED";
+
 /// A failure to download, verify or store one video.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RehostError {
+    /// The SSRF guard refused the source URL or a redirect hop: its address (literal or
+    /// resolved) is not public and not in `download_allow_cidrs`, it is not http(s), or the
+    /// source redirected more than [`crate::store::MAX_REDIRECTS`] times. Nothing was sent
+    /// to a refused address. Permanent: only a changed allow-list (or provider) helps.
+    #[error("download refused (SSRF guard): {target}: {reason}")]
+    DownloadRefused {
+        /// The host, or the URL without its query and user info.
+        target: String,
+        reason: String,
+    },
     #[error("source {url} answered HTTP {status}")]
     SourceStatus {
         url: RedactedUrl,
@@ -207,6 +222,7 @@ pub enum RehostError {
 impl RehostError {
     pub fn class(&self) -> ErrorClass {
         match self {
+            RehostError::DownloadRefused { .. } => ErrorClass::Permanent,
             RehostError::SourceStatus { status, .. } => match status {
                 403 | 404 | 410 => ErrorClass::SourceExpired,
                 408 | 429 | 500..=599 => ErrorClass::Transient,
@@ -227,6 +243,15 @@ impl RehostError {
             | RehostError::Timeout { .. } => ErrorClass::Transient,
             RehostError::TooLarge { .. } => ErrorClass::Permanent,
             RehostError::Storage(storage) => storage.class(),
+        }
+    }
+
+    /// The failure code a job records: [`DOWNLOAD_REFUSED`] for a refused download, else
+    /// [`REHOST_FAILED`].
+    pub fn code(&self) -> &'static str {
+        match self {
+            RehostError::DownloadRefused { .. } => DOWNLOAD_REFUSED,
+            _ => REHOST_FAILED,
         }
     }
 
@@ -318,6 +343,26 @@ mod tests {
             .is_transient()
         );
         assert!(RehostError::from(StorageError::Config(String::new())).is_permanent());
+        assert_eq!(
+            RehostError::TooLarge { size: 2, limit: 1 }.code(),
+            REHOST_FAILED
+        );
+    }
+
+    #[test]
+    fn refused_downloads_are_permanent_and_named() {
+        let refused = RehostError::DownloadRefused {
+            target: "http://127.0.0.1/v.mp4?[redacted]".to_owned(),
+            reason: "127.0.0.1 is loopback and not allow-listed".to_owned(),
+        };
+        assert!(refused.is_permanent());
+        assert!(!refused.is_source_expired());
+        assert_eq!(refused.code(), "DOWNLOAD_REFUSED");
+        assert_eq!(
+            refused.to_string(),
+            "download refused (SSRF guard): http://127.0.0.1/v.mp4?[redacted]: 127.0.0.1 is \
+             loopback and not allow-listed"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
 use bytes::Bytes;
 use futures::{Stream, TryStreamExt as _};
+use klingq_ssrf::{AddressPolicy, GuardedResolver, Refused, check_url, find_refusal};
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +28,8 @@ use crate::upload::{
 
 /// Connect timeout for S3 requests (the download has its own, in the config).
 const S3_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Redirects a download follows, each hop checked by the SSRF guard; one more is refused.
+pub const MAX_REDIRECTS: usize = 3;
 const MAX_JOB_ID_LEN: usize = 128;
 
 /// A video stored in S3.
@@ -66,7 +69,9 @@ pub struct VideoStore {
 struct Inner {
     config: StorageConfig,
     s3: aws_sdk_s3::Client,
+    /// The download client, guarded against SSRF with `policy`.
     http: reqwest::Client,
+    policy: Arc<AddressPolicy>,
 }
 
 impl fmt::Debug for VideoStore {
@@ -121,7 +126,15 @@ impl VideoStore {
             .request_checksum_calculation(request_checksums)
             .response_checksum_validation(response_checksums)
             .build();
+        // The SSRF guard: the resolver drops non-public addresses of every connection (so DNS
+        // rebinding gains nothing), each redirect hop is checked, and no proxy (which would
+        // resolve the target itself, past the guard) is used. IP literals are checked in
+        // `rehost` before sending.
+        let policy = Arc::new(config.download_policy()?);
         let http = reqwest::Client::builder()
+            .dns_resolver(Arc::new(GuardedResolver::new(policy.clone())))
+            .redirect(klingq_ssrf::redirect_policy(policy.clone(), MAX_REDIRECTS))
+            .no_proxy()
             .connect_timeout(config.download_connect_timeout)
             .read_timeout(config.download_idle_timeout)
             .user_agent(concat!("klingq-storage/", env!("CARGO_PKG_VERSION")))
@@ -134,6 +147,7 @@ impl VideoStore {
                 config,
                 s3: aws_sdk_s3::Client::from_conf(s3_config),
                 http,
+                policy,
             }),
         })
     }
@@ -192,6 +206,9 @@ impl VideoStore {
     /// on the way (see the crate docs). `expected_size` is the provider's `file_size`, if any.
     ///
     /// Storing the same job again overwrites the object with the same bytes, so retries are safe.
+    ///
+    /// A source (or redirect hop) at a non-public address outside `download_allow_cidrs` is
+    /// never contacted: [`RehostError::DownloadRefused`], permanent.
     pub async fn rehost(
         &self,
         job_id: &str,
@@ -202,16 +219,27 @@ impl VideoStore {
         let config = &self.inner.config;
         let url = RedactedUrl::new(source_url);
         tracing::debug!(job_id, source = %url, "re-host started");
-        let response = self
-            .inner
-            .http
-            .get(source_url)
-            .send()
-            .await
-            .map_err(|error| RehostError::SourceRequest {
-                url: url.clone(),
-                source: error.without_url(),
-            })?;
+        let refused = |refused: Refused| {
+            tracing::warn!(job_id, target = %refused.target, reason = %refused.reason, "download refused by the SSRF guard");
+            RehostError::DownloadRefused {
+                target: refused.target,
+                reason: refused.reason,
+            }
+        };
+        // IP literals never reach the resolver: check them (and the scheme) before sending.
+        check_url(source_url, &self.inner.policy, false).map_err(refused)?;
+        let response = match self.inner.http.get(source_url).send().await {
+            Ok(response) => response,
+            Err(error) => {
+                return Err(match find_refusal(&error) {
+                    Some(refusal) => refused(refusal.clone()),
+                    None => RehostError::SourceRequest {
+                        url: url.clone(),
+                        source: error.without_url(),
+                    },
+                });
+            }
+        };
 
         let status = response.status().as_u16();
         if status != 200 {

@@ -39,11 +39,24 @@ pub struct RedisServer {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Whether it keeps an append-only file (fsync on every write) across restarts.
+    aof: bool,
 }
 
 impl RedisServer {
     /// Starts one and waits until it answers PING.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(false).await
+    }
+
+    /// Starts one that keeps its data in an append-only file, fsynced on every write, so a
+    /// kill and [`RedisServer::restart`] keep every acknowledged write (as production's AOF
+    /// Redis does).
+    pub async fn start_persistent() -> anyhow::Result<Self> {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(aof: bool) -> anyhow::Result<Self> {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("klingq-redis-{port}-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
@@ -51,6 +64,7 @@ impl RedisServer {
             port,
             dir,
             child: None,
+            aof,
         };
         server.spawn().await?;
         Ok(server)
@@ -59,7 +73,12 @@ impl RedisServer {
     async fn spawn(&mut self) -> anyhow::Result<()> {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--bind", "127.0.0.1", "--save", ""])
+            .args(if self.aof {
+                ["--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "everysec"]
+            })
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -93,7 +112,8 @@ impl RedisServer {
         Ok(())
     }
 
-    /// Starts it again on the same port (empty: it keeps nothing on disk).
+    /// Starts it again on the same port (empty, unless started with
+    /// [`RedisServer::start_persistent`]).
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.stop().await?;
         self.spawn().await

@@ -12,7 +12,9 @@ pub mod config;
 pub mod metrics;
 pub mod pipeline;
 pub mod runtime;
+pub mod slots;
 
 pub use config::WorkerConfig;
 pub use pipeline::{Pipeline, handle_job};
 pub use runtime::{Worker, WorkerSettings};
+pub use slots::SlotReleaser;

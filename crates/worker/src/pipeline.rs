@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use crate::config::WorkerConfig;
 use crate::metrics::PipelineMetrics;
+use crate::slots::SlotReleaser;
 
 /// Name of the shared limit on concurrent provider generations.
 pub const PROVIDER_LIMIT: &str = "provider";
@@ -39,6 +40,8 @@ pub struct Pipeline {
     pub store: VideoStore,
     pub config: WorkerConfig,
     pub metrics: Arc<PipelineMetrics>,
+    /// Gives provider slots back, retrying in the background when Redis is away.
+    pub slots: SlotReleaser,
 }
 
 /// The apalis handler of the video queue.
@@ -303,6 +306,7 @@ impl Attempt<'_> {
                 return Err(JobFailure::Defer { after, reason });
             }
         }
+        self.pipeline.slots.forget(&client_ref);
         let slot = queue
             .acquire_slot(
                 PROVIDER_LIMIT,
@@ -360,11 +364,7 @@ impl Attempt<'_> {
             provider.finished = true;
             provider.file_size = run.video.as_ref().and_then(|v| v.file_size);
             provider.cost_usd = run.cost_usd;
-            let _ = self
-                .lease
-                .queue()
-                .release_slot(PROVIDER_LIMIT, &self.job_id.to_string())
-                .await;
+            self.pipeline.slots.release(&self.job_id.to_string()).await;
             return self.save(JobState::Downloading, "").await;
         }
         self.save(JobState::Generating, "").await
@@ -380,6 +380,7 @@ impl Attempt<'_> {
             .expect("generate runs with a run id");
         let client_ref = self.job_id.to_string();
         // Hold the slot for the run (again, after a recovery); the run exists either way.
+        self.pipeline.slots.forget(&client_ref);
         let _ = self
             .lease
             .queue()
@@ -395,11 +396,7 @@ impl Attempt<'_> {
         let waited = self
             .watching(provider.wait_for_run(&run_id, deadline))
             .await?;
-        let _ = self
-            .lease
-            .queue()
-            .release_slot(PROVIDER_LIMIT, &client_ref)
-            .await;
+        self.pipeline.slots.release(&client_ref).await;
         match waited {
             Ok(run) => {
                 let provider = &mut self.checkpoint.provider;
@@ -474,7 +471,7 @@ impl Attempt<'_> {
         tracing::warn!(job_id = %client_ref, step, class = error.class().as_str(), %error, "provider call failed");
         match (&error, error.class()) {
             (ProviderError::RunFailed { kind, failure, .. }, _) => {
-                let _ = queue.release_slot(PROVIDER_LIMIT, &client_ref).await;
+                self.pipeline.slots.release(&client_ref).await;
                 detail.code = failure
                     .code
                     .clone()
@@ -501,7 +498,7 @@ impl Attempt<'_> {
                 }
             }
             (_, ErrorClass::Account) => {
-                let _ = queue.release_slot(PROVIDER_LIMIT, &client_ref).await;
+                self.pipeline.slots.release(&client_ref).await;
                 let pause = Duration::from_secs(self.pipeline.config.credit_pause_secs.max(1));
                 let _ = queue
                     .set_pause(
@@ -525,7 +522,7 @@ impl Attempt<'_> {
                 }
             }
             (_, ErrorClass::Permanent) => {
-                let _ = queue.release_slot(PROVIDER_LIMIT, &client_ref).await;
+                self.pipeline.slots.release(&client_ref).await;
                 JobFailure::Fail(detail)
             }
             (_, ErrorClass::Transient) => {
@@ -539,7 +536,7 @@ impl Attempt<'_> {
                 }
                 if step == "submit" {
                     // A transient create failure is known to have created nothing.
-                    let _ = queue.release_slot(PROVIDER_LIMIT, &client_ref).await;
+                    self.pipeline.slots.release(&client_ref).await;
                     self.checkpoint.provider.submitted_at_ms = None;
                 }
                 let failure = self.retry_step(step, detail, error.retry_after());
@@ -564,7 +561,7 @@ impl Attempt<'_> {
                 failure
             }
             (ProviderError::DeadlineExceeded { .. }, _) => {
-                let _ = queue.release_slot(PROVIDER_LIMIT, &client_ref).await;
+                self.pipeline.slots.release(&client_ref).await;
                 detail.code = "DEADLINE_EXCEEDED".to_owned();
                 detail.cost_committed = true;
                 JobFailure::Fail(detail)
@@ -651,7 +648,7 @@ impl Attempt<'_> {
     }
 
     async fn rehost_failure(&mut self, error: RehostError) -> JobFailure {
-        let detail = job_error("download", "REHOST_FAILED", error.to_string(), true);
+        let detail = job_error("download", error.code(), error.to_string(), true);
         tracing::warn!(job_id = %self.job_id, %error, "re-hosting failed");
         if error.is_permanent() {
             return JobFailure::Fail(detail);

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use crate::config::WorkerConfig;
 use crate::metrics::PipelineMetrics;
 use crate::pipeline::{PROVIDER_LIMIT, Pipeline, handle_job};
+use crate::slots::SlotReleaser;
 
 /// Everything a worker process needs to know.
 #[derive(Debug, Clone)]
@@ -64,6 +65,7 @@ impl Worker {
             store,
             config: settings.worker.clone(),
             metrics: Arc::new(PipelineMetrics::default()),
+            slots: SlotReleaser::new(queue.clone(), PROVIDER_LIMIT, settings.worker.limit_lease()),
         });
         Ok(Self {
             queue,
@@ -239,6 +241,30 @@ async fn metrics(
         out,
         "klingq_redis_errors_total {}",
         stats.redis_errors.load(Ordering::Relaxed)
+    );
+    let slots = &state.pipeline.slots;
+    let _ = writeln!(
+        out,
+        "# HELP klingq_provider_slot_releases_pending Provider slot releases waiting for Redis to answer."
+    );
+    let _ = writeln!(out, "# TYPE klingq_provider_slot_releases_pending gauge");
+    let _ = writeln!(
+        out,
+        "klingq_provider_slot_releases_pending {}",
+        slots.pending()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP klingq_provider_slot_releases_deferred_total Provider slot releases that failed at first and were retried in the background."
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE klingq_provider_slot_releases_deferred_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "klingq_provider_slot_releases_deferred_total {}",
+        slots.deferred_total()
     );
     if let Ok((in_use, cap)) = state
         .queue

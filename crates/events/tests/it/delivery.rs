@@ -650,3 +650,47 @@ async fn a_dead_dispatcher_s_events_are_taken_over() {
     video_worker.stop().await;
     assert_eq!(receiver.received().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn urls_the_client_cannot_send_to_fail_at_once() {
+    let queue = video_queue("wh-invalid-url", |_| {}).await;
+    let secret = new_secret();
+    // With a retry schedule, a delivery that were retried would take a second attempt.
+    let webhooks = spawn_webhooks(&queue, config(&secret, &["100ms", "100ms"]));
+    let video_worker = spawn_video_worker(&queue);
+    // Enqueued past the producer's validation, as a job stored by an older release would be.
+    let targets = [
+        // The URL parser accepts this host; no HTTP request line can carry it.
+        "https://x\"onmouseover=alert(1)//e.com/".to_owned(),
+        format!("https://hooks.example.com/{}", "a".repeat(900 * 1024)),
+    ];
+    let mut jobs = Vec::new();
+    for url in &targets {
+        jobs.push(
+            queue
+                .enqueue(&video_job(Some(url), Ending::Succeed), None)
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    for (url, job) in targets.iter().zip(&jobs) {
+        let endpoint = klingq_core::redact_url(url);
+        let failed = wait_delivery(&queue, job, &endpoint, DeliveryStatus::Failed, WAIT).await;
+        assert_eq!(failed.attempts, 1, "{url:.60}: not retried");
+        let detail = get_delivery(&queue, &failed.id).await.unwrap().unwrap();
+        assert_eq!(detail.attempts_log.len(), 1);
+        assert_eq!(detail.attempts_log[0].outcome, AttemptOutcome::Refused);
+        let error = detail.attempts_log[0].error.clone().unwrap_or_default();
+        assert!(
+            error.contains("cannot be delivered to"),
+            "{url:.60}: {error:.300}"
+        );
+        assert!(
+            error.len() < 1024,
+            "{url:.60}: the error names the rule, not the URL"
+        );
+    }
+    webhooks.stop().await.unwrap();
+    video_worker.stop().await;
+}

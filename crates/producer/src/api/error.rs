@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use klingq_core::{FieldError, ValidationErrors};
 
-use crate::error::ProducerError;
+use crate::error::{CappedErrors, ProducerError};
 use crate::producer::batch_error_details;
 use crate::view::{ErrorBody, ErrorDetail, ErrorInfo};
 
@@ -15,7 +15,10 @@ pub(crate) struct ApiError {
     pub(crate) status: StatusCode,
     pub(crate) code: &'static str,
     pub(crate) message: String,
+    /// The errors listed (at most [`crate::MAX_ERROR_DETAILS`]).
     pub(crate) details: Vec<ErrorDetail>,
+    /// Every error found; more than `details.len()` when the list is truncated.
+    pub(crate) total_details: usize,
 }
 
 impl ApiError {
@@ -25,11 +28,13 @@ impl ApiError {
             code,
             message: message.into(),
             details: Vec::new(),
+            total_details: 0,
         }
     }
 
     pub(crate) fn validation(message: impl Into<String>, details: Vec<ErrorDetail>) -> Self {
         Self {
+            total_details: details.len(),
             details,
             ..Self::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -45,20 +50,24 @@ impl ApiError {
         Self::validation(field.to_string(), vec![ErrorDetail::new(field)])
     }
 
+    /// A 422 listing the first [`crate::MAX_ERROR_DETAILS`] of the errors, counting all.
+    pub(crate) fn from_capped(message: impl Into<String>, errors: CappedErrors) -> Self {
+        let total_details = errors.total();
+        Self {
+            total_details,
+            ..Self::validation(message, errors.into_details())
+        }
+    }
+
     pub(crate) fn from_validation(errors: ValidationErrors) -> Self {
-        let summary = errors
-            .to_string()
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        Self::validation(summary, errors.into_iter().map(ErrorDetail::new).collect())
+        Self::from_capped(errors.summary(), errors.into())
     }
 
     pub(crate) fn bad_json(error: &serde_json::Error) -> Self {
         let field = FieldError::new("", "json", format!("the body is not valid JSON: {error}"));
         Self {
             details: vec![ErrorDetail::new(field.clone())],
+            total_details: 1,
             ..Self::new(StatusCode::BAD_REQUEST, "invalid_json", field.message)
         }
     }
@@ -85,13 +94,7 @@ impl From<ProducerError> for ApiError {
         match error {
             ProducerError::Invalid(errors) => ApiError::from_validation(errors),
             ProducerError::InvalidBatch(errors) => {
-                let message = errors
-                    .to_string()
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-                ApiError::validation(message, batch_error_details(&errors))
+                ApiError::from_capped(errors.summary(), batch_error_details(&errors))
             }
             ProducerError::JobNotFound(_) | ProducerError::BatchNotFound(_) => {
                 ApiError::not_found(error.to_string())
@@ -130,11 +133,7 @@ impl IntoResponse for ApiError {
         let mut response = (
             self.status,
             Json(ErrorBody {
-                error: ErrorInfo {
-                    code: self.code.to_owned(),
-                    message: self.message,
-                    details: self.details,
-                },
+                error: ErrorInfo::new(self.code, self.message, self.details, self.total_details),
             }),
         )
             .into_response();
@@ -143,6 +142,12 @@ impl IntoResponse for ApiError {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"klingq\""),
             );
+        }
+        if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+            // Redis away or every event stream taken: worth another try shortly.
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
         }
         response
     }

@@ -12,16 +12,16 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use http::{HeaderMap, StatusCode, Uri, header};
-use klingq_core::{JobSpec, TraceParent, ValidationErrors};
+use klingq_core::{TraceParent, ValidationErrors};
 use serde::Deserialize;
 use serde_json::Value;
 use utoipa::IntoParams;
 
 use crate::api::AppState;
+use crate::api::batch_body;
 use crate::api::error::ApiError;
 use crate::api::openapi;
-use crate::error::ProducerError;
-use crate::input::{parse_job, parse_json_lines};
+use crate::input::parse_job_value;
 use crate::producer::{
     BatchOptions, MAX_BATCH_IDEMPOTENCY_KEY_BYTES, RedriveTarget, canonical_id, is_event_cursor,
 };
@@ -211,7 +211,7 @@ pub(crate) async fn create_job(
     let body = body_bytes(body, app.config.max_job_body_bytes)?;
     let value = json_body(&headers, &body)?;
     let header_key = idempotency_header(&headers, 255)?;
-    let mut spec = parse_job(&value).map_err(ApiError::from_validation)?;
+    let mut spec = parse_job_value(value).map_err(ApiError::from_validation)?;
     if let Some(key) = header_key {
         match &spec.idempotency_key {
             Some(own) if *own != key => {
@@ -239,8 +239,8 @@ pub(crate) async fn create_job(
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct BatchQuery {
-    /// The batch's webhook URL, kept in its info.
-    #[param(pattern = "^[hH][tT][tT][pP][sS]?://")]
+    /// The batch's webhook URL, kept in its info (at most 2,048 bytes).
+    #[param(pattern = "^[hH][tT][tT][pP][sS]?://", max_length = 2048)]
     webhook_url: Option<String>,
     /// The batch's spending cap in USD.
     #[param(exclusive_minimum = 0)]
@@ -249,28 +249,19 @@ pub(crate) struct BatchQuery {
     partial: Option<bool>,
 }
 
-/// The object form of a batch body.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BatchObjectBody {
-    jobs: Value,
-    #[serde(default)]
-    webhook_url: Option<Value>,
-    #[serde(default)]
-    budget_usd: Option<Value>,
-    #[serde(default)]
-    partial: Option<Value>,
-}
-
 /// Submit a batch.
 ///
 /// The body is a JSON array of jobs (`application/json`), an object `{"jobs": [...],
 /// "webhook_url", "budget_usd", "partial"}` (`application/json`), or JSON Lines, one job per
 /// line (`application/x-ndjson`). Options can also be given as query parameters (not both
-/// ways at once). By default a batch with any invalid job is rejected whole (422, every error
-/// by entry `index`, and `line` for JSON Lines); with `partial` the valid jobs are enqueued and
-/// the invalid ones listed in `rejected`. An `Idempotency-Key` header makes retries return the
-/// first batch's id.
+/// ways at once). A batch of more than `api.max_batch_jobs` entries is refused (422, rule
+/// `max_items`, naming the limit) before any entry is validated; an entry may be at most
+/// `api.max_job_body_bytes` of JSON, as one job. By default a batch with any invalid job is
+/// rejected whole (422, errors by entry `index`, and `line` for JSON Lines); with `partial` the
+/// valid jobs are enqueued and the invalid ones listed in `rejected`. Error lists hold the
+/// first 1,000 errors: `truncated` (`rejected_truncated`) says when there were more, and
+/// `total_details` (`rejected_entries`) how many. An `Idempotency-Key` header makes retries
+/// return the first batch's id.
 #[utoipa::path(
     post,
     path = "/v1/batches",
@@ -302,7 +293,7 @@ struct BatchObjectBody {
         (status = 401, description = "Missing or wrong bearer token.", body = ErrorBody),
         (status = 413, description = "The body is too large.", body = ErrorBody),
         (status = 415, description = "Unsupported Content-Type.", body = ErrorBody),
-        (status = 422, description = "Invalid batch: every error by entry index and path.", body = ErrorBody),
+        (status = 422, description = "Invalid batch: too many entries (`max_items`, naming `api.max_batch_jobs`), invalid options, or errors by entry index and path (the first 1,000; `truncated` and `total_details` count the rest).", body = ErrorBody),
         (status = 503, description = "Redis is unavailable.", body = ErrorBody),
     )
 )]
@@ -316,76 +307,61 @@ pub(crate) async fn create_batch(
     let from_query: BatchQuery = query(&uri)?;
     let key = idempotency_header(&headers, MAX_BATCH_IDEMPOTENCY_KEY_BYTES)?;
     let media = media_type(&headers);
-    let (entries, lines, from_body) = if is_json_lines(media.as_deref()) {
-        let text = String::from_utf8(body.to_vec()).map_err(|_| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "the body is not UTF-8",
-            )
-        })?;
-        blocking(move || {
-            let parsed = parse_json_lines(&text);
-            let lines = parsed.iter().map(|e| Some(e.line)).collect::<Vec<_>>();
-            let entries = parsed.into_iter().map(|e| e.entry).collect::<Vec<_>>();
-            (entries, lines, BatchQuery::default())
-        })
-        .await?
+    let format = if is_json_lines(media.as_deref()) {
+        batch_body::Format::JsonLines
     } else if is_json(media.as_deref()) {
-        blocking(move || parse_batch_json(&body)).await??
+        batch_body::Format::Json
     } else {
         return Err(ApiError::unsupported_media_type(
             "application/json or application/x-ndjson",
         ));
     };
-    let mut errors = ValidationErrors::default();
-    let options = BatchOptions {
-        webhook_url: once(
-            &mut errors,
-            "webhook_url",
-            from_query.webhook_url,
-            from_body.webhook_url,
-        ),
-        budget_usd: once(
-            &mut errors,
-            "budget_usd",
-            from_query.budget_usd,
-            from_body.budget_usd,
-        ),
-        partial: once(
-            &mut errors,
-            "partial",
-            from_query.partial,
-            from_body.partial,
-        )
-        .unwrap_or(false),
-        idempotency_key: key,
-        source: Some("api".to_owned()),
-        trace: trace_parent(&headers),
+    let limits = batch_body::Limits {
+        max_batch_jobs: app.config.max_batch_jobs,
+        max_entry_bytes: app.config.max_job_body_bytes,
     };
-    if !errors.is_empty() {
-        return Err(ApiError::from_validation(errors));
-    }
-    let with_lines = |mut details: Vec<crate::view::ErrorDetail>| {
-        for detail in &mut details {
-            detail.line = detail
-                .index
-                .and_then(|i| lines.get(i as usize).copied().flatten());
-        }
-        details
-    };
-    match app.producer.enqueue_batch(entries, options).await {
-        Ok(mut batch) => {
-            batch.rejected = with_lines(std::mem::take(&mut batch.rejected));
-            Ok(accepted(format!("/v1/batches/{}", batch.id), batch))
-        }
-        Err(ProducerError::InvalidBatch(errors)) => {
-            let mut error = ApiError::from(ProducerError::InvalidBatch(errors));
-            error.details = with_lines(error.details);
-            Err(error)
-        }
-        Err(error) => Err(error.into()),
-    }
+    let trace = trace_parent(&headers);
+    // The body is counted and checked entry by entry, and dropped before enqueueing.
+    let checked = blocking(move || {
+        batch_body::check(&body, format, limits, |from_body| {
+            let mut errors = ValidationErrors::default();
+            let options = BatchOptions {
+                webhook_url: once(
+                    &mut errors,
+                    "webhook_url",
+                    from_query.webhook_url,
+                    from_body.webhook_url,
+                ),
+                budget_usd: once(
+                    &mut errors,
+                    "budget_usd",
+                    from_query.budget_usd,
+                    from_body.budget_usd,
+                ),
+                partial: once(
+                    &mut errors,
+                    "partial",
+                    from_query.partial,
+                    from_body.partial,
+                )
+                .unwrap_or(false),
+                idempotency_key: key,
+                source: Some("api".to_owned()),
+                trace,
+            };
+            match errors.is_empty() {
+                true => Ok(options),
+                false => Err(ApiError::from_validation(errors)),
+            }
+        })
+    })
+    .await??;
+    // The jobs were validated as they were parsed.
+    let batch = app
+        .producer
+        .enqueue_valid(checked.jobs, checked.rejected, checked.options)
+        .await?;
+    Ok(accepted(format!("/v1/batches/{}", batch.id), batch))
 }
 
 /// An option given in the query string or in the body, not both.
@@ -403,80 +379,6 @@ fn once<T>(
         );
     }
     query.or(body)
-}
-
-type ParsedBatch = (
-    Vec<Result<JobSpec, ValidationErrors>>,
-    Vec<Option<u64>>,
-    BatchQuery,
-);
-
-/// Parses a JSON batch body: an array of jobs, or the object form with options.
-fn parse_batch_json(body: &[u8]) -> Result<ParsedBatch, ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| ApiError::bad_json(&e))?;
-    let (jobs, options) = match value {
-        Value::Array(jobs) => (jobs, BatchQuery::default()),
-        Value::Object(object) => {
-            let object: BatchObjectBody =
-                serde_json::from_value(Value::Object(object)).map_err(|e| serde_field_error(&e))?;
-            let mut errors = ValidationErrors::default();
-            let jobs = match object.jobs {
-                Value::Array(jobs) => jobs,
-                _ => {
-                    errors.push("jobs", "type", "must be an array of jobs");
-                    Vec::new()
-                }
-            };
-            let webhook_url = match object.webhook_url {
-                None | Some(Value::Null) => None,
-                Some(Value::String(url)) => Some(url),
-                Some(_) => {
-                    errors.push("webhook_url", "type", "must be a string");
-                    None
-                }
-            };
-            let budget_usd = match object.budget_usd {
-                None | Some(Value::Null) => None,
-                Some(Value::Number(n)) => n.as_f64(),
-                Some(_) => {
-                    errors.push("budget_usd", "type", "must be a number");
-                    None
-                }
-            };
-            let partial = match object.partial {
-                None | Some(Value::Null) => None,
-                Some(Value::Bool(flag)) => Some(flag),
-                Some(_) => {
-                    errors.push("partial", "type", "must be true or false");
-                    None
-                }
-            };
-            if !errors.is_empty() {
-                return Err(ApiError::from_validation(errors));
-            }
-            (
-                jobs,
-                BatchQuery {
-                    webhook_url,
-                    budget_usd,
-                    partial,
-                },
-            )
-        }
-        other => {
-            return Err(ApiError::field(
-                "",
-                "type",
-                format!(
-                    "must be an array of jobs or an object with `jobs`, got {}",
-                    json_kind(&other)
-                ),
-            ));
-        }
-    };
-    let lines = vec![None; jobs.len()];
-    let entries = jobs.iter().map(parse_job).collect();
-    Ok((entries, lines, options))
 }
 
 fn json_kind(value: &Value) -> &'static str {
@@ -692,7 +594,9 @@ pub(crate) async fn dead_letters(
 /// Re-drive dead jobs: `{"ids": [...]}` or `{"all": true}`.
 ///
 /// Each job gets a new life (attempts reset) and goes back to the queue; it publishes a new
-/// completion event when it finishes.
+/// completion event when it finishes. Failed jobs can be re-driven by id too (for example
+/// `DOWNLOAD_REFUSED` after fixing the allow-list): a job resumes from its checkpoint, so a
+/// provider run it already paid for is downloaded, not paid again. `all` takes dead jobs only.
 #[utoipa::path(
     post,
     path = "/v1/dead-letters/redrive",
@@ -762,7 +666,7 @@ pub(crate) async fn redrive(
 pub(crate) struct EventsQuery {
     /// Start after this stream cursor (`0` for every retained event); the `Last-Event-ID`
     /// header wins over it. Default: only events that come later.
-    #[param(pattern = "^[0-9]{1,19}(-[0-9]{1,19})?$")]
+    #[param(pattern = "^[0-9]{1,20}(-[0-9]{1,20})?$")]
     from: Option<String>,
 }
 
@@ -780,14 +684,14 @@ pub(crate) struct EventsQuery {
     operation_id = "events",
     params(
         EventsQuery,
-        ("Last-Event-ID" = Option<String>, Header, pattern = "^[0-9]{1,19}(-[0-9]{1,19})?$",
+        ("Last-Event-ID" = Option<String>, Header, pattern = "^[0-9]{1,20}(-[0-9]{1,20})?$",
             description = "Resume after this cursor (the last `id:` received)."),
     ),
     responses(
         (status = 200, description = "An event stream.", content_type = "text/event-stream", body = openapi::SseEvent),
         (status = 401, description = "Missing or wrong bearer token.", body = ErrorBody),
         (status = 422, description = "Invalid cursor.", body = ErrorBody),
-        (status = 503, description = "Redis is unavailable.", body = ErrorBody),
+        (status = 503, description = "Redis is unavailable, or `api.max_event_streams` streams are open; retry after `Retry-After` seconds.", body = ErrorBody),
     )
 )]
 pub(crate) async fn events(
@@ -822,6 +726,17 @@ pub(crate) async fn events(
             "must be an event cursor such as 1700000000000-0, or 0",
         ));
     }
+    // Each open stream holds a Redis connection for its blocking reads: a bounded number.
+    let permit = app.event_streams.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_event_streams",
+            format!(
+                "{} event streams are open, the most this server allows (api.max_event_streams); retry later",
+                app.config.max_event_streams
+            ),
+        )
+    })?;
     let cursor = match last_event_id.or(from_query.from) {
         Some(cursor) => cursor,
         None => app.producer.latest_event_cursor().await?,
@@ -832,6 +747,7 @@ pub(crate) async fn events(
         app,
         cursor,
         buffered: std::collections::VecDeque::new(),
+        _permit: permit,
     };
     let stream = futures::stream::unfold(state, move |mut state| async move {
         loop {
@@ -872,6 +788,8 @@ struct EventsState {
     app: AppState,
     cursor: String,
     buffered: std::collections::VecDeque<EventView>,
+    /// Released when the stream ends or the client goes away.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Liveness: the process answers.

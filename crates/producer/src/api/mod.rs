@@ -9,6 +9,7 @@
 //! [`ApiState::with_protected_routes`].
 
 mod auth;
+mod batch_body;
 mod error;
 mod handlers;
 mod openapi;
@@ -39,6 +40,9 @@ pub(crate) struct Shared {
     pub(crate) shutdown: CancellationToken,
     /// The worker's limits, reported by `GET /v1/stats`.
     pub(crate) limits: StatsLimits,
+    /// One permit per open `GET /v1/events` stream (`api.max_event_streams`); each holds a
+    /// Redis connection for its blocking reads.
+    pub(crate) event_streams: Arc<tokio::sync::Semaphore>,
 }
 
 pub(crate) type AppState = Arc<Shared>;
@@ -69,6 +73,7 @@ impl ApiState {
             .map(|token| auth::digest(token.expose()))
             .collect();
         let producer = producer.with_max_batch_jobs(config.max_batch_jobs);
+        let event_streams = Arc::new(tokio::sync::Semaphore::new(config.max_event_streams));
         Self {
             shared: Arc::new(Shared {
                 producer,
@@ -76,6 +81,7 @@ impl ApiState {
                 token_digests,
                 shutdown: CancellationToken::new(),
                 limits: StatsLimits::default(),
+                event_streams,
             }),
             public_routes: Router::new(),
             protected_routes: Router::new(),
@@ -92,6 +98,7 @@ impl ApiState {
             token_digests: shared.token_digests.clone(),
             shutdown: shared.shutdown.clone(),
             limits,
+            event_streams: shared.event_streams.clone(),
         });
         self
     }

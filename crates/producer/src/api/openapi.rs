@@ -8,6 +8,7 @@ use klingq_core::job::MAX_METADATA_BYTES;
 use klingq_core::request::{
     MAX_PROMPT_CHARS, MAX_REFERENCE_IMAGES, MAX_SHOTS, MAX_VOICE_IDS, SHOT_TYPE_CUSTOMIZE,
 };
+use klingq_core::urls::{MAX_DATA_URL_BYTES, MAX_MEDIA_URL_BYTES, MAX_WEBHOOK_URL_BYTES};
 use utoipa::openapi::path::ParameterIn;
 use utoipa::openapi::schema::{
     AdditionalProperties, AnyOfBuilder, ArrayBuilder, KnownFormat, ObjectBuilder, OneOfBuilder,
@@ -231,17 +232,36 @@ fn null() -> ObjectBuilder {
 /// An http(s) or data: URL, case-insensitively.
 const IMAGE_URL_PATTERN: &str = "^([hH][tT][tT][pP][sS]?://|[dD][aA][tT][aA]:)";
 const HTTP_URL_PATTERN: &str = "^[hH][tT][tT][pP][sS]?://";
+/// Free text: no control character but newline and tab (the server refuses `U+0000`-`U+001F`
+/// and `U+007F`-`U+009F` otherwise, rule `control_char`).
+const TEXT_PATTERN: &str = "^[^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F]*$";
+/// An identifier or key: no control character at all.
+const KEY_PATTERN: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$";
 
 fn url(description: &str) -> ObjectBuilder {
     nullable(Type::String)
         .pattern(Some(IMAGE_URL_PATTERN))
-        .description(Some(description))
+        .description(Some(format!(
+            "{description} An http(s) URL (at most {MAX_MEDIA_URL_BYTES} bytes) or a data: URI \
+             (at most {MAX_DATA_URL_BYTES} bytes)."
+        )))
 }
 
 fn prompt(description: &str) -> ObjectBuilder {
     nullable(Type::String)
         .max_length(Some(MAX_PROMPT_CHARS))
+        .pattern(Some(TEXT_PATTERN))
         .description(Some(description))
+}
+
+fn webhook_url(description: &str) -> ObjectBuilder {
+    nullable(Type::String)
+        .pattern(Some(HTTP_URL_PATTERN))
+        .max_length(Some(MAX_WEBHOOK_URL_BYTES))
+        .description(Some(format!(
+            "{description} An http(s) URL the HTTP client can send to, at most \
+             {MAX_WEBHOOK_URL_BYTES} bytes."
+        )))
 }
 
 fn duration() -> RefOr<Schema> {
@@ -296,7 +316,10 @@ fn request_properties(builder: ObjectBuilder) -> ObjectBuilder {
                 .schema_type(Type::String)
                 .min_length(Some(1))
                 .pattern(Some(IMAGE_URL_PATTERN))
-                .description(Some("The first frame: an http(s) URL or a data: URI.")),
+                .description(Some(format!(
+                    "The first frame: an http(s) URL (at most {MAX_MEDIA_URL_BYTES} bytes) or a \
+                     data: URI (at most {MAX_DATA_URL_BYTES} bytes)."
+                ))),
         )
         .property(
             "prompt",
@@ -315,7 +338,10 @@ fn request_properties(builder: ObjectBuilder) -> ObjectBuilder {
         .property(
             "voice_ids",
             list(
-                ObjectBuilder::new().schema_type(Type::String).into(),
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(KEY_PATTERN))
+                    .into(),
                 None,
                 Some(MAX_VOICE_IDS),
                 "Voices referenced in the prompt as `<<<voice_1>>>`.",
@@ -372,15 +398,14 @@ fn job_properties(builder: ObjectBuilder) -> ObjectBuilder {
         )
         .property(
             "webhook_url",
-            nullable(Type::String)
-                .pattern(Some(HTTP_URL_PATTERN))
-                .description(Some("Where the job's completion event is delivered.")),
+            webhook_url("Where the job's completion event is delivered."),
         )
         .property(
             "idempotency_key",
             nullable(Type::String)
                 .min_length(Some(1))
                 .max_length(Some(255))
+                .pattern(Some(KEY_PATTERN))
                 .description(Some(
                     "The same key within 24 h returns the first job instead of a new one.",
                 )),
@@ -476,7 +501,8 @@ schema!(
                 "prompt",
                 ObjectBuilder::new()
                     .schema_type(Type::String)
-                    .max_length(Some(MAX_PROMPT_CHARS)),
+                    .max_length(Some(MAX_PROMPT_CHARS))
+                    .pattern(Some(TEXT_PATTERN)),
             )
             .property("duration", duration())
             .required("prompt")
@@ -614,9 +640,7 @@ schema!(
             )
             .property(
                 "webhook_url",
-                nullable(Type::String)
-                    .pattern(Some(HTTP_URL_PATTERN))
-                    .description(Some("The batch's webhook URL, kept in its info.")),
+                webhook_url("The batch's webhook URL, kept in its info."),
             )
             .property(
                 "budget_usd",

@@ -346,6 +346,35 @@ async fn validation_errors_list_every_rule_with_its_path() {
             json!({"request": {"start_image_url": url, "prompt": ""}, "metadata": [1]}),
             vec![("request.prompt", "required"), ("metadata", "type")],
         ),
+        // URLs the HTTP client cannot send to, or longer than their limit.
+        (
+            json!({"start_image_url": url, "prompt": "p",
+                "webhook_url": "https://x\"onmouseover=alert(1)//e.com/"}),
+            vec![("webhook_url", "url")],
+        ),
+        (
+            json!({"start_image_url": url, "prompt": "p",
+                "webhook_url": format!("https://hooks.e.com/{}", "a".repeat(60_000))}),
+            vec![("webhook_url", "max_length")],
+        ),
+        (
+            json!({"start_image_url": "https://x`y.com/a.png", "prompt": "p",
+                "end_image_url": format!("https://e.com/{}", "a".repeat(9000))}),
+            vec![("start_image_url", "url"), ("end_image_url", "max_length")],
+        ),
+        // Control characters in text, but newline and tab.
+        (
+            json!({"start_image_url": url, "prompt": "a\u{0}b", "negative_prompt": "x\ny\tz"}),
+            vec![("prompt", "control_char")],
+        ),
+        (
+            json!({"start_image_url": url, "prompt": "p", "metadata": {"note": "nul\u{0}"},
+                "idempotency_key": "k\u{7}"}),
+            vec![
+                ("metadata.note", "control_char"),
+                ("idempotency_key", "control_char"),
+            ],
+        ),
     ];
     for (body, expected) in cases {
         let (status, error) = server.post_json("/v1/jobs", &body).await;
@@ -360,6 +389,17 @@ async fn validation_errors_list_every_rule_with_its_path() {
             assert!(!detail["message"].as_str().unwrap().is_empty());
         }
     }
+    // One job lists its first 100 errors and counts the rest.
+    let mut many = job(1);
+    for n in 0..300 {
+        many[format!("extra{n}")] = json!(n);
+    }
+    let (status, error) = server.post_json("/v1/jobs", &many).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(error["error"]["message"], "300 validation errors");
+    assert_eq!(error["error"]["details"].as_array().unwrap().len(), 100);
+    assert_eq!(error["error"]["truncated"], true);
+    assert_eq!(error["error"]["total_details"], 300);
     // The header's key must agree with the body's.
     let mut keyed = job(1);
     keyed["idempotency_key"] = json!("a");
@@ -738,6 +778,155 @@ async fn invalid_batches_are_rejected_whole_unless_partial() {
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
         assert_eq!(rules(&error)[0].1, rule, "{body}: {error}");
     }
+    server.stop().await;
+}
+
+/// Posts `body` to `/v1/batches` and returns the status, the answer's size in bytes and the
+/// answer.
+async fn post_batch(
+    server: &Server,
+    content_type: &str,
+    body: String,
+) -> (StatusCode, usize, Value) {
+    let response = server
+        .post("/v1/batches")
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = response.bytes().await.unwrap();
+    (status, bytes.len(), serde_json::from_slice(&bytes).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_invalid_batches_get_small_answers_naming_the_limit() {
+    let server = Server::start("api-huge").await;
+    let limit = klingq_producer::ApiConfig::default().max_batch_jobs;
+    assert_eq!(limit, 200_000);
+    let array = |n: usize| format!("[{}]", vec!["{}"; n].join(","));
+    let lines = |n: usize| "{}\n".repeat(n);
+
+    // 1,000,000 empty objects (3 MB, within the 64 MB body limit): refused for its size,
+    // before any entry is validated; the answer names the limit and the count.
+    for (content_type, body) in [
+        ("application/json", array(1_000_000)),
+        ("application/x-ndjson", lines(1_000_000)),
+    ] {
+        let body_bytes = body.len();
+        let (status, size, answer) = post_batch(&server, content_type, body).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{content_type}");
+        assert!(
+            size < 1024,
+            "{content_type}: {size} bytes for a {body_bytes}-byte body"
+        );
+        let error = &answer["error"];
+        assert_eq!(error["details"].as_array().unwrap().len(), 1, "{answer}");
+        assert_eq!(
+            rules(&answer),
+            vec![(String::new(), "max_items".to_owned())]
+        );
+        let message = error["details"][0]["message"].as_str().unwrap();
+        assert_eq!(message, "a batch may have at most 200000 jobs, got 1000000");
+        assert_eq!(error["truncated"], false);
+        assert_eq!(error["total_details"], 1);
+    }
+
+    // 200,000 empty objects, within the limit: two errors each, the first 1,000 listed.
+    for (content_type, body) in [
+        ("application/json", array(limit)),
+        ("application/x-ndjson", lines(limit)),
+    ] {
+        let (status, size, answer) = post_batch(&server, content_type, body).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{content_type}");
+        assert!(size < 256 * 1024, "{content_type}: {size} bytes");
+        let error = &answer["error"];
+        assert_eq!(
+            error["message"],
+            "200000 of 200000 entries are invalid; nothing was enqueued"
+        );
+        let details = error["details"].as_array().unwrap();
+        assert_eq!(details.len(), 1000);
+        assert_eq!(error["truncated"], true);
+        assert_eq!(error["total_details"], 400_000);
+        let last = &details[999];
+        assert_eq!(
+            (last["index"].clone(), last["path"].clone()),
+            (json!(499), json!("start_image_url"))
+        );
+        if content_type == "application/x-ndjson" {
+            assert_eq!(last["line"], 500);
+        }
+    }
+
+    // A partial batch lists the first 1,000 errors of the entries it leaves out.
+    let mut entries = vec!["{}".to_owned(); 1500];
+    entries.push(job(1).to_string());
+    let (status, _, accepted) = post_batch(
+        &server,
+        "application/json",
+        json!({"jobs": entries.iter().map(|e| serde_json::from_str::<Value>(e).unwrap()).collect::<Vec<_>>(), "partial": true}).to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    assert_eq!(accepted["total"], 1);
+    assert_eq!(accepted["rejected"].as_array().unwrap().len(), 1000);
+    assert_eq!(accepted["rejected_entries"], 1500);
+    assert_eq!(accepted["rejected_truncated"], true);
+
+    // Errors of the object form itself are capped too, and its options are checked without
+    // being read in full.
+    let mut object = serde_json::Map::new();
+    for n in 0..5000 {
+        object.insert(format!("extra{n}"), json!(0));
+    }
+    object.insert("jobs".to_owned(), json!([job(1)]));
+    let (status, size, answer) = post_batch(
+        &server,
+        "application/json",
+        Value::Object(object).to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(size < 256 * 1024, "{size} bytes");
+    assert_eq!(answer["error"]["details"].as_array().unwrap().len(), 1000);
+    assert_eq!(answer["error"]["total_details"], 5000);
+    let huge_hook = json!({"jobs": [job(1)], "webhook_url": format!("https://hooks.e.com/{}", "a".repeat(900 * 1024))});
+    let (status, size, answer) =
+        post_batch(&server, "application/json", huge_hook.to_string()).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(size < 1024, "{size} bytes");
+    assert_eq!(
+        rules(&answer),
+        vec![("webhook_url".to_owned(), "max_length".to_owned())]
+    );
+    // An entry larger than one job's body limit is an entry error, not parsed.
+    let mut big = job(2);
+    big["metadata"] = json!({"blob": "x".repeat(JOB_BODY_LIMIT)});
+    let (status, _, answer) = post_batch(
+        &server,
+        "application/json",
+        json!([job(1), big]).to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        rules(&answer),
+        vec![(String::new(), "max_length".to_owned())]
+    );
+    assert_eq!(answer["error"]["details"][0]["index"], 1);
+
+    assert!(
+        server
+            .producer
+            .queue()
+            .batch_ids(0, 10)
+            .await
+            .unwrap()
+            .len()
+            == 1
+    );
     server.stop().await;
 }
 

@@ -2,7 +2,9 @@
 //! dead letters and events.
 
 use klingq_core::{JobState, ValidationErrors, VideoDuration};
-use klingq_producer::{BatchOptions, ProducerError, RedriveTarget};
+use klingq_producer::{
+    BatchCheck, BatchOptions, MAX_ERROR_DETAILS, ProducerError, RedriveTarget, batch_error_details,
+};
 
 use crate::{TestWorker, enqueue_poison, generating_spec, producer, spec, wait_state};
 
@@ -41,13 +43,9 @@ async fn a_batch_with_a_bad_entry_is_rejected_whole_and_writes_nothing() {
     assert_eq!(batch_rules, vec![("budget_usd", "range")]);
     let entries: Vec<_> = errors
         .entries
+        .details()
         .iter()
-        .flat_map(|entry| {
-            entry
-                .errors
-                .iter()
-                .map(move |e| (entry.index, e.path.clone(), e.rule.clone()))
-        })
+        .map(|e| (e.index.unwrap(), e.path.clone(), e.rule.clone()))
         .collect();
     assert_eq!(
         entries,
@@ -57,6 +55,8 @@ async fn a_batch_with_a_bad_entry_is_rejected_whole_and_writes_nothing() {
             (2, "webhook_url".to_owned(), "url".to_owned()),
         ]
     );
+    assert_eq!(errors.invalid_entries, 2);
+    assert!(!errors.entries.is_truncated());
     let queue = producer.queue();
     assert!(queue.batch_ids(0, 10).await.unwrap().is_empty());
     assert!(queue.job_ids(0, 10).await.unwrap().is_empty());
@@ -94,6 +94,8 @@ async fn partial_batches_enqueue_the_valid_entries_and_report_the_rest() {
     assert_eq!(accepted.rejected.len(), 1);
     assert_eq!(accepted.rejected[0].index, Some(1));
     assert_eq!(accepted.rejected[0].path, "duration");
+    assert_eq!(accepted.rejected_entries, 1);
+    assert!(!accepted.rejected_truncated);
     assert_eq!(accepted.estimated_usd, 1.4);
     let batch = producer.batch(&accepted.id).await.unwrap();
     assert_eq!(batch.total, 2);
@@ -113,6 +115,94 @@ async fn partial_batches_enqueue_the_valid_entries_and_report_the_rest() {
         )
         .await;
     assert!(matches!(none_valid, Err(ProducerError::InvalidBatch(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_lists_keep_the_first_thousand_and_count_the_rest() {
+    let producer = producer("capped").await;
+    // 3,000 entries with two errors each: 6,000 errors, 1,000 listed.
+    let two_errors = || {
+        let mut errors = bad("prompt", "required");
+        errors.push("start_image_url", "required", "is wrong");
+        errors
+    };
+    let jobs: Vec<_> = (0..3000).map(|_| Err(two_errors())).collect();
+    let Err(ProducerError::InvalidBatch(errors)) =
+        producer.enqueue_batch(jobs, BatchOptions::default()).await
+    else {
+        panic!("the batch was accepted");
+    };
+    assert_eq!(errors.total, 3000);
+    assert_eq!(errors.invalid_entries, 3000);
+    assert_eq!(errors.entries.details().len(), MAX_ERROR_DETAILS);
+    assert_eq!(errors.entries.total(), 6000);
+    assert!(errors.entries.is_truncated());
+    assert_eq!(errors.len(), 6000);
+    let last = errors.entries.details().last().unwrap();
+    assert_eq!(
+        (last.index, last.path.as_str()),
+        (Some(499), "start_image_url")
+    );
+    let details = batch_error_details(&errors);
+    assert_eq!((details.details().len(), details.total()), (1000, 6000));
+    // The message lists what is kept, and says how many more there are.
+    let message = errors.to_string();
+    assert_eq!(message.lines().count(), 1 + MAX_ERROR_DETAILS + 1);
+    assert!(
+        message.starts_with("3000 of 3000 entries are invalid"),
+        "{message:.100}"
+    );
+    assert!(message.ends_with("... and 5000 more errors (the first 1000 are listed)"));
+
+    // With `partial`, the entries left out are capped the same way.
+    let mut jobs: Vec<_> = (0..1500).map(|_| Err(two_errors())).collect();
+    jobs.push(Ok(spec(0)));
+    let options = BatchOptions {
+        partial: true,
+        ..BatchOptions::default()
+    };
+    let accepted = producer.enqueue_batch(jobs, options).await.unwrap();
+    assert_eq!(accepted.total, 1);
+    assert_eq!(accepted.rejected.len(), MAX_ERROR_DETAILS);
+    assert_eq!(accepted.rejected_entries, 1500);
+    assert!(accepted.rejected_truncated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_its_limit_is_refused_before_its_entries_are_validated() {
+    let producer = producer("limit").await.with_max_batch_jobs(10);
+    let jobs: Vec<_> = (0..25).map(|_| Err(bad("prompt", "required"))).collect();
+    let Err(ProducerError::InvalidBatch(errors)) =
+        producer.enqueue_batch(jobs, BatchOptions::default()).await
+    else {
+        panic!("the batch was accepted");
+    };
+    let batch_rules: Vec<_> = errors
+        .batch
+        .iter()
+        .map(|e| (e.path.as_str(), e.rule.as_str(), e.message.as_str()))
+        .collect();
+    assert_eq!(
+        batch_rules,
+        vec![("", "max_items", "a batch may have at most 10 jobs, got 25")]
+    );
+    assert!(errors.entries.is_empty(), "entries are not validated");
+    assert_eq!(errors.total, 25);
+
+    // The check a file or body reader uses, counting first: the same verdict.
+    let mut check = BatchCheck::new(10);
+    check.skip(25);
+    let refused = check.finish(&BatchOptions::default()).unwrap_err();
+    assert_eq!(refused.batch, errors.batch);
+    // Checked one at a time, entries past the limit are counted, not validated.
+    let mut check = BatchCheck::new(10);
+    for _ in 0..25 {
+        assert!(check.check(Err(bad("prompt", "required")), None).is_none());
+    }
+    let refused = check.finish(&BatchOptions::default()).unwrap_err();
+    assert_eq!(refused.batch, errors.batch);
+    assert!(refused.entries.is_empty());
+    assert!(producer.queue().job_ids(0, 10).await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

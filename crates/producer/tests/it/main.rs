@@ -2,8 +2,10 @@
 //! (`api`), and the operator routes and dashboard (`ops`). Each test uses its own namespace of the shared Redis.
 
 mod api;
+mod kinds;
 mod library;
 mod ops;
+mod outage;
 
 use std::time::Duration;
 

@@ -50,3 +50,30 @@ async fn api_key_never_appears_in_logs_errors_or_debug() {
     assert!(!logs.contains(crate::common::API_KEY), "{logs}");
     assert!(!logs.contains("Bearer"), "{logs}");
 }
+
+#[tokio::test]
+async fn a_provider_that_echoes_the_authorization_header_does_not_leak_the_key() {
+    const ECHOED: &str = "rf_live_ECHOED_by_a_careless_provider_77";
+    let captured = Captured::global();
+    let sim = sim().await;
+    sim.update_config(&serde_json::json!({"api_key": ECHOED}))
+        .unwrap();
+    let client = client_with(ProviderConfig {
+        api_key: ECHOED.into(),
+        ..config(&sim)
+    });
+    let error = client
+        .create_run(&JobId::new(), 1, &request("echo me [[sim:echo-auth]]"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.class(), ErrorClass::Permanent);
+    assert_eq!(error.status(), Some(400));
+    let shown = format!("{error} {error:?}");
+    assert!(
+        shown.contains("Authorization: Bearer [redacted]"),
+        "the echo is there, scrubbed: {shown}"
+    );
+    assert!(!shown.contains(ECHOED), "{shown}");
+    let logs = captured.text();
+    assert!(!logs.contains(ECHOED), "{logs}");
+}

@@ -15,8 +15,13 @@
 //! - `/stall/{size}/{sent}`: Content-Length `size`, then `sent` bytes and silence until the
 //!   client goes away.
 //! - `/status/{code}`: that status with a short body; 503 and 429 add `Retry-After: 7`.
+//! - `/redirect/{hops}/{path…}`: `302` to `/redirect/{hops - 1}/{path…}` on this server; with
+//!   no hops left, `/{path…}` is served.
+//! - `/to/{authority}/{path…}`: `302` to `http://{authority}/{path…}`.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -56,20 +61,42 @@ pub(crate) fn video_sha256(size: u64) -> String {
 pub(crate) struct SourceServer {
     addr: SocketAddr,
     accept_task: JoinHandle<()>,
+    connections: Arc<AtomicUsize>,
 }
 
 impl SourceServer {
     pub(crate) async fn start() -> SourceServer {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        SourceServer::start_at("127.0.0.1").await
+    }
+
+    /// A server on `ip` (any of 127.0.0.0/8 works on Linux) and a free port.
+    pub(crate) async fn start_at(ip: &str) -> SourceServer {
+        let listener = TcpListener::bind((ip, 0))
             .await
             .expect("binding the source server");
         let addr = listener.local_addr().expect("source server address");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counter = connections.clone();
         let accept_task = tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(serve(socket));
             }
         });
-        SourceServer { addr, accept_task }
+        SourceServer {
+            addr,
+            accept_task,
+            connections,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub(crate) fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn port(&self) -> u16 {
+        self.addr.port()
     }
 
     /// `http://127.0.0.1:port{path}`; `path` may carry a query string.
@@ -85,9 +112,25 @@ impl Drop for SourceServer {
 }
 
 async fn serve(mut socket: TcpStream) {
-    let Some(path) = read_request_path(&mut socket).await else {
+    let Some(mut path) = read_request_path(&mut socket).await else {
         return;
     };
+    if let Some(rest) = path.strip_prefix("/redirect/") {
+        let (hops, rest) = rest.split_once('/').unwrap_or((rest, ""));
+        let hops: u64 = hops.parse().unwrap_or(0);
+        if hops > 0 {
+            let location = format!("/redirect/{}/{rest}", hops - 1);
+            let _ = redirect(&mut socket, &location).await;
+            return;
+        }
+        path = format!("/{rest}");
+    }
+    if let Some(rest) = path.strip_prefix("/to/") {
+        let (authority, rest) = rest.split_once('/').unwrap_or((rest, ""));
+        let authority = authority.replace("%5B", "[").replace("%5D", "]");
+        let _ = redirect(&mut socket, &format!("http://{authority}/{rest}")).await;
+        return;
+    }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let number = |index: usize| {
         segments
@@ -160,6 +203,11 @@ async fn serve(mut socket: TcpStream) {
         _ => write_head(&mut socket, 400, &[length(0)]).await,
     };
     let _ = socket.shutdown().await;
+}
+
+async fn redirect(socket: &mut TcpStream, location: &str) -> std::io::Result<()> {
+    write_head(socket, 302, &[("Location", location.to_owned()), length(0)]).await?;
+    socket.shutdown().await
 }
 
 fn length(size: u64) -> (&'static str, String) {

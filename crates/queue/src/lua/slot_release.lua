@@ -1,0 +1,12 @@
+-- Gives a slot of a shared limit back, unless the holder took it again since the release was
+-- asked for. ARGV: limit name, holder, fence (ms since the epoch; 0: release unconditionally).
+-- A slot whose expiry lies past the fence was taken or renewed after the release was asked
+-- for (a later attempt of the same job), so a release retried after an outage leaves it be.
+-- Returns 1 when a slot was removed.
+local name, holder, fence = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local zk = P .. ':limit:' .. name
+if fence > 0 then
+  local expiry = redis.call('ZSCORE', zk, holder)
+  if not expiry or tonumber(expiry) > fence then return 0 end
+end
+return redis.call('ZREM', zk, holder)
