@@ -803,22 +803,10 @@ async fn read(
     if !entries.is_empty() || shared.is_shutting_down() {
         return Ok(entries);
     }
-    let mut cmd = redis::cmd("XREADGROUP");
-    cmd.arg("GROUP")
-        .arg(GROUP)
-        .arg(&shared.consumer)
-        .arg("COUNT")
-        .arg(count)
-        .arg("BLOCK")
-        .arg(shared.queue.config().block_timeout().as_millis() as u64)
-        .arg("STREAMS");
-    for stream in &streams {
-        cmd.arg(stream);
-    }
-    for _ in &streams {
-        cmd.arg(">");
-    }
-    let reply: Value = cmd.query_async(conn).await?;
+    let block = shared.queue.config().block_timeout().as_millis() as u64;
+    let reply: Value = read_group_cmd(shared, count, Some(block), &streams, ">")
+        .query_async(conn)
+        .await?;
     collect(&reply, &mut entries);
     Ok(entries)
 }
@@ -833,20 +821,10 @@ async fn recover_own_pending(
     count: usize,
     entries: &mut Entries,
 ) -> Result<(), QueueError> {
-    let mut cmd = redis::cmd("XREADGROUP");
-    cmd.arg("GROUP")
-        .arg(GROUP)
-        .arg(&shared.consumer)
-        .arg("COUNT")
-        .arg(count)
-        .arg("STREAMS");
-    for stream in streams {
-        cmd.arg(stream);
-    }
-    for _ in streams {
-        cmd.arg("0");
-    }
-    let reply: Value = cmd.query_async(conn).await?;
+    // `0`: this consumer's pending entries rather than new ones.
+    let reply: Value = read_group_cmd(shared, count, None, streams, "0")
+        .query_async(conn)
+        .await?;
     let mut pending = Entries::new();
     collect(&reply, &mut pending);
     let held = shared.held.lock().expect("held map poisoned");
@@ -856,6 +834,34 @@ async fn recover_own_pending(
             .filter(|(_, entry, _)| !held.contains_key(entry)),
     );
     Ok(())
+}
+
+/// `XREADGROUP` for this consumer on `streams`, each from `from` (`>`: new entries, `0`: its
+/// own pending ones), blocking for `block` ms when given.
+fn read_group_cmd(
+    shared: &Shared,
+    count: usize,
+    block: Option<u64>,
+    streams: &[String],
+    from: &str,
+) -> redis::Cmd {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP")
+        .arg(GROUP)
+        .arg(&shared.consumer)
+        .arg("COUNT")
+        .arg(count);
+    if let Some(block) = block {
+        cmd.arg("BLOCK").arg(block);
+    }
+    cmd.arg("STREAMS");
+    for stream in streams {
+        cmd.arg(stream);
+    }
+    for _ in streams {
+        cmd.arg(from);
+    }
+    cmd
 }
 
 fn collect(reply: &Value, entries: &mut Entries) {

@@ -232,39 +232,27 @@ async fn metrics(
     );
     let _ = writeln!(out, "# TYPE klingq_worker_jobs_in_flight gauge");
     let _ = writeln!(out, "klingq_worker_jobs_in_flight {}", state.handle.held());
-    let _ = writeln!(
-        out,
-        "# HELP klingq_redis_errors_total Redis errors this worker met (and survived)."
-    );
-    let _ = writeln!(out, "# TYPE klingq_redis_errors_total counter");
-    let _ = writeln!(
-        out,
-        "klingq_redis_errors_total {}",
-        stats.redis_errors.load(Ordering::Relaxed)
+    write_metric(
+        &mut out,
+        "klingq_redis_errors_total",
+        "counter",
+        "Redis errors this worker met (and survived).",
+        stats.redis_errors.load(Ordering::Relaxed),
     );
     let slots = &state.pipeline.slots;
-    let _ = writeln!(
-        out,
-        "# HELP klingq_provider_slot_releases_pending Provider slot releases waiting for Redis to answer."
+    write_metric(
+        &mut out,
+        "klingq_provider_slot_releases_pending",
+        "gauge",
+        "Provider slot releases waiting for Redis to answer.",
+        slots.pending(),
     );
-    let _ = writeln!(out, "# TYPE klingq_provider_slot_releases_pending gauge");
-    let _ = writeln!(
-        out,
-        "klingq_provider_slot_releases_pending {}",
-        slots.pending()
-    );
-    let _ = writeln!(
-        out,
-        "# HELP klingq_provider_slot_releases_deferred_total Provider slot releases that failed at first and were retried in the background."
-    );
-    let _ = writeln!(
-        out,
-        "# TYPE klingq_provider_slot_releases_deferred_total counter"
-    );
-    let _ = writeln!(
-        out,
-        "klingq_provider_slot_releases_deferred_total {}",
-        slots.deferred_total()
+    write_metric(
+        &mut out,
+        "klingq_provider_slot_releases_deferred_total",
+        "counter",
+        "Provider slot releases that failed at first and were retried in the background.",
+        slots.deferred_total(),
     );
     if let Ok((in_use, cap)) = state
         .queue
@@ -289,4 +277,17 @@ async fn metrics(
         [("content-type", "text/plain; version=0.0.4")],
         out,
     )
+}
+
+/// One unlabelled sample with its `HELP` and `TYPE` lines.
+fn write_metric(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    value: impl std::fmt::Display,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    let _ = writeln!(out, "{name} {value}");
 }
