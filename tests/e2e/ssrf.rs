@@ -46,21 +46,7 @@ async fn loopback_video_url_fails_the_paid_job_with_download_refused_and_keeps_t
     job.estimated_micros = 700_000;
     let id = queue.enqueue(&job, None).await.unwrap().id;
 
-    let worker = klingq_worker::Worker::connect(settings, Duration::from_secs(10))
-        .await
-        .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(worker.run(async {
-        let _ = stopped.await;
-    }));
-    let record = wait_for("the job to end", Duration::from_secs(60), || async {
-        let record = queue.job(&id).await.ok()??;
-        record.state.is_terminal().then_some(record)
-    })
-    .await
-    .unwrap();
-    let _ = stop.send(());
-    running.await.unwrap().unwrap();
+    let record = run_until_terminal(settings, &queue, &id).await;
 
     assert_eq!(
         record.state,
@@ -121,26 +107,32 @@ async fn loopback_video_url_fails_the_paid_job_with_download_refused_and_keeps_t
         queue.redrive(&id).await.unwrap(),
         klingq_queue::RedriveOutcome::Redriven
     );
-    let worker = klingq_worker::Worker::connect(fixed_settings, Duration::from_secs(10))
+    let record = run_until_terminal(fixed_settings, &queue, &id).await;
+    assert_eq!(record.state, JobState::Succeeded, "{:?}", record.error);
+    assert_eq!(sim.charges().len(), 1, "re-driving did not pay again");
+    assert!(store.head(&id).await.unwrap().is_some());
+}
+
+/// Runs a worker with `settings` until job `id` is terminal; returns its record.
+async fn run_until_terminal(
+    settings: klingq_worker::WorkerSettings,
+    queue: &Queue,
+    id: &str,
+) -> klingq_queue::JobRecord {
+    let worker = klingq_worker::Worker::connect(settings, Duration::from_secs(10))
         .await
         .unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(worker.run(async {
         let _ = stopped.await;
     }));
-    let record = wait_for(
-        "the re-driven job to end",
-        Duration::from_secs(60),
-        || async {
-            let record = queue.job(&id).await.ok()??;
-            record.state.is_terminal().then_some(record)
-        },
-    )
+    let record = wait_for("the job to end", Duration::from_secs(60), || async {
+        let record = queue.job(id).await.ok()??;
+        record.state.is_terminal().then_some(record)
+    })
     .await
     .unwrap();
     let _ = stop.send(());
     running.await.unwrap().unwrap();
-    assert_eq!(record.state, JobState::Succeeded, "{:?}", record.error);
-    assert_eq!(sim.charges().len(), 1, "re-driving did not pay again");
-    assert!(store.head(&id).await.unwrap().is_some());
+    record
 }
