@@ -1,11 +1,11 @@
 //! End-to-end tests of klingq: real processes against real Redis, SeaweedFS and the simulator.
 //! The tests are in `e2e/`; `bin/` holds helper processes they start. This library holds what
-//! both share: the settings of a worker under test.
+//! both share: the settings of a worker under test, and the keys of the test worker's counts.
 
 use std::time::Duration;
 
 use klingq_provider::ProviderConfig;
-use klingq_queue::QueueConfig;
+use klingq_queue::{Keys, QueueConfig};
 use klingq_storage::{SecretString, StorageConfig};
 use klingq_worker::{WorkerConfig, WorkerSettings};
 
@@ -107,4 +107,10 @@ pub async fn spawn_ready(mut command: tokio::process::Command) -> tokio::process
     assert_eq!(first.as_deref(), Some("ready"));
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     child
+}
+
+/// The test-only hash where `klingq-test-worker` counts per job what it `what`s (`started`,
+/// `completed`): `{ns}:test:<what>`, under the namespace's hash tag but no key of klingq's.
+pub fn test_counts_key(keys: &Keys, what: &str) -> String {
+    format!("{}:test:{what}", keys.prefix())
 }

@@ -12,8 +12,8 @@ Prints one line per check; exits 1 if any failed.
   declared ports that the bind addresses listen on, selectors select pods, the worker's
   termination grace exceeds its shutdown grace, and the ScaledObject's ceiling and threshold
   follow from the provider and per-pod concurrency.
-- Compose: `docker-compose config` (the compose spec, without an engine), then the same
-  env-name rule and the wiring between services.
+- Compose: `docker-compose config` (the compose spec, without an engine) with every profile
+  turned on, then the same env-name rule and the wiring between services.
 - Dockerfile: the shape deploy/README.md promises (hadolint runs separately).
 """
 
@@ -683,6 +683,18 @@ def host_of(url: str) -> str | None:
     return urlparse(url).hostname
 
 
+def redis_hosts(url: str) -> list[str | None]:
+    """The hosts of a `queue.redis_url`: one node, a comma-separated list of cluster seed nodes,
+    or `redis+sentinel://host:port[,host:port...]/service` (the sentinels)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return [None]
+    if scheme.lower().endswith("+sentinel"):
+        netloc = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+        return [host_of(f"redis://{node}") for node in netloc.split(",")]
+    return [host_of(node.strip()) for node in url.split(",")]
+
+
 def flags(command: list[str]) -> dict[str, str]:
     """`--name=value` and `--name value` options of a command line."""
     out = {}
@@ -715,15 +727,26 @@ def s3_identities(service: dict) -> set[tuple[str, str]]:
 
 
 def check_compose(compose_file: Path, compose_bin: str, settings: Settings, report: Report) -> None:
-    result = subprocess.run(
-        [compose_bin, "-f", str(compose_file), "config", "--format", "json"],
-        capture_output=True,
-        text=True,
-        env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "DOCKER_HOST": "unix:///nonexistent"},
-    )
+    def compose(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [compose_bin, "-f", str(compose_file), *args],
+            capture_output=True,
+            text=True,
+            env={
+                "PATH": "/usr/bin:/bin",
+                "HOME": "/nonexistent",
+                "DOCKER_HOST": "unix:///nonexistent",
+            },
+        )
+
+    # Services of every profile (e.g. `cluster`) are checked too.
+    listed = compose("config", "--profiles")
+    profiles = listed.stdout.split() if listed.returncode == 0 else []
+    result = compose(*(arg for p in profiles for arg in ("--profile", p)), "config", "--format", "json")
     if not report.check(
         result.returncode == 0,
         f"{compose_file.name}: `docker-compose config` accepts it"
+        + (f" with profiles {', '.join(profiles)}" if profiles else "")
         + (f": {result.stderr.strip()}" if result.returncode else ""),
     ):
         return
@@ -753,7 +776,9 @@ def check_compose(compose_file: Path, compose_bin: str, settings: Settings, repo
             "KLINGQ_REDIS_URL" in env or "KLINGQ_REDIS_URL_FILE" in env,
             f"{where}: KLINGQ_REDIS_URL is set",
         )
-        for var in ("KLINGQ_REDIS_URL", "KLINGQ_PROVIDER_BASE_URL", "KLINGQ_S3_ENDPOINT"):
+        for host in redis_hosts(env.get("KLINGQ_REDIS_URL", "")) if "KLINGQ_REDIS_URL" in env else []:
+            report.check(host in services, f"{where}: KLINGQ_REDIS_URL names service `{host}`")
+        for var in ("KLINGQ_PROVIDER_BASE_URL", "KLINGQ_S3_ENDPOINT"):
             if var in env:
                 host = host_of(env[var])
                 report.check(host in services, f"{where}: {var} names service `{host}`")

@@ -2,15 +2,22 @@
 //! backend whose handler sleeps, then records the completion in Redis. Tests start several,
 //! kill some with SIGKILL, and check every job completed exactly once.
 //!
+//! The handler counts starts and completions per job in the test-only hashes
+//! `{ns}:test:started` and `{ns}:test:completed` ([`test_counts_key`]), on a connection of its
+//! own: they are the test's bookkeeping, not the queue's.
+//!
 //! Usage: `klingq-test-worker REDIS_URL NAMESPACE CONCURRENCY JOB_MS LEASE_SECS`
 
 use std::time::Duration;
 
 use apalis::prelude::WorkerBuilderExt;
+use apalis_core::task::data::Data;
 use apalis_core::worker::builder::WorkerBuilder;
+use klingq_e2e::test_counts_key;
 use klingq_queue::{
     JobFailure, Lease, Queue, QueueBackend, QueueConfig, WorkerOptions, consumer_name,
 };
+use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -18,10 +25,14 @@ struct SleepJob {
     ms: u64,
 }
 
-async fn handle(job: SleepJob, lease: Lease) -> Result<(), JobFailure> {
-    let queue = lease.queue().clone();
-    let mut conn = queue.connection();
-    let started = queue.keys().custom("test:started");
+async fn handle(
+    job: SleepJob,
+    lease: Lease,
+    conn: Data<MultiplexedConnection>,
+) -> Result<(), JobFailure> {
+    let keys = lease.queue().keys();
+    let mut conn = (*conn).clone();
+    let started = test_counts_key(keys, "started");
     let _: Result<i64, _> = redis::cmd("HINCRBY")
         .arg(&started)
         .arg(lease.job_id())
@@ -29,7 +40,7 @@ async fn handle(job: SleepJob, lease: Lease) -> Result<(), JobFailure> {
         .query_async(&mut conn)
         .await;
     tokio::time::sleep(Duration::from_millis(job.ms)).await;
-    let completed = queue.keys().custom("test:completed");
+    let completed = test_counts_key(keys, "completed");
     redis::cmd("HINCRBY")
         .arg(&completed)
         .arg(lease.job_id())
@@ -64,6 +75,9 @@ async fn main() -> anyhow::Result<()> {
         ..QueueConfig::default()
     })
     .await?;
+    let conn = redis::Client::open(redis_url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
     let backend = QueueBackend::<SleepJob>::new(
         queue,
         WorkerOptions {
@@ -73,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let worker = WorkerBuilder::new("e2e")
         .backend(backend)
+        .data(conn)
         .catch_panic()
         .concurrency(concurrency)
         .build(handle);

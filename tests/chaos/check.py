@@ -2,6 +2,9 @@
 """Checks a finished chaos run and prints a report ending with one JSON line.
 
 Usage: check.py API_URL SIM_URL BATCH_IDS_FILE WEBHOOKS_JSONL EXPECTED_JOBS [EXTRA_JSON]
+EXTRA_JSON (what run.sh did: redis_mode, worker_kills, primary_kills, failovers, ...) goes into
+the report; with a redis_mode other than standalone, at least one primary kill must have ended
+in a failover, and every one must have.
 Exit status 0 when every check passes, 1 otherwise.
 """
 import collections
@@ -126,6 +129,8 @@ def main():
     stats = get_json(f"{sim}/__sim/stats")
 
     report = {
+        "redis_mode": extra.get("redis_mode", "standalone"),
+        "failovers": extra.get("failovers", 0),
         "jobs": expected,
         "found": len(jobs),
         "batches": len(batch_ids),
@@ -174,6 +179,17 @@ def main():
         failures.append(f"{len(invalid)} deliveries with invalid signatures: {invalid[:3]}")
     if duplicate_ids_differ:
         failures.append(f"{duplicate_ids_differ} events delivered under different webhook-ids")
+    # Cluster and Sentinel runs kill the namespace's primary at least once: each kill must have
+    # ended with a replica promoted and the killed node back as an in-sync replica.
+    if extra.get("redis_mode", "standalone") != "standalone":
+        if extra.get("failovers", 0) < 1:
+            failures.append("no primary kill ended with a replica promoted")
+        if extra.get("failovers", 0) != extra.get("primary_kills", 0):
+            failures.append(
+                f"{extra.get('primary_kills')} primary kills but {extra.get('failovers')} promotions"
+            )
+        if extra.get("failover_problems", 0):
+            failures.append(f"{extra['failover_problems']} failover steps missed their deadline")
     report["ok"] = not failures
     print("chaos report")
     for key, value in report.items():

@@ -9,9 +9,18 @@
 # unreachable for 30 s. When every batch is done and the webhooks have drained, check.py prints a
 # report ending with one JSON line; the exit status is non-zero when a check fails.
 #
+# --redis cluster: a Redis Cluster of 3 primaries and 3 replicas (AOF, appendfsync always),
+# entered through seed nodes that do not own the namespace's slot. --redis sentinel: a primary,
+# a replica and 3 sentinels. Both set KLINGQ_REDIS_MIN_REPLICAS_ACK=1 and add a fault: the
+# primary serving the namespace is SIGKILLed (after 20 s, then again at about a third and two
+# thirds of the jobs), a replica must be promoted within 60 s, and the killed node is restarted
+# on its port with its data until it is back as a replica of the new primary, in sync.
+#
 # Usage: tests/chaos/run.sh [--jobs N] [--workers W] [--batch-size B] [--timeout SECS]
+#                           [--s3-outage SECS] [--redis standalone|cluster|sentinel]
 # Env: KLINGQ_BIN (default target/release/klingq, built if missing), KLINGQ_WEED_BIN.
-# Logs: tests/chaos/out/<time>/ (gitignored).
+# Logs: tests/chaos/out/<time>/ (gitignored); Redis data lives in a temporary directory that is
+# removed on exit, with every Redis process this script started.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 root="$PWD"
@@ -22,6 +31,7 @@ batch_size=100
 timeout_secs=900
 kill_every=10
 s3_outage_secs=30
+redis_mode=standalone
 while [ $# -gt 0 ]; do
     case "$1" in
         --jobs) jobs="$2"; shift 2 ;;
@@ -29,10 +39,15 @@ while [ $# -gt 0 ]; do
         --batch-size) batch_size="$2"; shift 2 ;;
         --timeout) timeout_secs="$2"; shift 2 ;;
         --s3-outage) s3_outage_secs="$2"; shift 2 ;;
-        -h|--help) sed -n 2,14p "$0"; exit 0 ;;
+        --redis) redis_mode="$2"; shift 2 ;;
+        -h|--help) sed -n 2,23p "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
+case "$redis_mode" in
+    standalone|cluster|sentinel) ;;
+    *) echo "--redis must be standalone, cluster or sentinel, not $redis_mode" >&2; exit 2 ;;
+esac
 
 bin="${KLINGQ_BIN:-$root/target/release/klingq}"
 if [ ! -x "$bin" ]; then
@@ -51,44 +66,155 @@ log() { printf '[chaos %s] %s\n' "$(date -u +%H:%M:%S)" "$*" | tee -a "$out/chao
 
 pids=()
 worker_pids=()
+# Redis servers and sentinels of --redis cluster|sentinel, by port (a restarted node replaces its
+# entry), and the temporary directory with their data and config files.
+declare -A redis_pid=()
+redis_tmp=""
 cleanup() {
     local status=$?
     set +e
-    for pid in "${worker_pids[@]}" "${pids[@]}"; do
+    for pid in "${worker_pids[@]}" "${pids[@]}" "${redis_pid[@]}"; do
         [ -n "$pid" ] && kill "$pid" 2>/dev/null
     done
     sleep 1
-    for pid in "${worker_pids[@]}" "${pids[@]}"; do
+    for pid in "${worker_pids[@]}" "${pids[@]}" "${redis_pid[@]}"; do
         [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null
     done
     wait 2>/dev/null
     rm -rf "$out/weed/data"
+    if [ -n "$redis_tmp" ]; then
+        # Keep the config files (nodes.conf, sentinel rewrites) with the logs; drop the data.
+        (cd "$redis_tmp" && find . -name '*.conf' -exec cp --parents {} "$out/redis-conf/" \;) 2>/dev/null
+        rm -rf "$redis_tmp"
+    fi
     exit $status
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # Free loopback ports: redis, sim, api, receiver, proxy, worker health (unused), and SeaweedFS's
-# s3, master, volume, filer, admin and their gRPC ports.
+# s3, master, volume, filer, admin and their gRPC ports; then six for Redis Cluster or Sentinel
+# nodes, below 55536 with port + 10000 (the cluster bus) free as well.
 read -r -a ports <<<"$(python3 - <<'PY'
+import random
 import socket
 socks = []
-for _ in range(16):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
+def grab(port):
+    s = socket.socket(); s.bind(("127.0.0.1", port)); socks.append(s); return s
+picked = [grab(0).getsockname()[1] for _ in range(16)]
+while len(picked) < 22:
+    port = random.randint(20000, 29999)
+    try:
+        grab(port); grab(port + 10000)
+    except OSError:
+        continue
+    picked.append(port)
+print(" ".join(map(str, picked)))
 PY
 )"
 redis_port=${ports[0]} sim_port=${ports[1]} api_port=${ports[2]} receiver_port=${ports[3]}
 proxy_port=${ports[4]} s3_port=${ports[5]}
+node_ports=("${ports[@]:16:6}")
+namespace="chaos"
+ns_key="{$namespace}"
 
-log "jobs=$jobs workers=$workers batch_size=$batch_size out=$out"
+log "jobs=$jobs workers=$workers batch_size=$batch_size redis=$redis_mode out=$out"
+
+# Polls a command until it succeeds, at most $1 seconds; prints its output.
+poll() {
+    local secs=$1 deadline
+    shift
+    deadline=$(($(date +%s) + secs))
+    while true; do
+        if "$@" 2>/dev/null; then return 0; fi
+        [ "$(date +%s)" -lt "$deadline" ] || return 1
+        sleep 0.2
+    done
+}
+topo() { python3 tests/chaos/topology.py "$@"; }
+pong() { [ "$(redis-cli -p "$1" ping 2>/dev/null)" = PONG ]; }
+all_pong() { local p; for p in "$@"; do pong "$p" || return 1; done; }
+cluster_ok() { local p; for p in "$@"; do redis-cli -p "$p" cluster info | grep -q '^cluster_state:ok' || return 1; done; }
+# Data nodes of cluster and sentinel mode: AOF with fsync on every write, replicas resync at once.
+node_args=(--appendonly yes --appendfsync always --save "" --repl-diskless-sync-delay 0)
+cluster_args=(--cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000)
+# Starts (or restarts, with the data and config it left) the Redis node of port $1.
+start_node() {
+    local port=$1
+    mkdir -p "$redis_tmp/$port"
+    if [ "$redis_mode" = cluster ]; then
+        redis-server --bind 127.0.0.1 --port "$port" --dir "$redis_tmp/$port" \
+            --logfile "$out/redis-$port.log" "${node_args[@]}" "${cluster_args[@]}" &
+    else
+        # A config file, so that a sentinel's CONFIG REWRITE (promotion, demotion) sticks.
+        redis-server "$redis_tmp/$port/redis.conf" &
+    fi
+    redis_pid[$port]=$!
+}
+node_conf() {  # port [primary port]: a sentinel-mode node's config file
+    mkdir -p "$redis_tmp/$1"
+    {
+        printf 'port %s\nbind 127.0.0.1\ndir %s\nlogfile %s\n' "$1" "$redis_tmp/$1" "$out/redis-$1.log"
+        printf 'appendonly yes\nappendfsync always\nsave ""\nrepl-diskless-sync-delay 0\n'
+        [ -z "${2:-}" ] || printf 'replicaof 127.0.0.1 %s\n' "$2"
+    } >"$redis_tmp/$1/redis.conf"
+}
 
 # --- Redis ---------------------------------------------------------------------------------
-redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no \
-    --logfile "$out/redis.log" &
-pids+=($!)
-for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
-redis-cli -p "$redis_port" ping >/dev/null
+case "$redis_mode" in
+standalone)
+    redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no \
+        --logfile "$out/redis.log" &
+    pids+=($!)
+    for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    redis-cli -p "$redis_port" ping >/dev/null
+    redis_url="redis://127.0.0.1:$redis_port"
+    ;;
+cluster)
+    redis_tmp="$(mktemp -d "${TMPDIR:-/tmp}/klingq-chaos-redis.XXXXXX")"
+    mkdir -p "$out/redis-conf"
+    for p in "${node_ports[@]}"; do start_node "$p"; done
+    poll 20 all_pong "${node_ports[@]}" || { log "Redis nodes did not start (see $out/redis-*.log)"; exit 1; }
+    redis-cli --cluster create $(printf '127.0.0.1:%s ' "${node_ports[@]}") \
+        --cluster-replicas 1 --cluster-yes >"$out/cluster-create.log" 2>&1 \
+        || { log "redis-cli --cluster create failed (see $out/cluster-create.log)"; exit 1; }
+    poll 60 cluster_ok "${node_ports[@]}" || { log "the cluster never reached cluster_state:ok"; exit 1; }
+    poll 60 topo all-synced "${node_ports[0]}" || { log "the cluster's replicas never came in sync"; exit 1; }
+    read -r ns_slot ns_owner ns_replicas < <(topo owner "${node_ports[0]}" "$ns_key")
+    # Seeds: the other primaries, so that every command for the namespace starts with MOVED.
+    seeds=()
+    for p in $(topo primaries "${node_ports[0]}"); do [ "$p" = "$ns_owner" ] || seeds+=("$p"); done
+    redis_url="$(printf 'redis://127.0.0.1:%s,' "${seeds[@]}")"
+    redis_url="${redis_url%,}"
+    log "cluster on ports ${node_ports[*]}: slot $ns_slot of $ns_key is on $ns_owner (replica $ns_replicas); seeds ${seeds[*]}"
+    ;;
+sentinel)
+    redis_tmp="$(mktemp -d "${TMPDIR:-/tmp}/klingq-chaos-redis.XXXXXX")"
+    mkdir -p "$out/redis-conf"
+    data_ports=("${node_ports[0]}" "${node_ports[1]}")
+    sentinel_ports=("${node_ports[@]:2:3}")
+    node_conf "${data_ports[0]}"
+    node_conf "${data_ports[1]}" "${data_ports[0]}"
+    for p in "${data_ports[@]}"; do start_node "$p"; done
+    poll 20 all_pong "${data_ports[@]}" || { log "Redis nodes did not start (see $out/redis-*.log)"; exit 1; }
+    poll 60 topo synced "${data_ports[1]}" "${data_ports[0]}" || { log "the replica never came in sync"; exit 1; }
+    for s in "${sentinel_ports[@]}"; do
+        mkdir -p "$redis_tmp/sentinel-$s"
+        printf '%s\n' "port $s" "bind 127.0.0.1" "dir $redis_tmp/sentinel-$s" \
+            "logfile $out/sentinel-$s.log" \
+            "sentinel monitor mymaster 127.0.0.1 ${data_ports[0]} 2" \
+            "sentinel down-after-milliseconds mymaster 2000" \
+            "sentinel failover-timeout mymaster 5000" >"$redis_tmp/sentinel-$s/sentinel.conf"
+        redis-server "$redis_tmp/sentinel-$s/sentinel.conf" --sentinel &
+        redis_pid[$s]=$!
+    done
+    poll 60 topo sentinel-ready "${data_ports[1]}" "${sentinel_ports[@]}" \
+        || { log "the sentinels never agreed on the primary, its replica and each other"; exit 1; }
+    redis_url="redis+sentinel://$(printf '127.0.0.1:%s,' "${sentinel_ports[@]}")"
+    redis_url="${redis_url%,}/mymaster"
+    log "sentinel: primary ${data_ports[0]}, replica ${data_ports[1]}, sentinels ${sentinel_ports[*]}"
+    ;;
+esac
 
 # --- SeaweedFS and the S3 proxy -------------------------------------------------------------
 mkdir -p "$out/weed/data"
@@ -115,8 +241,13 @@ pids+=($!)
 
 # --- Shared settings ---------------------------------------------------------------------------
 secret="whsec_$(python3 -c 'import base64,os;print(base64.b64encode(os.urandom(32)).decode())')"
-export KLINGQ_REDIS_URL="redis://127.0.0.1:$redis_port"
-export KLINGQ_NAMESPACE="chaos"
+export KLINGQ_REDIS_URL="$redis_url"
+export KLINGQ_NAMESPACE="$namespace"
+if [ "$redis_mode" != standalone ]; then
+    # Every primary has a replica (again, once a killed node is back): enqueues and the
+    # checkpoint before a paid call wait until one holds them.
+    export KLINGQ_REDIS_MIN_REPLICAS_ACK=1
+fi
 export KLINGQ_PROVIDER_BASE_URL="http://127.0.0.1:$sim_port"
 export RUNFLOW_API_KEY="chaos-key"
 export KLINGQ_S3_ENDPOINT="http://127.0.0.1:$proxy_port"
@@ -194,6 +325,12 @@ log "submitted $jobs jobs in $b batches"
 # --- Chaos while waiting -------------------------------------------------------------------------
 all_done() { python3 tests/chaos/status.py "$api" "$out/batches.txt" >/dev/null; }
 progress() { python3 tests/chaos/status.py "$api" "$out/batches.txt" || true; }
+# Jobs in a terminal state, in thirds of all jobs (0 when the API does not answer).
+thirds_done() {
+    local terminal total
+    read -r terminal total < <(python3 tests/chaos/status.py "$api" "$out/batches.txt" --terminal || true) || true
+    echo $((${terminal:-0} * 3 / (${total:-0} > 0 ? total : 1)))
+}
 started=$(date +%s)
 kills=0
 redis_dropped=0
@@ -201,6 +338,99 @@ s3_down_at=""
 s3_outages=0
 next_kill=$((started + kill_every))
 victim=0
+
+# Primary kills (cluster, sentinel): idle -> promoting (the primary serving the namespace was
+# SIGKILLed, waiting for a replica to take over) -> rejoining (the killed node was restarted,
+# waiting until it replicates the new primary) -> idle. The first after 20 s, the next ones once
+# a third and two thirds of the jobs are done, each 15 s or more after the previous one ended.
+failover_first_secs=20
+failover_deadline_secs=60
+fo_state=idle
+fo_attempts=0
+failovers=0
+fo_failures=0
+fo_killed="" fo_new="" fo_killed_at=0 fo_deadline=0 fo_done_at=0
+fo_promote_secs=() fo_rejoin_secs=()
+current_primary() {
+    if [ "$redis_mode" = cluster ]; then
+        local slot owner replicas
+        read -r slot owner replicas < <(topo owner "${seeds[0]}" "$ns_key") && echo "$owner"
+    else
+        topo sentinel-primary "${sentinel_ports[@]}"
+    fi
+}
+others() {  # the cluster's nodes other than $1
+    local p
+    for p in "${node_ports[@]}"; do [ "$p" = "$1" ] || echo "$p"; done
+}
+failover_due() {
+    [ "$redis_mode" != standalone ] && [ "$fo_state" = idle ] || return 1
+    [ "$fo_attempts" -lt 3 ] || return 1
+    if [ "$fo_attempts" -eq 0 ]; then
+        [ "$elapsed" -ge "$failover_first_secs" ]
+    else
+        [ $((now - fo_done_at)) -ge 15 ] && [ "$(thirds_done)" -ge "$fo_attempts" ]
+    fi
+}
+failover_step() {
+    local pid new
+    case "$fo_state" in
+    idle)
+        fo_killed="$(current_primary)" || { log "primary kill: cannot tell the primary; later"; return 0; }
+        pid=${redis_pid[$fo_killed]}
+        kill -9 "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+        redis_pid[$fo_killed]=""
+        fo_attempts=$((fo_attempts + 1))
+        fo_killed_at=$(date +%s)
+        fo_deadline=$((fo_killed_at + failover_deadline_secs))
+        fo_state=promoting
+        log "SIGKILLed the Redis primary on port $fo_killed (pid $pid, primary kill $fo_attempts)"
+        ;;
+    promoting)
+        if [ "$redis_mode" = cluster ]; then
+            # shellcheck disable=SC2046
+            new="$(topo promoted "$ns_key" "$fo_killed" $(others "$fo_killed") 2>/dev/null)" || new=""
+        else
+            new="$(topo sentinel-promoted "$fo_killed" "${sentinel_ports[@]}" 2>/dev/null)" || new=""
+        fi
+        if [ -n "$new" ]; then
+            failovers=$((failovers + 1))
+            fo_promote_secs+=($(($(date +%s) - fo_killed_at)))
+            log "port $new was promoted after ${fo_promote_secs[-1]}s; restarting $fo_killed with its data"
+        elif [ "$(date +%s)" -ge "$fo_deadline" ]; then
+            fo_failures=$((fo_failures + 1))
+            log "FAILOVER: no replica was promoted within ${failover_deadline_secs}s of killing $fo_killed; restarting it"
+        else
+            return 0
+        fi
+        fo_new="$new"
+        if [ "$redis_mode" = sentinel ] && [ -n "$new" ]; then
+            # Back as a replica of the new primary at once, never as a second primary.
+            sed -i -e '/^replicaof /d' -e '/^slaveof /d' "$redis_tmp/$fo_killed/redis.conf"
+            printf 'replicaof 127.0.0.1 %s\n' "$new" >>"$redis_tmp/$fo_killed/redis.conf"
+        fi
+        echo "=== restarted after SIGKILL ===" >>"$out/redis-$fo_killed.log"
+        start_node "$fo_killed"
+        fo_deadline=$(($(date +%s) + failover_deadline_secs))
+        fo_state=rejoining
+        ;;
+    rejoining)
+        if [ -n "$fo_new" ] && topo synced "$fo_killed" "$fo_new" 2>/dev/null \
+            && { [ "$redis_mode" = cluster ] || topo sentinel-ready "$fo_killed" "${sentinel_ports[@]}" 2>/dev/null; }; then
+            fo_rejoin_secs+=($(($(date +%s) - fo_killed_at)))
+            log "port $fo_killed is a replica of $fo_new again, in sync ${fo_rejoin_secs[-1]}s after the kill: $(progress)"
+        elif [ "$(date +%s)" -ge "$fo_deadline" ]; then
+            fo_failures=$((fo_failures + 1))
+            log "FAILOVER: port $fo_killed did not come back as an in-sync replica within ${failover_deadline_secs}s"
+        else
+            return 0
+        fi
+        fo_state=idle
+        fo_done_at=$(date +%s)
+        ;;
+    esac
+}
 while true; do
     now=$(date +%s)
     elapsed=$((now - started))
@@ -216,10 +446,23 @@ while true; do
         rm -f "$out/s3.down"; s3_down_at=""
         log "S3 reachable again"
     fi
-    if [ "$redis_dropped" -eq 0 ] && [ "$elapsed" -ge 12 ]; then
-        n="$(redis-cli -p "$redis_port" CLIENT KILL TYPE normal)"
+    if [ "$redis_dropped" -eq 0 ] && [ "$elapsed" -ge 12 ] && [ "$fo_state" = idle ]; then
+        # Every primary's clients (one node standalone, all primaries of a cluster, the
+        # Sentinel primary; the sentinels' own connections to it included).
+        case "$redis_mode" in
+            standalone) targets=("$redis_port") ;;
+            cluster) read -r -a targets < <(topo primaries "${seeds[0]}") ;;
+            sentinel) targets=("$(current_primary)") ;;
+        esac
+        n=0
+        for p in "${targets[@]}"; do
+            n=$((n + $(redis-cli -p "$p" CLIENT KILL TYPE normal)))
+        done
         redis_dropped=1
-        log "dropped $n Redis client connections"
+        log "dropped $n Redis client connections (on port ${targets[*]})"
+    fi
+    if [ "$fo_state" != idle ] || failover_due; then
+        failover_step
     fi
     if [ "$now" -ge "$next_kill" ]; then
         pid=${worker_pids[victim]}
@@ -232,14 +475,16 @@ while true; do
         victim=$(((victim + 1) % workers))
         next_kill=$((now + kill_every))
     fi
-    if [ -z "$s3_down_at" ] && [ "$s3_outages" -eq 1 ] && [ "$redis_dropped" -eq 1 ] && all_done; then
+    if [ -z "$s3_down_at" ] && [ "$s3_outages" -eq 1 ] && [ "$redis_dropped" -eq 1 ] \
+        && { [ "$redis_mode" = standalone ] || { [ "$fo_attempts" -ge 1 ] && [ "$fo_state" = idle ]; }; } \
+        && all_done; then
         break
     fi
     sleep 1
 done
 rm -f "$out/s3.down"
 run_secs=$(($(date +%s) - started))
-log "batches done after ${run_secs}s (kills: $kills): $(progress)"
+log "batches done after ${run_secs}s (kills: $kills, primary kills: $fo_attempts, failovers: $failovers): $(progress)"
 
 # --- Let the webhooks drain ------------------------------------------------------------------
 expected_terminal="$jobs"
@@ -256,7 +501,8 @@ print(len(ids))' "$out/webhooks.jsonl")"
 done
 log "webhooks received for $got of $expected_terminal jobs"
 
-extra="{\"worker_kills\": $kills, \"redis_connection_drops\": $redis_dropped, \"s3_outage_secs\": $s3_outage_secs, \"run_seconds\": $run_secs}"
+json_list() { local IFS=,; echo "[$*]"; }
+extra="{\"redis_mode\": \"$redis_mode\", \"min_replicas_ack\": ${KLINGQ_REDIS_MIN_REPLICAS_ACK:-0}, \"worker_kills\": $kills, \"redis_connection_drops\": $redis_dropped, \"primary_kills\": $fo_attempts, \"failovers\": $failovers, \"failover_problems\": $fo_failures, \"promotion_seconds\": $(json_list "${fo_promote_secs[@]}"), \"replica_back_seconds\": $(json_list "${fo_rejoin_secs[@]}"), \"s3_outage_secs\": $s3_outage_secs, \"run_seconds\": $run_secs}"
 set +e
 python3 tests/chaos/check.py "$api" "http://127.0.0.1:$sim_port" "$out/batches.txt" "$out/webhooks.jsonl" "$jobs" "$extra" | tee "$out/report.txt"
 status=${PIPESTATUS[0]}

@@ -20,15 +20,25 @@ use tokio::sync::oneshot;
 
 const WORKER: &str = env!("CARGO_BIN_EXE_klingq-e2e-worker");
 
-struct Env {
-    services: E2eServices,
-    queue: Queue,
-    sim: SimHandle,
+pub(crate) struct Env {
+    pub(crate) services: E2eServices,
+    pub(crate) queue: Queue,
+    pub(crate) sim: SimHandle,
     _proxy: Option<TcpProxy>,
 }
 
 async fn env(prefix: &str, sim_config: SimConfig, s3_via_proxy: bool) -> (Env, Option<TcpProxy>) {
     require_shared_redis().await.unwrap();
+    env_on(redis_url(), prefix, sim_config, s3_via_proxy).await
+}
+
+/// The services on the Redis at `redis_url` (a cluster seed, a Sentinel URL).
+pub(crate) async fn env_on(
+    redis_url: String,
+    prefix: &str,
+    sim_config: SimConfig,
+    s3_via_proxy: bool,
+) -> (Env, Option<TcpProxy>) {
     let s3 = ensure_seaweedfs().await.unwrap();
     let bucket = s3.unique_bucket(prefix).await.unwrap();
     let sim = klingq_sim::start_local(sim_config).await.unwrap();
@@ -42,7 +52,7 @@ async fn env(prefix: &str, sim_config: SimConfig, s3_via_proxy: bool) -> (Env, O
         None => s3.endpoint_url.clone(),
     };
     let services = E2eServices {
-        redis_url: redis_url(),
+        redis_url,
         namespace: unique_namespace(prefix),
         sim_url: sim.base_url(),
         s3_endpoint,
@@ -74,7 +84,7 @@ fn job(prompt: &str) -> NewJob {
     new_job
 }
 
-async fn enqueue(env: &Env, prompts: &[String]) -> Vec<String> {
+pub(crate) async fn enqueue(env: &Env, prompts: &[String]) -> Vec<String> {
     let jobs: Vec<NewJob> = prompts.iter().map(|p| job(p)).collect();
     env.queue
         .enqueue_many(&jobs, None)
@@ -115,7 +125,11 @@ async fn start_process(env: &Env) -> Child {
     klingq_e2e::spawn_ready(command).await
 }
 
-async fn wait_terminal(queue: &Queue, ids: &[String], timeout: Duration) -> Vec<JobRecord> {
+pub(crate) async fn wait_terminal(
+    queue: &Queue,
+    ids: &[String],
+    timeout: Duration,
+) -> Vec<JobRecord> {
     wait_for("every job to end", timeout, || async {
         let records = queue.jobs(ids).await.ok()?;
         (records.len() == ids.len() && records.iter().all(|r| r.state.is_terminal()))
@@ -127,7 +141,7 @@ async fn wait_terminal(queue: &Queue, ids: &[String], timeout: Duration) -> Vec<
 
 /// Every job succeeded, was charged exactly once, its object's bytes are the simulator's,
 /// and it published exactly one success event.
-async fn assert_all_succeeded_once(env: &Env, records: &[JobRecord]) {
+pub(crate) async fn assert_all_succeeded_once(env: &Env, records: &[JobRecord]) {
     let runs: HashMap<String, klingq_sim::RunRecord> = env
         .sim
         .runs()
@@ -583,6 +597,10 @@ async fn worker_metrics_parse_and_carry_every_named_metric() {
         "klingq_bytes_rehosted_total",
         "klingq_provider_slot_releases_pending",
         "klingq_provider_slot_releases_deferred_total",
+        "klingq_redis_errors_total{kind=\"connection\"}",
+        "klingq_redis_errors_total{kind=\"moved\"}",
+        "klingq_redis_errors_total{kind=\"clusterdown\"}",
+        "klingq_redis_errors_total{kind=\"noprimary\"}",
     ] {
         assert!(
             samples.iter().any(|(sample, _)| sample == name),

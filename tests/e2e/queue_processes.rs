@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use klingq_core::JobState;
+use klingq_e2e::test_counts_key;
 use klingq_queue::{NewJob, Queue, QueueConfig};
 use klingq_testkit::redis::{redis_url, require_shared_redis, unique_namespace};
 use klingq_testkit::wait_for;
@@ -35,10 +36,16 @@ async fn queue(namespace: &str) -> Queue {
     .unwrap()
 }
 
+/// The test worker's counts per job (`started`, `completed`), read on a connection of the
+/// test's own: they are its bookkeeping, not the queue's.
 async fn counts(queue: &Queue, name: &str) -> HashMap<String, u64> {
-    let mut conn = queue.connection();
+    let mut conn = redis::Client::open(queue.config().redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
     redis::cmd("HGETALL")
-        .arg(queue.keys().custom(name))
+        .arg(test_counts_key(queue.keys(), name))
         .query_async(&mut conn)
         .await
         .unwrap()
@@ -76,7 +83,7 @@ async fn ten_thousand_jobs_complete_exactly_once_across_two_worker_processes() {
     first.kill().await.unwrap();
     second.kill().await.unwrap();
 
-    let completed = counts(&queue, "test:completed").await;
+    let completed = counts(&queue, "completed").await;
     assert_eq!(completed.len(), 10_000);
     assert!(
         ids.iter().all(|id| completed.get(id) == Some(&1)),
@@ -113,7 +120,7 @@ async fn jobs_of_a_killed_worker_finish_on_another_within_the_lease_timeout() {
     wait_for(
         "the first worker to start all jobs",
         Duration::from_secs(20),
-        || async { (counts(&queue, "test:started").await.len() == 8).then_some(()) },
+        || async { (counts(&queue, "started").await.len() == 8).then_some(()) },
     )
     .await
     .unwrap();
@@ -136,9 +143,9 @@ async fn jobs_of_a_killed_worker_finish_on_another_within_the_lease_timeout() {
     let recovered_in = killed_at.elapsed();
     drop(survivor);
 
-    let completed = counts(&queue, "test:completed").await;
+    let completed = counts(&queue, "completed").await;
     assert!(ids.iter().all(|id| completed.get(id) == Some(&1)));
-    let started = counts(&queue, "test:started").await;
+    let started = counts(&queue, "started").await;
     assert!(
         ids.iter().all(|id| started.get(id) == Some(&2)),
         "each ran once in each worker: {started:?}"

@@ -117,6 +117,55 @@ struct QueueBenchFigures {
     peak_rss_mib: f64,
     redis_commands_per_job: f64,
     redis_scripts_per_job: f64,
+    redis: NodeShares,
+}
+
+/// What Redis was, and how its primaries shared the commands of a run (a Cluster's shards).
+#[derive(Debug, Serialize)]
+struct NodeShares {
+    mode: &'static str,
+    /// Each primary's share of the run's commands, busiest first.
+    shares: Vec<(String, f64)>,
+    busiest_share: f64,
+}
+
+impl NodeShares {
+    async fn measure(
+        queue: &Queue,
+        before: &[(String, klingq_queue::CommandCounters)],
+    ) -> anyhow::Result<Self> {
+        let after = queue.command_counters_per_node().await?;
+        let mut used: Vec<(String, u64)> = after
+            .iter()
+            .map(|(node, counters)| {
+                let earlier = before
+                    .iter()
+                    .find(|(n, _)| n == node)
+                    .map_or(0, |(_, c)| c.commands);
+                (node.clone(), counters.commands.saturating_sub(earlier))
+            })
+            .collect();
+        used.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+        let total = used.iter().map(|(_, n)| n).sum::<u64>().max(1) as f64;
+        let shares: Vec<(String, f64)> = used
+            .into_iter()
+            .map(|(node, n)| (node, n as f64 / total))
+            .collect();
+        let shares_text: Vec<String> = shares
+            .iter()
+            .map(|(node, share)| format!("{node} {:.1} %", share * 100.0))
+            .collect();
+        let mode = queue.topology().await.mode;
+        println!(
+            "redis {mode}: commands per primary: {}",
+            shares_text.join(", ")
+        );
+        Ok(Self {
+            mode,
+            busiest_share: shares.first().map_or(1.0, |(_, share)| *share),
+            shares,
+        })
+    }
 }
 
 async fn queue_bench(args: QueueBenchArgs, settings: Settings) -> anyhow::Result<()> {
@@ -135,13 +184,13 @@ async fn queue_bench(args: QueueBenchArgs, settings: Settings) -> anyhow::Result
             klingq_core::redact_url(&config.redis_url)
         )
     })?;
-    let mut redis = queue.connection();
     println!(
         "bench queue: {} no-op jobs, concurrency {}, namespace {}",
         args.jobs, args.concurrency, config.namespace
     );
 
-    let before = redis_counters(&mut redis).await?;
+    let before_per_node = queue.command_counters_per_node().await?;
+    let before = queue.command_counters().await?;
     let enqueue_started = Instant::now();
     let batch = klingq_core::JobId::new().to_string();
     queue
@@ -154,7 +203,7 @@ async fn queue_bench(args: QueueBenchArgs, settings: Settings) -> anyhow::Result
     queue.seal_batch(&batch).await?;
     drop(jobs);
     let enqueue_seconds = enqueue_started.elapsed().as_secs_f64();
-    let after_enqueue = redis_counters(&mut redis).await?;
+    let after_enqueue = queue.command_counters().await?;
     println!(
         "enqueued {} jobs in {enqueue_seconds:.2} s: {:.0} jobs/s",
         args.jobs,
@@ -203,7 +252,7 @@ async fn queue_bench(args: QueueBenchArgs, settings: Settings) -> anyhow::Result
     let process_seconds = process_started.elapsed().as_secs_f64();
     let _ = stop.send(());
     worker_task.await?.context("worker")?;
-    let after = redis_counters(&mut redis).await?;
+    let after = queue.command_counters().await?;
     println!(
         "processed {} jobs in {process_seconds:.2} s: {:.0} jobs/s (handler calls: {})",
         args.jobs,
@@ -221,6 +270,7 @@ async fn queue_bench(args: QueueBenchArgs, settings: Settings) -> anyhow::Result
         peak_rss_mib: peak_rss_mib(),
         redis_commands_per_job: (after.commands - before.commands) as f64 / n_jobs,
         redis_scripts_per_job: (after.scripts - before.scripts) as f64 / n_jobs,
+        redis: NodeShares::measure(&queue, &before_per_node).await?,
     };
     println!(
         "redis: {:.1} commands per job ({:.1} at enqueue, counting those scripts run), {:.2} script calls per job",
@@ -230,48 +280,10 @@ async fn queue_bench(args: QueueBenchArgs, settings: Settings) -> anyhow::Result
     );
     println!("peak RSS: {:.1} MiB", figures.peak_rss_mib);
     if owned_namespace && !args.keep {
-        delete_namespace(&mut redis, queue.keys().prefix()).await?;
+        queue.delete_namespace().await?;
     }
     println!("{}", serde_json::to_string(&figures)?);
     Ok(())
-}
-
-struct RedisCounters {
-    /// Every command Redis executed, including those scripts ran.
-    commands: u64,
-    /// Script calls (EVALSHA/EVAL): one per round trip of a script.
-    scripts: u64,
-}
-
-/// Sums Redis' per-command call counts.
-async fn redis_counters(
-    redis: &mut redis::aio::ConnectionManager,
-) -> anyhow::Result<RedisCounters> {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(redis)
-        .await?;
-    let mut counters = RedisCounters {
-        commands: 0,
-        scripts: 0,
-    };
-    for line in info.lines() {
-        let Some((name, rest)) = line.split_once(':') else {
-            continue;
-        };
-        let Some(count) = rest
-            .split(',')
-            .find_map(|field| field.strip_prefix("calls="))
-            .and_then(|c| c.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        counters.commands += count;
-        if matches!(name, "cmdstat_evalsha" | "cmdstat_eval") {
-            counters.scripts += count;
-        }
-    }
-    Ok(counters)
 }
 
 fn peak_rss_mib() -> f64 {
@@ -285,32 +297,6 @@ fn peak_rss_mib() -> f64 {
         })
         .map(|kib| kib / 1024.0)
         .unwrap_or(0.0)
-}
-
-/// Deletes every key of a benchmark namespace.
-async fn delete_namespace(
-    redis: &mut redis::aio::ConnectionManager,
-    prefix: &str,
-) -> anyhow::Result<()> {
-    let pattern = format!("{prefix}:*");
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(redis)
-            .await?;
-        if !keys.is_empty() {
-            let _: i64 = redis::cmd("UNLINK").arg(&keys).query_async(redis).await?;
-        }
-        if next == 0 {
-            return Ok(());
-        }
-        cursor = next;
-    }
 }
 
 /// A `klingq sim` child process on a free loopback port, killed on drop.
@@ -543,7 +529,6 @@ async fn inflight_bench(args: InflightBenchArgs, settings: Settings) -> anyhow::
     worker_settings.worker.shutdown_grace_secs = 5;
     let worker = klingq_worker::Worker::connect(worker_settings, Duration::from_secs(10)).await?;
     let queue = worker.queue.clone();
-    let mut redis = queue.connection();
     let batch = klingq_core::JobId::new().to_string();
     queue
         .open_batch(&batch, &serde_json::json!({"bench": "inflight"}), 0)
@@ -583,13 +568,13 @@ async fn inflight_bench(args: InflightBenchArgs, settings: Settings) -> anyhow::
         started.elapsed().as_secs_f64(),
         args.seconds
     );
-    let before = redis_counters(&mut redis).await?;
+    let before = queue.command_counters().await?;
     let cpu_before = cpu_seconds();
     let window = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
     let window_seconds = window.elapsed().as_secs_f64();
     let cpu_percent = (cpu_seconds() - cpu_before) / window_seconds * 100.0;
-    let after = redis_counters(&mut redis).await?;
+    let after = queue.command_counters().await?;
     let peak = peak_rss_mib();
     let commands_per_s = (after.commands - before.commands) as f64 / window_seconds;
     let figures = InflightFigures {
@@ -611,7 +596,7 @@ async fn inflight_bench(args: InflightBenchArgs, settings: Settings) -> anyhow::
     );
     let _ = stop.send(());
     run.await??;
-    delete_namespace(&mut redis, queue.keys().prefix()).await?;
+    queue.delete_namespace().await?;
     println!("{}", serde_json::to_string(&figures)?);
     Ok(())
 }
@@ -651,7 +636,6 @@ async fn enqueue_bench(args: EnqueueBenchArgs, settings: Settings) -> anyhow::Re
         .map_err(|error| anyhow::anyhow!("connecting to Redis: {error}"))?
         .with_max_batch_jobs(max_batch_jobs);
     let queue = producer.queue().clone();
-    let mut redis = queue.connection();
     println!(
         "bench enqueue: {} valid jobs per batch, namespace {}",
         args.jobs, config.namespace
@@ -659,14 +643,14 @@ async fn enqueue_bench(args: EnqueueBenchArgs, settings: Settings) -> anyhow::Re
 
     // Through the library: validation, cost estimate, idempotency and the enqueue scripts.
     let specs: Vec<_> = (0..args.jobs).map(|n| Ok(bench_spec(n))).collect();
-    let before = redis_counters(&mut redis).await?;
+    let before = queue.command_counters().await?;
     let started = Instant::now();
     let accepted = producer
         .enqueue_batch(specs, klingq_producer::BatchOptions::default())
         .await
         .map_err(|error| anyhow::anyhow!("enqueue_batch: {error}"))?;
     let library_seconds = started.elapsed().as_secs_f64();
-    let after = redis_counters(&mut redis).await?;
+    let after = queue.command_counters().await?;
     anyhow::ensure!(accepted.total == args.jobs, "accepted {}", accepted.total);
     println!(
         "library: {} jobs in {library_seconds:.2} s: {:.0} jobs/s",
@@ -731,7 +715,7 @@ async fn enqueue_bench(args: EnqueueBenchArgs, settings: Settings) -> anyhow::Re
         "redis: {:.1} commands per job; peak RSS {:.1} MiB",
         figures.redis_commands_per_job, figures.peak_rss_mib
     );
-    delete_namespace(&mut redis, queue.keys().prefix()).await?;
+    queue.delete_namespace().await?;
     println!("{}", serde_json::to_string(&figures)?);
     Ok(())
 }
@@ -748,6 +732,7 @@ struct PipelineFigures {
     peak_rss_mib: f64,
     cpu_percent: f64,
     redis_commands_per_job: f64,
+    redis: NodeShares,
 }
 
 async fn pipeline_bench(args: PipelineBenchArgs, settings: Settings) -> anyhow::Result<()> {
@@ -801,8 +786,8 @@ async fn pipeline_bench(args: PipelineBenchArgs, settings: Settings) -> anyhow::
         .await
         .context("starting the worker (set KLINGQ_S3_ENDPOINT, KLINGQ_S3_BUCKET and AWS_* for an S3-compatible store)")?;
     let queue = worker.queue.clone();
-    let mut redis = queue.connection();
-    let before = redis_counters(&mut redis).await?;
+    let before_per_node = queue.command_counters_per_node().await?;
+    let before = queue.command_counters().await?;
     let started = Instant::now();
     let batch = klingq_core::JobId::new().to_string();
     queue
@@ -846,7 +831,7 @@ async fn pipeline_bench(args: PipelineBenchArgs, settings: Settings) -> anyhow::
     };
     let process_seconds = started.elapsed().as_secs_f64();
     let cpu_percent = (cpu_seconds() - cpu_before) / process_seconds * 100.0;
-    let after = redis_counters(&mut redis).await?;
+    let after = queue.command_counters().await?;
     let succeeded = record.counts.get("succeeded").copied().unwrap_or(0);
     let _ = stop.send(());
     run.await??;
@@ -861,12 +846,13 @@ async fn pipeline_bench(args: PipelineBenchArgs, settings: Settings) -> anyhow::
         peak_rss_mib: peak_rss_mib(),
         cpu_percent,
         redis_commands_per_job: (after.commands - before.commands) as f64 / args.jobs.max(1) as f64,
+        redis: NodeShares::measure(&queue, &before_per_node).await?,
     };
     println!(
         "processed {} jobs ({succeeded} succeeded) in {process_seconds:.2} s: {:.0} jobs/s; worker CPU {cpu_percent:.0} %, peak RSS {:.1} MiB, {:.1} Redis commands per job",
         args.jobs, figures.process_jobs_per_s, figures.peak_rss_mib, figures.redis_commands_per_job
     );
-    delete_namespace(&mut redis, queue.keys().prefix()).await?;
+    queue.delete_namespace().await?;
     anyhow::ensure!(
         succeeded == args.jobs,
         "only {succeeded} of {} jobs succeeded",

@@ -124,6 +124,18 @@ pub(crate) async fn run(
         }
         Command::Config(ConfigCommand::Show) => {
             print!("{}", settings::effective_toml(cli.config.as_deref())?);
+            let settings = settings?;
+            // What is at queue.redis_url, as a comment: the file stays valid TOML.
+            let found = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                klingq_queue::Queue::connect(settings.queue.clone()),
+            )
+            .await;
+            match found {
+                Ok(Ok(queue)) => println!("\n# redis: {}", queue.topology().await),
+                Ok(Err(error)) => println!("\n# redis: not reachable: {error}"),
+                Err(_) => println!("\n# redis: not reachable within 10 s"),
+            }
         }
         Command::Worker => {
             let settings = settings?;

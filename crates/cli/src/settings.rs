@@ -79,7 +79,13 @@ pub(crate) const SETTINGS: &[Setting] = &[
         "queue.redis_url",
         "KLINGQ_REDIS_URL",
         "\"redis://127.0.0.1:6379\"",
-        "Redis URL (`redis://[:password@]host:port[/db]`, `rediss://` for TLS). May hold a password: it is never logged.",
+        "Redis URL: one node (`redis://[user:password@]host:port[/db]`, `rediss://` for TLS), a comma-separated list of cluster seed nodes, or `redis+sentinel://[user:password@]host:port[,host:port…]/service_name[?db=N&sentinel_password=P]` (`rediss+sentinel://` for TLS). May hold passwords: they are never logged.",
+    ),
+    setting(
+        "queue.redis_mode",
+        "KLINGQ_REDIS_MODE",
+        "\"auto\"",
+        "`auto` (a `redis+sentinel://` URL means Sentinel; otherwise the first node that answers is asked `INFO cluster`), `standalone`, `cluster` or `sentinel`. `klingq config show` and the worker's start log say what was found.",
     ),
     setting(
         "queue.namespace",
@@ -170,6 +176,18 @@ pub(crate) const SETTINGS: &[Setting] = &[
         "KLINGQ_ENQUEUE_CHUNK",
         "1000",
         "Jobs per script call when enqueueing a batch.",
+    ),
+    setting(
+        "queue.min_replicas_ack",
+        "KLINGQ_REDIS_MIN_REPLICAS_ACK",
+        "0",
+        "When > 0, an enqueue is acknowledged, and the checkpoint written before a paid provider call is trusted, only after `WAIT` confirms this many replicas hold it; a timeout is an error the caller sees (enqueue) or a retry (checkpoint). 0: replication stays asynchronous and reconciliation by `client_ref` is the guard against paying twice after a failover.",
+    ),
+    setting(
+        "queue.replica_ack_timeout_ms",
+        "KLINGQ_REDIS_REPLICA_ACK_TIMEOUT_MS",
+        "1000",
+        "How long `WAIT` waits for `min_replicas_ack` replicas. Keep it below `command_timeout_ms`.",
     ),
     // The provider (Runflow).
     setting(

@@ -732,3 +732,69 @@ async fn serve_answers_and_stops_on_sigterm() {
     let status = wait_exit(&mut child, Duration::from_secs(15));
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_show_says_which_redis_mode_and_nodes_were_found() {
+    let cli = Cli::new("cli-topology").await;
+    let text = cli.ok(&["config", "show"]);
+    let line = text
+        .lines()
+        .find(|line| line.starts_with("# redis: "))
+        .unwrap_or_else(|| panic!("no topology line in:\n{text}"));
+    let port = redis_url().rsplit(':').next().unwrap().to_owned();
+    assert!(
+        line.starts_with("# redis: standalone, primaries [127.0.0.1:")
+            && line.contains(port.trim_end_matches('/')),
+        "{line}"
+    );
+    // A mode the URL contradicts is named with the field and the rule, password hidden.
+    let output = cli
+        .command(&["config", "show"])
+        .env("KLINGQ_REDIS_URL", "redis://:hunter2@127.0.0.1:1")
+        .env("KLINGQ_REDIS_MODE", "sentinel")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("# redis: not reachable: queue.redis_url: must be redis+sentinel://"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_verifies_the_server_certificate() {
+    let cli = Cli::new("cli-tls").await;
+    let server = klingq_testkit::redis::RedisServer::start_tls()
+        .await
+        .unwrap();
+    let url = server.verified_url().unwrap();
+    let ca = server.tls_files().unwrap().ca_file();
+    // Trusting the test CA (rustls reads SSL_CERT_FILE): connected, over TLS.
+    let output = cli
+        .command(&["config", "show"])
+        .env("KLINGQ_REDIS_URL", &url)
+        .env("SSL_CERT_FILE", &ca)
+        .env_remove("SSL_CERT_DIR")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text.lines().find(|l| l.starts_with("# redis: ")).unwrap();
+    assert!(
+        line.starts_with("# redis: standalone") && line.ends_with(", TLS"),
+        "{line}"
+    );
+    // Trusting only an empty store: the certificate is refused, and the line says so.
+    let empty = cli.file("empty-ca.pem", "");
+    let output = cli
+        .command(&["config", "show"])
+        .env("KLINGQ_REDIS_URL", &url)
+        .env("SSL_CERT_FILE", &empty)
+        .env_remove("SSL_CERT_DIR")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text.lines().find(|l| l.starts_with("# redis: ")).unwrap();
+    assert!(line.starts_with("# redis: not reachable: "), "{line}");
+    assert!(line.contains("TLS"), "{line}");
+}

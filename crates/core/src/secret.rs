@@ -97,6 +97,22 @@ impl fmt::Debug for SignedUrl {
 
 /// Cuts the query, fragment and userinfo from a URL, for logs and error messages.
 pub fn redact_url(url: &str) -> String {
+    // A list of Redis seed nodes, or a Sentinel URL naming several hosts: each part alone.
+    if url.contains(',')
+        && url
+            .get(..5)
+            .is_some_and(|s| s.eq_ignore_ascii_case("redis"))
+    {
+        return url
+            .split(',')
+            .map(|part| redact_one(part.trim()))
+            .collect::<Vec<_>>()
+            .join(",");
+    }
+    redact_one(url)
+}
+
+fn redact_one(url: &str) -> String {
     if url.len() > 5 && url[..5].eq_ignore_ascii_case("data:") {
         return "data:[redacted]".to_owned();
     }
@@ -131,6 +147,18 @@ mod tests {
         assert_eq!(format!("{secret} {secret:?}"), "[redacted] [redacted]");
         assert_eq!(serde_json::to_string(&secret).unwrap(), "\"[redacted]\"");
         assert_eq!(secret.expose(), "rf_live_abc");
+    }
+
+    #[test]
+    fn url_lists_lose_every_password() {
+        assert_eq!(
+            redact_url("redis://:pw1@a:7000,rediss://u:pw2@b:7001/0"),
+            "redis://a:7000,rediss://b:7001/0"
+        );
+        assert_eq!(
+            redact_url("redis+sentinel://app:pw@s1:26379,s2:26379/mymaster?sentinel_password=x"),
+            "redis+sentinel://s1:26379,s2:26379/mymaster?[redacted]"
+        );
     }
 
     #[test]

@@ -197,18 +197,8 @@ async fn last_attempts(
     if records.is_empty() {
         return Ok(HashMap::new());
     }
-    let mut pipe = redis::pipe();
-    for record in records {
-        pipe.cmd("LINDEX")
-            .arg(
-                queue
-                    .keys()
-                    .custom(&format!("webhooks:attempts:{}", record.id)),
-            )
-            .arg(-1);
-    }
-    let mut conn = queue.connection();
-    let lasts: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+    let ids: Vec<String> = records.iter().map(|record| record.id.clone()).collect();
+    let lasts = queue.last_webhook_attempts(&ids).await?;
     Ok(records
         .iter()
         .zip(lasts)

@@ -11,8 +11,6 @@ pub enum WebhookError {
     Config(#[from] ConfigError),
     #[error("queue: {0}")]
     Queue(#[from] QueueError),
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
     #[error("encoding: {0}")]
     Encode(#[from] serde_json::Error),
     #[error("building the http client: {0}")]

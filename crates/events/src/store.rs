@@ -1,9 +1,7 @@
 //! What this crate keeps in Redis beside the delivery jobs: every attempt of a delivery (a
 //! capped list per delivery, expiring with the queue's retention) and the endpoints disabled
-//! by `410 Gone` (a hash, kept until re-enabled). Keys come from the queue's [`Keys::custom`],
-//! under the namespace's hash tag.
-//!
-//! [`Keys::custom`]: klingq_queue::Keys::custom
+//! by `410 Gone` (a hash, kept until re-enabled). The queue stores them (its webhook records);
+//! this module owns their format.
 
 use klingq_core::redact_url;
 use klingq_queue::Queue;
@@ -13,7 +11,7 @@ use crate::error::WebhookError;
 use crate::payload::endpoint_id;
 
 /// Attempts kept per delivery (the oldest are dropped past this).
-pub(crate) const MAX_ATTEMPTS_KEPT: isize = 50;
+pub(crate) const MAX_ATTEMPTS_KEPT: usize = 50;
 
 /// How one attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -71,16 +69,6 @@ pub struct DisabledEndpoint {
     pub delivery_id: String,
 }
 
-fn attempts_key(queue: &Queue, delivery_id: &str) -> String {
-    queue
-        .keys()
-        .custom(&format!("webhooks:attempts:{delivery_id}"))
-}
-
-fn disabled_key(queue: &Queue) -> String {
-    queue.keys().custom("webhooks:disabled")
-}
-
 /// Appends an attempt to its delivery's list, keeping the last [`MAX_ATTEMPTS_KEPT`], and
 /// renews the list's expiry to the queue's retention.
 pub(crate) async fn record_attempt(
@@ -88,23 +76,13 @@ pub(crate) async fn record_attempt(
     delivery_id: &str,
     attempt: &AttemptRecord,
 ) -> Result<(), WebhookError> {
-    let key = attempts_key(queue, delivery_id);
-    let mut pipe = redis::pipe();
-    pipe.cmd("RPUSH")
-        .arg(&key)
-        .arg(serde_json::to_string(attempt)?)
-        .ignore();
-    pipe.cmd("LTRIM")
-        .arg(&key)
-        .arg(-MAX_ATTEMPTS_KEPT)
-        .arg(-1)
-        .ignore();
-    pipe.cmd("EXPIRE")
-        .arg(&key)
-        .arg(queue.config().retention_secs.max(1))
-        .ignore();
-    let mut conn = queue.connection();
-    pipe.query_async::<()>(&mut conn).await?;
+    queue
+        .push_webhook_attempt(
+            delivery_id,
+            &serde_json::to_string(attempt)?,
+            MAX_ATTEMPTS_KEPT,
+        )
+        .await?;
     Ok(())
 }
 
@@ -113,14 +91,9 @@ pub(crate) async fn attempts(
     queue: &Queue,
     delivery_id: &str,
 ) -> Result<Vec<AttemptRecord>, WebhookError> {
-    let mut conn = queue.connection();
-    let items: Vec<String> = redis::cmd("LRANGE")
-        .arg(attempts_key(queue, delivery_id))
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut conn)
-        .await?;
-    Ok(items
+    Ok(queue
+        .webhook_attempts(delivery_id)
+        .await?
         .iter()
         .filter_map(|item| serde_json::from_str(item).ok())
         .collect())
@@ -140,12 +113,8 @@ pub(crate) async fn disable_endpoint(
         reason: reason.to_owned(),
         delivery_id: delivery_id.to_owned(),
     };
-    let mut conn = queue.connection();
-    redis::cmd("HSETNX")
-        .arg(disabled_key(queue))
-        .arg(&record.endpoint_id)
-        .arg(serde_json::to_string(&record)?)
-        .query_async::<()>(&mut conn)
+    queue
+        .disable_webhook_endpoint(&record.endpoint_id, &serde_json::to_string(&record)?)
         .await?;
     Ok(())
 }
@@ -155,23 +124,15 @@ pub(crate) async fn disabled(
     queue: &Queue,
     url: &str,
 ) -> Result<Option<DisabledEndpoint>, WebhookError> {
-    let mut conn = queue.connection();
-    let record: Option<String> = redis::cmd("HGET")
-        .arg(disabled_key(queue))
-        .arg(endpoint_id(url))
-        .query_async(&mut conn)
-        .await?;
+    let record = queue.disabled_webhook_endpoint(&endpoint_id(url)).await?;
     Ok(record.and_then(|r| serde_json::from_str(&r).ok()))
 }
 
 /// Every disabled endpoint, most recently disabled first.
 pub async fn disabled_endpoints(queue: &Queue) -> Result<Vec<DisabledEndpoint>, WebhookError> {
-    let mut conn = queue.connection();
-    let records: Vec<String> = redis::cmd("HVALS")
-        .arg(disabled_key(queue))
-        .query_async(&mut conn)
-        .await?;
-    let mut endpoints: Vec<DisabledEndpoint> = records
+    let mut endpoints: Vec<DisabledEndpoint> = queue
+        .disabled_webhook_endpoints()
+        .await?
         .iter()
         .filter_map(|r| serde_json::from_str(r).ok())
         .collect();
@@ -182,11 +143,5 @@ pub async fn disabled_endpoints(queue: &Queue) -> Result<Vec<DisabledEndpoint>, 
 /// Re-enables an endpoint by its id (`ep_…`); false when it was not disabled. Deliveries that
 /// failed while it was disabled can then be replayed.
 pub async fn enable_endpoint(queue: &Queue, endpoint_id: &str) -> Result<bool, WebhookError> {
-    let mut conn = queue.connection();
-    let removed: u64 = redis::cmd("HDEL")
-        .arg(disabled_key(queue))
-        .arg(endpoint_id)
-        .query_async(&mut conn)
-        .await?;
-    Ok(removed > 0)
+    Ok(queue.enable_webhook_endpoint(endpoint_id).await?)
 }

@@ -11,7 +11,6 @@ use klingq_core::{
     CostModel, FieldError, JobId, JobSpec, JobState, TraceParent, ValidationErrors, redact_url,
 };
 use klingq_queue::{CancelOutcome, NewJob, Queue, QueueConfig, QueueError, RedriveOutcome};
-use redis::streams::StreamRangeReply;
 use serde_json::json;
 use time::OffsetDateTime;
 use tracing::Instrument;
@@ -105,12 +104,7 @@ impl Producer {
 
     /// Whether Redis answers.
     pub async fn ping(&self) -> Result<(), ProducerError> {
-        let mut conn = self.queue.connection();
-        let _: String = redis::cmd("PING")
-            .query_async(&mut conn)
-            .await
-            .map_err(QueueError::from)?;
-        Ok(())
+        Ok(self.queue.ping().await?)
     }
 
     /// Validates and enqueues one job. With an idempotency key seen before (within its TTL),
@@ -224,36 +218,44 @@ impl Producer {
         let rejected_truncated = rejected.entries.is_truncated();
         let rejected = rejected.entries.into_details();
 
-        // With a batch idempotency key, the first request's batch id is kept under the key;
-        // a retry finds it and, if the first request stopped half-way, finishes the batch
-        // under the same id (per-job keys derived from the batch key keep jobs single).
+        let mut info = json!({ "source": options.source.as_deref().unwrap_or("api") });
+        if let Some(url) = &options.webhook_url {
+            info["webhook_url"] = json!(url);
+        }
+        if let Some(budget) = options.budget_usd {
+            info["budget_usd"] = json!(budget);
+        }
+        let budget_micros = options.budget_usd.map(usd_to_micros).unwrap_or(0);
+
+        // With a batch idempotency key, the batch is opened at once, claiming the key for its
+        // id in the same script; a retry finds the first request's batch there and, if that
+        // request stopped half-way, finishes it under the same id (per-job keys derived from
+        // the batch key keep jobs single).
         let (batch_id, created) = match &options.idempotency_key {
             None => (JobId::new().to_string(), true),
             Some(key) => {
-                let candidate = JobId::new().to_string();
-                let existing = self.claim_batch_key(key, &candidate).await?;
-                match existing {
-                    None => (candidate, true),
-                    Some(existing) => {
-                        if let Some(record) = self.queue.batch(&existing).await?
-                            && record.sealed
-                        {
-                            let view = BatchView::from_record(record);
-                            return Ok(BatchAccepted {
-                                id: existing,
-                                created: false,
-                                total: view.total,
-                                deduplicated: 0,
-                                rejected,
-                                rejected_entries,
-                                rejected_truncated,
-                                estimated_usd: view.estimated_usd,
-                                budget_usd: view.budget_usd,
-                            });
-                        }
-                        (existing, false)
-                    }
+                let opened = self
+                    .queue
+                    .open_batch_idempotent(&JobId::new().to_string(), &info, budget_micros, key)
+                    .await?;
+                if !opened.created
+                    && let Some(record) = self.queue.batch(&opened.id).await?
+                    && record.sealed
+                {
+                    let view = BatchView::from_record(record);
+                    return Ok(BatchAccepted {
+                        id: opened.id,
+                        created: false,
+                        total: view.total,
+                        deduplicated: 0,
+                        rejected,
+                        rejected_entries,
+                        rejected_truncated,
+                        estimated_usd: view.estimated_usd,
+                        budget_usd: view.budget_usd,
+                    });
                 }
+                (opened.id, opened.created)
             }
         };
 
@@ -280,18 +282,12 @@ impl Producer {
             new_jobs.push(job);
         }
         drop(valid);
-        let mut info = json!({ "source": options.source.as_deref().unwrap_or("api") });
-        if let Some(url) = &options.webhook_url {
-            info["webhook_url"] = json!(url);
-        }
-        if let Some(budget) = options.budget_usd {
-            info["budget_usd"] = json!(budget);
-        }
-        let budget_micros = options.budget_usd.map(usd_to_micros).unwrap_or(0);
         let (enqueued, total_in_batch) = async {
-            self.queue
-                .open_batch(&batch_id, &info, budget_micros)
-                .await?;
+            if options.idempotency_key.is_none() {
+                self.queue
+                    .open_batch(&batch_id, &info, budget_micros)
+                    .await?;
+            }
             let enqueued = self.queue.enqueue_many(&new_jobs, Some(&batch_id)).await?;
             let total_in_batch = self.queue.seal_batch(&batch_id).await?;
             Ok::<_, ProducerError>((enqueued, total_in_batch))
@@ -333,37 +329,6 @@ impl Producer {
             estimated_micros: self.estimate_micros(spec),
             max_attempts: None,
             trace: None,
-        })
-    }
-
-    /// Stores `candidate` under the batch idempotency key unless a batch id is already
-    /// there; returns the earlier id when there is one.
-    async fn claim_batch_key(
-        &self,
-        key: &str,
-        candidate: &str,
-    ) -> Result<Option<String>, ProducerError> {
-        let config = self.queue.config();
-        let redis_key = self
-            .queue
-            .keys()
-            .custom(&format!("idem-batch:{}:{key}", config.queue));
-        let mut conn = self.queue.connection();
-        let (set, existing): (Option<String>, Option<String>) = redis::pipe()
-            .cmd("SET")
-            .arg(&redis_key)
-            .arg(candidate)
-            .arg("NX")
-            .arg("EX")
-            .arg(config.idempotency_ttl_secs.max(1))
-            .cmd("GET")
-            .arg(&redis_key)
-            .query_async(&mut conn)
-            .await
-            .map_err(QueueError::from)?;
-        Ok(match (set, existing) {
-            (Some(_), _) => None,
-            (None, existing) => existing.filter(|id| id != candidate),
         })
     }
 
@@ -500,12 +465,7 @@ impl Producer {
     /// A page of dead jobs, most recent first.
     pub async fn dead_letters(&self, offset: u64, limit: u64) -> Result<JobPage, ProducerError> {
         let records = self.queue.dead_letters(offset, limit).await?;
-        let mut conn = self.queue.connection();
-        let total: u64 = redis::cmd("ZCARD")
-            .arg(self.queue.keys().dead(self.queue.name()))
-            .query_async(&mut conn)
-            .await
-            .map_err(QueueError::from)?;
+        let total = self.queue.dead_letter_count().await?;
         let next = offset + limit;
         Ok(JobPage {
             items: records.into_iter().map(JobView::from_record).collect(),
@@ -569,33 +529,13 @@ impl Producer {
 
     /// The newest `count` events, oldest first.
     pub async fn recent_events(&self, count: usize) -> Result<Vec<EventView>, ProducerError> {
-        let mut conn = self.queue.connection();
-        let reply: StreamRangeReply = redis::cmd("XREVRANGE")
-            .arg(self.queue.keys().events())
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(count.max(1))
-            .query_async(&mut conn)
-            .await
-            .map_err(QueueError::from)?;
-        let mut events: Vec<EventView> = reply
-            .ids
+        Ok(self
+            .queue
+            .recent_events(count)
+            .await?
             .into_iter()
-            .map(|entry| {
-                let field = |name: &str| entry.get::<String>(name).unwrap_or_default();
-                klingq_queue::StoredEvent {
-                    id: field("id"),
-                    event_type: field("type"),
-                    body: field("event"),
-                    trace: entry.get::<String>("trace").and_then(|t| t.parse().ok()),
-                    cursor: entry.id.clone(),
-                }
-                .into()
-            })
-            .collect();
-        events.reverse();
-        Ok(events)
+            .map(EventView::from)
+            .collect())
     }
 
     /// The cursor of the newest event (`0-0` when there is none): reading after it gives

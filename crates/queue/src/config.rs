@@ -4,12 +4,17 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::conn::RedisMode;
+
 /// How one queue behaves. Times are whole seconds or milliseconds, as the names say.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QueueConfig {
     /// Redis URL, e.g. `redis://127.0.0.1:6379/0`. May carry a password: never log it raw.
     pub redis_url: String,
+    /// `auto` (detect Cluster with `INFO cluster`, Sentinel from a `redis+sentinel://` URL),
+    /// `standalone`, `cluster` or `sentinel`.
+    pub redis_mode: RedisMode,
     /// Prefix of every key, used as the Redis Cluster hash tag: `{namespace}:...`.
     pub namespace: String,
     /// The queue's name inside the namespace.
@@ -40,12 +45,18 @@ pub struct QueueConfig {
     pub command_timeout_ms: u64,
     /// Jobs per pipelined round trip when enqueueing a batch.
     pub enqueue_chunk: usize,
+    /// When > 0, an enqueue is acknowledged, and a checkpoint trusted before a paid call,
+    /// only once this many replicas confirm it (`WAIT`).
+    pub min_replicas_ack: u32,
+    /// How long `WAIT` waits for `min_replicas_ack` replicas (less than `command_timeout_ms`).
+    pub replica_ack_timeout_ms: u64,
 }
 
 impl Default for QueueConfig {
     fn default() -> Self {
         Self {
             redis_url: "redis://127.0.0.1:6379".to_owned(),
+            redis_mode: RedisMode::Auto,
             namespace: "klingq".to_owned(),
             queue: "videos".to_owned(),
             lease_timeout_secs: 60,
@@ -61,6 +72,8 @@ impl Default for QueueConfig {
             events_max_len: 100_000,
             command_timeout_ms: 10_000,
             enqueue_chunk: 1_000,
+            min_replicas_ack: 0,
+            replica_ack_timeout_ms: 1_000,
         }
     }
 }

@@ -9,6 +9,30 @@ use klingq_core::JobError;
 pub enum QueueError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// `queue.min_replicas_ack` replicas did not confirm a write in time. The write is on
+    /// the primary and may still be lost in a failover: retry (it is idempotent).
+    #[error(
+        "only {acked} of {wanted} Redis replicas confirmed the write within {timeout_ms} ms (queue.min_replicas_ack); retry"
+    )]
+    NotReplicated {
+        wanted: u32,
+        acked: u32,
+        timeout_ms: u64,
+    },
+    /// A setting names no Redis klingq can use (mode and URL disagree, a bad URL).
+    #[error(transparent)]
+    Target(#[from] crate::conn::TargetError),
+    /// Redis did not answer, or answered "not now" (failing over, loading, resharding), for
+    /// the whole retry budget. Its text is one line for a person: which node, what to check.
+    #[error(
+        "Redis unavailable at {node}: {what}. Check that it runs and is reachable from here, and queue.redis_url (KLINGQ_REDIS_URL) and queue.redis_mode"
+    )]
+    Unavailable {
+        node: String,
+        /// The `kind` label of `klingq_redis_errors_total`.
+        kind: &'static str,
+        what: &'static str,
+    },
     #[error("job {0} not found")]
     NotFound(String),
     #[error("batch {0} not found")]
@@ -20,26 +44,35 @@ pub enum QueueError {
 }
 
 impl QueueError {
-    /// Whether retrying the same call may succeed (a connection drop, a timeout).
+    /// Whether retrying the same call may succeed (a connection drop, a timeout, a failover,
+    /// a slot move).
     pub fn is_transient(&self) -> bool {
         match self {
-            QueueError::Redis(error) => {
-                error.is_io_error()
-                    || error.is_timeout()
-                    || error.is_connection_dropped()
-                    || error.is_connection_refusal()
-                    || matches!(
-                        error.kind(),
-                        redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
-                            | redis::ErrorKind::Server(redis::ServerErrorKind::TryAgain)
-                            | redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown)
-                            | redis::ErrorKind::Server(redis::ServerErrorKind::MasterDown)
-                            | redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
-                    )
-                    || error.code() == Some("BUSY")
-            }
+            QueueError::Redis(error) => crate::conn::is_transient(error),
+            QueueError::Unavailable { .. } | QueueError::NotReplicated { .. } => true,
             _ => false,
         }
+    }
+}
+
+/// What a transient error means, in words (never the raw reply).
+pub(crate) fn unavailable_what(kind: &str) -> &'static str {
+    match kind {
+        "connection" => "connection refused or lost",
+        "tls" => {
+            "the TLS handshake failed (is the server's certificate trusted here, and does the URL name its host?)"
+        }
+        "timeout" => "no answer within queue.command_timeout_ms",
+        "moved" | "ask" | "tryagain" => "the namespace's slot is moving between nodes",
+        "clusterdown" => "the cluster is down (a failover in progress?)",
+        "readonly" => "the node is a replica now (a failover in progress?)",
+        "masterdown" => "the replica lost its primary (a failover in progress?)",
+        "noprimary" => {
+            "the sentinels name no primary for the service (a failover in progress, or a wrong service name?)"
+        }
+        "loading" => "the node is still loading its data",
+        "busy" => "a script is still running",
+        _ => "it answered with an error",
     }
 }
 
@@ -89,6 +122,11 @@ impl From<LeaseError> for JobFailure {
         match error {
             LeaseError::Cancelled => JobFailure::Cancelled,
             LeaseError::Lost | LeaseError::Gone => JobFailure::LeaseLost,
+            // Not the job's fault, and not an attempt: wait for a replica to come back.
+            LeaseError::Redis(error @ QueueError::NotReplicated { .. }) => JobFailure::Defer {
+                after: Duration::from_secs(2),
+                reason: format!("checkpoint not confirmed by replicas: {error}"),
+            },
             LeaseError::Redis(error) => JobFailure::Retry {
                 after: Duration::from_secs(5),
                 reason: format!("checkpoint not saved: {error}"),

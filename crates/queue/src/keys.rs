@@ -80,10 +80,58 @@ impl Keys {
         format!("{}:q:{queue}:jobs", self.prefix)
     }
 
-    /// Free-form keys other crates need (shared limits, budgets), still under the hash tag.
-    pub fn custom(&self, name: &str) -> String {
-        format!("{}:{name}", self.prefix)
+    /// Batch idempotency key to the first batch's id, with the idempotency TTL. Written by
+    /// `batch_open.lua` (keep the two in step).
+    pub fn batch_idempotency(&self, queue: &str, key: &str) -> String {
+        format!("{}:idem-batch:{queue}:{key}", self.prefix)
     }
+
+    /// Sorted set of the holders of a shared concurrency limit (score: lease expiry in ms).
+    pub fn limit(&self, name: &str) -> String {
+        format!("{}:limit:{name}", self.prefix)
+    }
+
+    /// Hash of a shared limit's adaptive cap (`cap`, `recover_at`, `period`).
+    pub fn limit_cap(&self, name: &str) -> String {
+        format!("{}:limit:{name}:cap", self.prefix)
+    }
+
+    /// Estimated spend reserved on one UTC day, in micro-dollars.
+    pub fn daily_budget(&self, day: time::Date) -> String {
+        format!("{}:budget:day:{}", self.prefix, day_stamp(day))
+    }
+
+    /// A pause shared by every replica (e.g. out of provider credit), with a TTL.
+    pub fn pause(&self, name: &str) -> String {
+        format!("{}:pause:{name}", self.prefix)
+    }
+
+    /// The key every script names as `KEYS[1]`, so Redis Cluster routes it to the
+    /// namespace's slot. Nothing is stored under it.
+    pub fn route(&self) -> String {
+        format!("{}:route", self.prefix)
+    }
+
+    /// List of one webhook delivery's attempt records, oldest first. Written by
+    /// `webhook_attempt.lua` (keep the two in step).
+    pub fn webhook_attempts(&self, delivery_id: &str) -> String {
+        format!("{}:webhooks:attempts:{delivery_id}", self.prefix)
+    }
+
+    /// Hash of webhook endpoints disabled by `410 Gone`: endpoint id to its record.
+    pub fn webhooks_disabled(&self) -> String {
+        format!("{}:webhooks:disabled", self.prefix)
+    }
+}
+
+/// A UTC day as `YYYYMMDD`, as the daily budget key and `budget_reserve.lua` spell it.
+pub(crate) fn day_stamp(day: time::Date) -> String {
+    format!(
+        "{:04}{:02}{:02}",
+        day.year(),
+        u8::from(day.month()),
+        day.day()
+    )
 }
 
 #[cfg(test)]
@@ -104,7 +152,14 @@ mod tests {
             keys.events(),
             keys.batches(),
             keys.jobs_index("videos"),
-            keys.custom("limit"),
+            keys.batch_idempotency("videos", "k"),
+            keys.limit("provider"),
+            keys.limit_cap("provider"),
+            keys.daily_budget(time::macros::date!(2025 - 03 - 07)),
+            keys.pause("provider"),
+            keys.route(),
+            keys.webhook_attempts("d"),
+            keys.webhooks_disabled(),
         ] {
             assert!(key.starts_with("{klingq}:"), "{key}");
         }
@@ -112,5 +167,10 @@ mod tests {
             keys.ready("videos", Priority::Low),
             "{klingq}:q:videos:ready:low"
         );
+        assert_eq!(
+            keys.daily_budget(time::macros::date!(2025 - 03 - 07)),
+            "{klingq}:budget:day:20250307"
+        );
+        assert_eq!(keys.limit_cap("p"), format!("{}:cap", keys.limit("p")));
     }
 }

@@ -177,7 +177,8 @@ impl Lease {
             .await
             .map_err(|error: QueueError| LeaseError::Redis(error))?;
         match reply.as_str() {
-            "ok" => Ok(()),
+            // Trusted (a paid call may follow) only once replicated, when asked for.
+            "ok" => Ok(shared.queue.replicated().await?),
             "cancelled" => Err(LeaseError::Cancelled),
             "lost" => {
                 self.inner.lost.store(true, Ordering::Relaxed);

@@ -1,7 +1,9 @@
 //! klingq's job queue on Redis, and its backend for apalis 1.0 workers.
 //!
 //! This is the only crate that knows Redis key names ([`Keys`]). Producers use [`Queue`] to
-//! enqueue jobs and batches, read records, cancel, list dead letters and re-drive them. Workers
+//! enqueue jobs and batches, read records, cancel, list dead letters and re-drive them; the
+//! webhook service reads the events stream through an [`EventsGroup`] and keeps its records
+//! through `Queue` too, so no other crate sends Redis commands. Workers
 //! run a stock apalis `WorkerBuilder` over [`QueueBackend`]; handlers take a [`Lease`] to read
 //! their checkpoint and save progress, and end an attempt with `Ok` ([`Completion`]) or a
 //! [`JobFailure`] saying whether to retry, defer, fail or stop.
@@ -13,9 +15,12 @@
 //! run as Lua scripts (`src/lua/`), so a job, its batch counters and its completion event
 //! always agree.
 
+mod admin;
 mod completion;
 mod config;
+mod conn;
 mod error;
+mod events_group;
 mod keys;
 mod layer;
 mod lease;
@@ -24,16 +29,22 @@ mod metrics;
 mod queue;
 mod record;
 mod scripts;
+mod webhook_records;
 mod worker;
 
+pub use admin::CommandCounters;
 pub use completion::EventExtras;
 pub use config::QueueConfig;
+pub use conn::{
+    Dedicated, ERROR_KINDS, RedisMode, SharedConn, TargetError, Topology, error_kind, key_slot,
+};
 pub use error::{JobFailure, LeaseError, QueueError};
+pub use events_group::{ClaimedEntries, EventsGroup, GroupEntries};
 pub use keys::Keys;
 pub use layer::{Completion, Outcome, SettleLayer, SettleService};
 pub use lease::Lease;
 pub use limits::{BudgetDecision, SlotStatus};
 pub use metrics::render_metrics;
-pub use queue::{CancelOutcome, Enqueued, NewJob, Queue, RedriveOutcome};
+pub use queue::{CancelOutcome, Enqueued, NewJob, OpenedBatch, Queue, RedriveOutcome};
 pub use record::{BatchRecord, JobRecord, QueueStats, StoredEvent};
 pub use worker::{QueueBackend, WorkerHandle, WorkerOptions, WorkerStats, consumer_name};

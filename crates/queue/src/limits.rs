@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use crate::error::QueueError;
+use crate::keys::day_stamp;
 use crate::queue::Queue;
 use crate::scripts;
 
@@ -62,7 +63,7 @@ impl Queue {
         holder: &str,
         lease: Duration,
     ) -> Result<(), QueueError> {
-        let key = self.keys().custom(&format!("limit:{name}"));
+        let key = self.keys().limit(name);
         let expiry = klingq_core::job::now_ms() + lease.as_millis() as u64;
         let _: i64 = self
             .query(
@@ -78,7 +79,7 @@ impl Queue {
 
     /// Gives a slot back.
     pub async fn release_slot(&self, name: &str, holder: &str) -> Result<(), QueueError> {
-        let key = self.keys().custom(&format!("limit:{name}"));
+        let key = self.keys().limit(name);
         let _: i64 = self.query(redis::cmd("ZREM").arg(key).arg(holder)).await?;
         Ok(())
     }
@@ -114,15 +115,15 @@ impl Queue {
 
     /// Slots in use and the live cap of a shared limit, for metrics.
     pub async fn slot_usage(&self, name: &str, max: u64) -> Result<(u64, u64), QueueError> {
-        let key = self.keys().custom(&format!("limit:{name}"));
+        let keys = self.keys();
         let now = klingq_core::job::now_ms();
         let mut pipe = redis::pipe();
-        pipe.cmd("ZCOUNT").arg(&key).arg(now).arg("+inf");
-        pipe.cmd("HGET").arg(format!("{key}:cap")).arg("cap");
-        let (in_use, cap): (u64, Option<u64>) = {
-            let mut conn = self.connection();
-            pipe.query_async(&mut conn).await?
-        };
+        pipe.cmd("ZCOUNT")
+            .arg(keys.limit(name))
+            .arg(now)
+            .arg("+inf");
+        pipe.cmd("HGET").arg(keys.limit_cap(name)).arg("cap");
+        let (in_use, cap): (u64, Option<u64>) = self.query_pipe(&pipe).await?;
         Ok((in_use, cap.unwrap_or(max).min(max)))
     }
 
@@ -134,13 +135,7 @@ impl Queue {
         micros: u64,
         daily_limit_micros: u64,
     ) -> Result<BudgetDecision, QueueError> {
-        let day = time::OffsetDateTime::now_utc().date();
-        let day = format!(
-            "{:04}{:02}{:02}",
-            day.year(),
-            u8::from(day.month()),
-            day.day()
-        );
+        let day = day_stamp(time::OffsetDateTime::now_utc().date());
         let mut cmd = self.script_cmd(&scripts::BUDGET_RESERVE);
         cmd.arg(job_id).arg(day).arg(micros).arg(daily_limit_micros);
         let (decision, spent, committed): (String, u64, u64) = self.run_script(cmd).await?;
@@ -157,13 +152,9 @@ impl Queue {
 
     /// Today's reserved spend, in micro-dollars.
     pub async fn spent_today_micros(&self) -> Result<u64, QueueError> {
-        let day = time::OffsetDateTime::now_utc().date();
-        let key = self.keys().custom(&format!(
-            "budget:day:{:04}{:02}{:02}",
-            day.year(),
-            u8::from(day.month()),
-            day.day()
-        ));
+        let key = self
+            .keys()
+            .daily_budget(time::OffsetDateTime::now_utc().date());
         let spent: Option<u64> = self.query(redis::cmd("GET").arg(key)).await?;
         Ok(spent.unwrap_or(0))
     }
@@ -175,7 +166,7 @@ impl Queue {
         ttl: Duration,
         reason: &str,
     ) -> Result<(), QueueError> {
-        let key = self.keys().custom(&format!("pause:{name}"));
+        let key = self.keys().pause(name);
         let _: () = self
             .query(
                 redis::cmd("SET")
@@ -190,13 +181,13 @@ impl Queue {
 
     /// The reason `name` is paused, if it is.
     pub async fn pause_reason(&self, name: &str) -> Result<Option<String>, QueueError> {
-        let key = self.keys().custom(&format!("pause:{name}"));
+        let key = self.keys().pause(name);
         self.query(redis::cmd("GET").arg(key)).await
     }
 
     /// Lifts a pause at once (a probe succeeded).
     pub async fn clear_pause(&self, name: &str) -> Result<(), QueueError> {
-        let key = self.keys().custom(&format!("pause:{name}"));
+        let key = self.keys().pause(name);
         let _: i64 = self.query(redis::cmd("DEL").arg(key)).await?;
         Ok(())
     }

@@ -9,12 +9,12 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use klingq_core::job::now_ms;
 use klingq_core::{JobError, JobId, JobState, Priority, TraceParent, redact_url};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, Script, Value};
 use serde_json::Value as Json;
 
 use crate::completion::{self, EventExtras, EventSubject};
 use crate::config::QueueConfig;
+use crate::conn::{Dedicated, ErrorCounters, Redis, SharedConn, Topology};
 use crate::error::QueueError;
 use crate::keys::{GROUP, Keys};
 use crate::record::{BatchRecord, JobRecord, QueueStats, StoredEvent};
@@ -64,6 +64,15 @@ pub struct Enqueued {
     pub created: bool,
 }
 
+/// The batch an idempotent open resolved to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenedBatch {
+    /// The batch's id: the one asked for, or the first batch's when the key was seen before.
+    pub id: String,
+    /// False when the idempotency key already named another batch (`id` is that batch).
+    pub created: bool,
+}
+
 /// The outcome of a cancel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CancelOutcome {
@@ -87,8 +96,11 @@ pub enum RedriveOutcome {
 pub(crate) struct Inner {
     pub(crate) config: QueueConfig,
     pub(crate) keys: Keys,
-    pub(crate) client: redis::Client,
-    pub(crate) conn: ConnectionManager,
+    /// How this process reaches Redis (shared by every clone and `for_queue` copy).
+    redis: Arc<Redis>,
+    pub(crate) conn: SharedConn,
+    /// Transient Redis errors seen by this process, per kind.
+    errors: Arc<ErrorCounters>,
     /// A key in the namespace's slot: every script names it as KEYS[1] so Cluster routes it.
     route_key: String,
     /// Retry a failed call once only (within the command timeout), for callers that answer a
@@ -113,57 +125,133 @@ impl std::fmt::Debug for Queue {
 }
 
 impl Queue {
-    /// Connects and loads the scripts. Fails if Redis does not answer.
+    /// Connects (standalone, Cluster or Sentinel, as `redis_mode` says or as detected) and
+    /// loads the scripts. Fails if Redis does not answer.
     pub async fn connect(config: QueueConfig) -> Result<Self, QueueError> {
-        let client = redis::Client::open(config.redis_url.as_str())?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(config.command_timeout()))
-            .set_number_of_retries(3)
-            .set_max_delay(Duration::from_secs(2));
-        let mut conn = ConnectionManager::new_with_config(client.clone(), manager_config).await?;
-        Self::load_scripts(&mut conn).await?;
         let keys = Keys::new(&config.namespace);
-        let route_key = keys.custom("route");
+        let route_key = keys.route();
+        let redis = Redis::connect(&config, &route_key)
+            .await
+            .map_err(|error| match error {
+                QueueError::Redis(ref redis_error) if error.is_transient() => {
+                    let kind = crate::conn::error_kind(redis_error);
+                    QueueError::Unavailable {
+                        node: redact_url(&config.redis_url)
+                            .split(',')
+                            .map(|url| url.split_once("://").map_or(url, |(_, rest)| rest))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        kind,
+                        what: crate::error::unavailable_what(kind),
+                    }
+                }
+                other => other,
+            })?;
+        let mut conn = redis.shared.clone();
+        Self::load_scripts(&mut conn).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
                 keys,
-                client,
                 conn,
+                redis: Arc::new(redis),
+                errors: Arc::default(),
                 route_key,
                 fail_fast: false,
             }),
         })
     }
 
-    /// The same connection, for another queue of the namespace (e.g. webhook deliveries).
-    pub fn for_queue(&self, queue: &str) -> Self {
+    fn with(&self, config: QueueConfig, fail_fast: bool) -> Self {
         Self {
             inner: Arc::new(Inner {
-                config: self.inner.config.for_queue(queue),
+                config,
                 keys: self.inner.keys.clone(),
-                client: self.inner.client.clone(),
+                redis: self.inner.redis.clone(),
                 conn: self.inner.conn.clone(),
+                errors: self.inner.errors.clone(),
                 route_key: self.inner.route_key.clone(),
-                fail_fast: self.inner.fail_fast,
+                fail_fast,
             }),
         }
+    }
+
+    /// The same connection, for another queue of the namespace (e.g. webhook deliveries).
+    pub fn for_queue(&self, queue: &str) -> Self {
+        self.with(self.inner.config.for_queue(queue), self.inner.fail_fast)
     }
 
     /// The same connection, retrying a failed call once only, within about
     /// `command_timeout_ms`, instead of for up to 30 s: for producers, the API and the CLI,
     /// which answer "Redis is unavailable" at once while workers keep trying.
     pub fn failing_fast(&self) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                config: self.inner.config.clone(),
-                keys: self.inner.keys.clone(),
-                client: self.inner.client.clone(),
-                conn: self.inner.conn.clone(),
-                route_key: self.inner.route_key.clone(),
-                fail_fast: true,
-            }),
+        self.with(self.inner.config.clone(), true)
+    }
+
+    /// What was found at `redis_url`: mode, primaries, the namespace's slot and its owner.
+    pub async fn topology(&self) -> Topology {
+        self.inner.redis.topology().await
+    }
+
+    pub(crate) fn redis(&self) -> &Redis {
+        &self.inner.redis
+    }
+
+    /// Transient Redis errors this process has seen, per kind (`klingq_redis_errors_total`).
+    pub fn redis_errors(&self) -> Vec<(&'static str, u64)> {
+        self.inner.errors.snapshot()
+    }
+
+    /// A transient error, past its retry budget, as the one line a person reads.
+    pub(crate) fn unavailable(&self, error: QueueError) -> QueueError {
+        match &error {
+            QueueError::Redis(redis_error) if error.is_transient() => {
+                let kind = crate::conn::error_kind(redis_error);
+                QueueError::Unavailable {
+                    node: self.inner.redis.describe(),
+                    kind,
+                    what: crate::error::unavailable_what(kind),
+                }
+            }
+            _ => error,
+        }
+    }
+
+    /// With `min_replicas_ack` > 0: returns once that many replicas hold every write this
+    /// process made so far (`WAIT`, on the connection that made them), or fails with
+    /// [`QueueError::NotReplicated`] after `replica_ack_timeout_ms`. Never a silent downgrade:
+    /// the caller sees the error (enqueue) or retries (checkpoint).
+    pub(crate) async fn replicated(&self) -> Result<(), QueueError> {
+        let config = &self.inner.config;
+        let wanted = config.min_replicas_ack;
+        if wanted == 0 {
+            return Ok(());
+        }
+        let timeout_ms = config.replica_ack_timeout_ms.max(1);
+        let acked = self
+            .inner
+            .redis
+            .wait_replicas(wanted, timeout_ms)
+            .await
+            .map_err(|error| {
+                let error = QueueError::from(error);
+                self.record_error(&error);
+                self.unavailable(error)
+            })?;
+        if acked < wanted {
+            return Err(QueueError::NotReplicated {
+                wanted,
+                acked,
+                timeout_ms,
+            });
+        }
+        Ok(())
+    }
+
+    /// Counts a Redis error of a call made outside [`Queue::retrying`].
+    pub(crate) fn record_error(&self, error: &QueueError) {
+        if let QueueError::Redis(error) = error {
+            self.inner.errors.record(error);
         }
     }
 
@@ -179,24 +267,23 @@ impl Queue {
         &self.inner.config.queue
     }
 
-    /// A multiplexed, reconnecting connection for other crates' keys (limits, budgets).
-    pub fn connection(&self) -> ConnectionManager {
+    /// The shared, multiplexed, reconnecting connection.
+    pub(crate) fn connection(&self) -> SharedConn {
         self.inner.conn.clone()
     }
 
-    /// A new dedicated connection, for blocking reads that must not stall shared traffic.
+    /// A new connection of its own to the node owning the namespace's slot, for blocking
+    /// reads that must not stall shared traffic. After a failover or a slot move its
+    /// commands fail (transient errors): open a new one.
     pub async fn dedicated_connection(
         &self,
         response_timeout: Duration,
-    ) -> Result<redis::aio::MultiplexedConnection, QueueError> {
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(response_timeout));
-        Ok(self
-            .inner
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?)
+    ) -> Result<Dedicated, QueueError> {
+        self.inner
+            .redis
+            .dedicated(response_timeout)
+            .await
+            .inspect_err(|error| self.record_error(error))
     }
 
     /// An EVALSHA of `script` with the prelude's arguments (prefix, retention, events length);
@@ -214,7 +301,7 @@ impl Queue {
     }
 
     /// Loads every script (after a Redis restart or SCRIPT FLUSH emptied the cache).
-    async fn load_scripts(conn: &mut ConnectionManager) -> Result<(), QueueError> {
+    async fn load_scripts(conn: &mut SharedConn) -> Result<(), QueueError> {
         for script in scripts::all() {
             script.prepare_invoke().load_async(conn).await?;
         }
@@ -258,10 +345,7 @@ impl Queue {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, QueueError>>,
     {
-        let policy = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(50))
-            .with_max_delay(Duration::from_secs(2))
-            .with_jitter();
+        let policy = retry_policy();
         let policy = if self.inner.fail_fast {
             policy
                 .with_total_delay(Some(budget.min(self.inner.config.command_timeout())))
@@ -272,9 +356,11 @@ impl Queue {
         op.retry(policy)
             .when(|error: &QueueError| error.is_transient())
             .notify(|error: &QueueError, delay: Duration| {
+                self.record_error(error);
                 tracing::warn!(%error, ?delay, "redis call failed; retrying");
             })
             .await
+            .map_err(|error| self.unavailable(error))
     }
 
     /// One enqueue script call for `jobs` (one Redis round trip, one script run).
@@ -333,6 +419,7 @@ impl Queue {
                 }
             }
         }
+        self.replicated().await?;
         Ok(results)
     }
 
@@ -343,10 +430,49 @@ impl Queue {
         info: &Json,
         budget_micros: u64,
     ) -> Result<(), QueueError> {
+        let _: String = self
+            .run_script(self.open_batch_cmd(batch_id, info, budget_micros, ""))
+            .await?;
+        self.replicated().await
+    }
+
+    /// Opens a batch under a batch idempotency key, in one script: the first call within
+    /// `idempotency_ttl_secs` claims the key for `batch_id`; a later one opens the first
+    /// batch again instead (a no-op when its record exists), so a retried submission resumes
+    /// it. Safe to run twice.
+    pub async fn open_batch_idempotent(
+        &self,
+        batch_id: &str,
+        info: &Json,
+        budget_micros: u64,
+        idempotency_key: &str,
+    ) -> Result<OpenedBatch, QueueError> {
+        let id: String = self
+            .run_script(self.open_batch_cmd(batch_id, info, budget_micros, idempotency_key))
+            .await?;
+        self.replicated().await?;
+        Ok(OpenedBatch {
+            created: id == batch_id,
+            id,
+        })
+    }
+
+    fn open_batch_cmd(
+        &self,
+        batch_id: &str,
+        info: &Json,
+        budget_micros: u64,
+        idempotency_key: &str,
+    ) -> Cmd {
+        let config = &self.inner.config;
         let mut cmd = self.script_cmd(&scripts::BATCH_OPEN);
-        cmd.arg(batch_id).arg(info.to_string()).arg(budget_micros);
-        let _: i64 = self.run_script(cmd).await?;
-        Ok(())
+        cmd.arg(batch_id)
+            .arg(info.to_string())
+            .arg(budget_micros)
+            .arg(&config.queue)
+            .arg(idempotency_key)
+            .arg(config.idempotency_ttl_secs.max(1));
+        cmd
     }
 
     /// Seals a batch once all its jobs are enqueued; it is done when they are all terminal.
@@ -357,6 +483,7 @@ impl Queue {
         if total < 0 {
             return Err(QueueError::BatchNotFound(batch_id.to_owned()));
         }
+        self.replicated().await?;
         Ok(total as u64)
     }
 
@@ -590,6 +717,12 @@ impl Queue {
         self.jobs(&ids).await
     }
 
+    /// Number of dead jobs of this queue (within the retention).
+    pub async fn dead_letter_count(&self) -> Result<u64, QueueError> {
+        self.query(redis::cmd("ZCARD").arg(self.inner.keys.dead(&self.inner.config.queue)))
+            .await
+    }
+
     /// Re-drives one dead or failed job: attempts reset, back to ready (resuming from its
     /// checkpoint), a new completion event later.
     pub async fn redrive(&self, job_id: &str) -> Result<RedriveOutcome, QueueError> {
@@ -717,19 +850,30 @@ impl Queue {
             }
             None => self.query(&cmd).await?,
         };
-        let mut events = Vec::new();
-        for (_stream, entries) in parse_streams(&reply) {
-            for (cursor, fields) in entries {
-                let field = |name: &str| fields.get(name).cloned().unwrap_or_default();
-                events.push(StoredEvent {
-                    id: field("id"),
-                    event_type: field("type"),
-                    body: field("event"),
-                    trace: fields.get("trace").and_then(|t| t.parse().ok()),
-                    cursor,
-                });
-            }
-        }
+        Ok(parse_streams(&reply)
+            .into_iter()
+            .flat_map(|(_stream, entries)| entries)
+            .map(|(cursor, fields)| StoredEvent::from_fields(cursor, &fields))
+            .collect())
+    }
+
+    /// The newest `count` events, oldest first.
+    pub async fn recent_events(&self, count: usize) -> Result<Vec<StoredEvent>, QueueError> {
+        let reply: Value = self
+            .query(
+                redis::cmd("XREVRANGE")
+                    .arg(self.inner.keys.events())
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(count.max(1)),
+            )
+            .await?;
+        let mut events: Vec<StoredEvent> = parse_entries(&reply)
+            .into_iter()
+            .map(|(cursor, fields)| StoredEvent::from_fields(cursor, &fields))
+            .collect();
+        events.reverse();
         Ok(events)
     }
 
@@ -749,6 +893,15 @@ impl Queue {
 }
 
 /// The pipeline step a job in `state` was in.
+/// Jittered exponential backoff from 50 ms to 2 s. The jitter is random per process (backon's
+/// `std` feature), so replicas that lost Redis at the same moment do not retry in lockstep.
+fn retry_policy() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+}
+
 pub(crate) fn step_of(state: JobState) -> &'static str {
     match state {
         JobState::Submitting => "submit",
@@ -781,7 +934,7 @@ pub(crate) enum ScriptBatch {
 impl ScriptBatch {
     async fn query<T: redis::FromRedisValue>(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut SharedConn,
     ) -> redis::RedisResult<T> {
         match self {
             ScriptBatch::One(cmd) => cmd.query_async(conn).await,
@@ -901,4 +1054,22 @@ pub(crate) fn parse_entries(value: &Value) -> Vec<StreamEntry> {
             _ => None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use backon::BackoffBuilder;
+
+    use super::*;
+
+    #[test]
+    fn retry_jitter_differs_between_backoffs() {
+        // Two backoffs stand for two processes: a fixed seed would give both the same delays.
+        let delays = || retry_policy().build().take(4).collect::<Vec<_>>();
+        let first = delays();
+        assert!(
+            (0..8).any(|_| delays() != first),
+            "every backoff waits {first:?}"
+        );
+    }
 }

@@ -178,7 +178,25 @@ pub struct StoredEvent {
     pub event_type: String,
     /// The event body, as published (compact JSON).
     pub body: String,
+    /// What the event is about: a job id (`job.*`) or a batch id (`batch.completed`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub subject: String,
     /// The trace of the job the event is about (none for batch events).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<TraceParent>,
+}
+
+impl StoredEvent {
+    /// The event of a stream entry's fields (missing fields are empty).
+    pub(crate) fn from_fields(cursor: String, fields: &HashMap<String, String>) -> Self {
+        let field = |name: &str| fields.get(name).cloned().unwrap_or_default();
+        StoredEvent {
+            id: field("id"),
+            event_type: field("type"),
+            body: field("event"),
+            subject: field("subject"),
+            trace: fields.get("trace").and_then(|t| t.parse().ok()),
+            cursor,
+        }
+    }
 }

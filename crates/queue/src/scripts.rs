@@ -32,9 +32,10 @@ script!(SLOT_ACQUIRE, "lua/slot_acquire.lua");
 script!(SLOT_THROTTLE, "lua/slot_throttle.lua");
 script!(SLOT_RELEASE, "lua/slot_release.lua");
 script!(BUDGET_RESERVE, "lua/budget_reserve.lua");
+script!(WEBHOOK_ATTEMPT, "lua/webhook_attempt.lua");
 
 /// Every script, for loading them all at connect time (avoids a NOSCRIPT round trip later).
-pub(crate) fn all() -> [&'static Script; 15] {
+pub(crate) fn all() -> [&'static Script; 16] {
     [
         &ENQUEUE,
         &BATCH_OPEN,
@@ -51,5 +52,6 @@ pub(crate) fn all() -> [&'static Script; 15] {
         &SLOT_THROTTLE,
         &SLOT_RELEASE,
         &BUDGET_RESERVE,
+        &WEBHOOK_ATTEMPT,
     ]
 }

@@ -15,7 +15,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -30,11 +30,11 @@ use futures::future::BoxFuture;
 use klingq_core::job::now_ms;
 use klingq_core::{JobError, JobState, Priority};
 use redis::Value;
-use redis::aio::MultiplexedConnection;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::completion::{self, BuiltEvent, EventExtras, EventSubject};
+use crate::conn::Dedicated;
 use crate::error::QueueError;
 use crate::keys::GROUP;
 use crate::layer::SettleLayer;
@@ -75,7 +75,8 @@ pub(crate) struct Shared {
     /// Handlers running now (between the layer's call and its settle).
     pub(crate) running: AtomicUsize,
     /// The fetch connection's CLIENT ID, to unblock its read on shutdown (0: none).
-    pub(crate) fetch_client_id: AtomicI64,
+    /// The fetch connection's client id and node, so shutdown can unblock its read.
+    pub(crate) fetch_client: std::sync::Mutex<Option<(i64, Dedicated)>>,
     pub(crate) worker: OnceLock<WorkerContext>,
     /// Stops the keeper.
     pub(crate) stop: watch::Sender<bool>,
@@ -115,6 +116,7 @@ impl Shared {
 
     fn note_redis_error(&self, what: &str, error: &QueueError) {
         self.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
+        self.queue.record_error(error);
         tracing::warn!(consumer = %self.consumer, %error, "{what} failed");
     }
 }
@@ -390,17 +392,14 @@ pub struct WorkerOptions {
     pub concurrency: usize,
 }
 
-type FetchOutput = (
-    Option<MultiplexedConnection>,
-    Result<Vec<Delivery>, QueueError>,
-);
+type FetchOutput = (Option<Dedicated>, Result<Vec<Delivery>, QueueError>);
 
 /// The apalis backend of one queue for one worker. See the module docs.
 pub struct QueueBackend<Args> {
     shared: Arc<Shared>,
     buffer: VecDeque<Task<Args>>,
     fetch: Option<BoxFuture<'static, FetchOutput>>,
-    conn: Option<MultiplexedConnection>,
+    conn: Option<Dedicated>,
     backoff: Option<Pin<Box<tokio::time::Sleep>>>,
     n_failures: u32,
     last_reclaim: Option<Instant>,
@@ -422,7 +421,7 @@ impl<Args> QueueBackend<Args> {
                 concurrency: options.concurrency.max(1),
                 held: Mutex::new(HashMap::new()),
                 running: AtomicUsize::new(0),
-                fetch_client_id: AtomicI64::new(0),
+                fetch_client: std::sync::Mutex::new(None),
                 worker: OnceLock::new(),
                 stop,
                 reclaim_cursors: Mutex::new(HashMap::new()),
@@ -626,13 +625,16 @@ impl<Args: DeserializeOwned + Send + Sync + 'static> Backend for QueueBackend<Ar
                 .collect();
             self.close = Some(
                 async move {
-                    let client_id = shared.fetch_client_id.load(Ordering::Relaxed);
+                    let fetch_client = shared
+                        .fetch_client
+                        .lock()
+                        .expect("fetch client poisoned")
+                        .clone();
                     if let Some(fetch) = fetch {
-                        if client_id > 0 {
-                            let _: Result<Value, _> = shared
-                                .queue
-                                .query(redis::cmd("CLIENT").arg("UNBLOCK").arg(client_id))
-                                .await;
+                        if let Some((client_id, conn)) = fetch_client {
+                            // On another connection to the same node: the fetch
+                            // connection itself is blocked.
+                            let _ = conn.unblock(client_id).await;
                         }
                         // Entries the last read returned were started (attempt counted):
                         // they are released below with the buffered ones.
@@ -698,7 +700,7 @@ impl<Args: DeserializeOwned + Send + Sync + 'static> BackendConfig for QueueBack
 /// then a blocking read on all streams), then start what was read.
 async fn fetch(
     shared: Arc<Shared>,
-    conn: Option<MultiplexedConnection>,
+    conn: Option<Dedicated>,
     count: usize,
     reclaim: bool,
 ) -> FetchOutput {
@@ -720,7 +722,7 @@ async fn fetch(
     }
 }
 
-async fn connect_fetch(shared: &Shared) -> Result<MultiplexedConnection, QueueError> {
+async fn connect_fetch(shared: &Shared) -> Result<Dedicated, QueueError> {
     let config = shared.queue.config();
     let mut conn = shared
         .queue
@@ -745,7 +747,7 @@ async fn connect_fetch(shared: &Shared) -> Result<MultiplexedConnection, QueueEr
         .arg("ID")
         .query_async(&mut conn)
         .await?;
-    shared.fetch_client_id.store(client_id, Ordering::Relaxed);
+    *shared.fetch_client.lock().expect("fetch client poisoned") = Some((client_id, conn.clone()));
     Ok(conn)
 }
 
@@ -754,7 +756,7 @@ type Entries = Vec<(String, String, String)>;
 
 async fn read(
     shared: &Shared,
-    conn: &mut MultiplexedConnection,
+    conn: &mut Dedicated,
     count: usize,
     reclaim: bool,
     recover: bool,
@@ -816,7 +818,7 @@ async fn read(
 /// without this they would wait a whole lease for another worker's `XAUTOCLAIM`).
 async fn recover_own_pending(
     shared: &Shared,
-    conn: &mut MultiplexedConnection,
+    conn: &mut Dedicated,
     streams: &[String],
     count: usize,
     entries: &mut Entries,
@@ -876,7 +878,7 @@ fn collect(reply: &Value, entries: &mut Entries) {
 
 async fn reclaim_expired(
     shared: &Shared,
-    conn: &mut MultiplexedConnection,
+    conn: &mut Dedicated,
     streams: &[String],
     count: usize,
     entries: &mut Entries,

@@ -724,7 +724,7 @@ async fn entries_read_just_before_a_connection_broke_start_without_waiting_a_lea
     // the consumer (they are pending for it), and no handler ever saw them.
     let consumer = consumer_name("orphans");
     let stream = queue.keys().ready(queue.name(), Priority::Normal);
-    let mut conn = queue.connection();
+    let mut conn = raw_redis(&queue).await;
     let created: redis::RedisResult<redis::Value> = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(&stream)
@@ -865,3 +865,249 @@ async fn a_redis_restart_does_not_end_the_worker() {
     worker.stop().await;
     assert_eq!(seen.runs_of(&after), 1);
 }
+
+/// A connection of the test's own, to look at keys no queue operation reads.
+async fn raw_redis(queue: &Queue) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(queue.config().redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_idempotency_key_opens_the_first_batch_again() {
+    let queue = shared_queue("batch-idem", |config| config.idempotency_ttl_secs = 600).await;
+    let info = serde_json::json!({"source": "test"});
+    let (first, second) = (
+        klingq_core::JobId::new().to_string(),
+        klingq_core::JobId::new().to_string(),
+    );
+    let opened = queue
+        .open_batch_idempotent(&first, &info, 0, "upload-1")
+        .await
+        .unwrap();
+    assert_eq!((opened.id.as_str(), opened.created), (first.as_str(), true));
+    let record = queue
+        .batch(&first)
+        .await
+        .unwrap()
+        .expect("the batch is open");
+    assert!(!record.sealed);
+    // The key is where `Keys` says, with the idempotency TTL.
+    let key = queue.keys().batch_idempotency(queue.name(), "upload-1");
+    let mut conn = raw_redis(&queue).await;
+    let (stored, ttl): (String, i64) = redis::pipe()
+        .cmd("GET")
+        .arg(&key)
+        .cmd("TTL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(stored, first);
+    assert!((1..=600).contains(&ttl), "ttl {ttl}");
+
+    // A retry with a new candidate id gets the first batch, and opens nothing new.
+    let again = queue
+        .open_batch_idempotent(&second, &info, 0, "upload-1")
+        .await
+        .unwrap();
+    assert_eq!((again.id.as_str(), again.created), (first.as_str(), false));
+    assert!(queue.batch(&second).await.unwrap().is_none());
+    // The same call run twice (a lost reply) is still the caller's own batch.
+    let retried = queue
+        .open_batch_idempotent(&first, &info, 0, "upload-1")
+        .await
+        .unwrap();
+    assert!(retried.created);
+    // Keys are per queue; a plain open claims nothing.
+    let other = queue
+        .for_queue("other")
+        .open_batch_idempotent(&second, &info, 0, "upload-1")
+        .await
+        .unwrap();
+    assert_eq!((other.id.as_str(), other.created), (second.as_str(), true));
+    let plain = klingq_core::JobId::new().to_string();
+    queue.open_batch(&plain, &info, 0).await.unwrap();
+    assert!(queue.batch(&plain).await.unwrap().is_some());
+    assert_eq!(queue.seal_batch(&first).await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_events_group_reads_claims_and_acknowledges_each_event() {
+    let queue = shared_queue("events-group", |_| {}).await;
+    let jobs: Vec<NewJob> = (0..3).map(|n| job(n, Behavior::Succeed)).collect();
+    let ids: Vec<String> = queue
+        .enqueue_many(&jobs, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    for id in &ids {
+        queue.cancel(id, "test").await.unwrap();
+    }
+    let recent = queue.recent_events(2).await.unwrap();
+    assert_eq!(
+        recent
+            .iter()
+            .map(|e| e.subject.as_str())
+            .collect::<Vec<_>>(),
+        [ids[1].as_str(), ids[2].as_str()],
+        "the newest, oldest first"
+    );
+
+    let mut first = queue.events_group("test-group", "first");
+    first.ensure().await.unwrap();
+    first.ensure().await.unwrap();
+    assert!(first.read_pending(10).await.unwrap().is_empty());
+    let read = first.read_new(10, Duration::from_millis(50)).await.unwrap();
+    assert_eq!(read.events.len(), 3, "{read:?}");
+    assert!(read.deleted.is_empty());
+    assert_eq!(read.events[0].subject, ids[0]);
+    assert_eq!(read.events[0].event_type, "job.cancelled");
+    assert!(!read.events[0].body.is_empty());
+    // Read, not acknowledged: pending for this consumer only.
+    assert_eq!(first.read_pending(10).await.unwrap(), read);
+    assert!(
+        first
+            .read_new(10, Duration::from_millis(50))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Another consumer takes them over once idle (here: at once).
+    let second = queue.events_group("test-group", "second");
+    let claimed = second.claim_idle(Duration::ZERO, "0-0", 10).await.unwrap();
+    assert_eq!(claimed.entries.events.len(), 3);
+    assert_eq!(claimed.next, "0-0");
+    assert!(first.read_pending(10).await.unwrap().is_empty());
+    second.ack(&claimed.entries.cursors()[..2]).await.unwrap();
+    let left = second.read_pending(10).await.unwrap();
+    assert_eq!(left.events.len(), 1);
+
+    // An entry trimmed from the stream while pending comes back deleted.
+    let mut conn = raw_redis(&queue).await;
+    let _: i64 = redis::cmd("XTRIM")
+        .arg(queue.keys().events())
+        .arg("MAXLEN")
+        .arg(0)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let claimed = first.claim_idle(Duration::ZERO, "0-0", 10).await.unwrap();
+    assert!(claimed.entries.events.is_empty(), "{claimed:?}");
+    assert_eq!(claimed.entries.deleted, [left.events[0].cursor.clone()]);
+    first.ack(&claimed.entries.cursors()).await.unwrap();
+    assert!(first.read_pending(10).await.unwrap().is_empty());
+    assert!(second.read_pending(10).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_records_keep_the_last_attempts_and_the_first_disable() {
+    let queue = shared_queue("webhook-records", |config| config.retention_secs = 3_600).await;
+    for n in 1..=3 {
+        queue
+            .push_webhook_attempt("d1", &format!("attempt {n}"), 2)
+            .await
+            .unwrap();
+    }
+    // The same record again (a retried call) is not appended twice.
+    queue
+        .push_webhook_attempt("d1", "attempt 3", 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        queue.webhook_attempts("d1").await.unwrap(),
+        ["attempt 2", "attempt 3"]
+    );
+    assert_eq!(
+        queue
+            .last_webhook_attempts(&["d1".to_owned(), "d2".to_owned()])
+            .await
+            .unwrap(),
+        [Some("attempt 3".to_owned()), None]
+    );
+    let mut conn = raw_redis(&queue).await;
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(queue.keys().webhook_attempts("d1"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!((1..=3_600).contains(&ttl), "ttl {ttl}");
+
+    assert!(
+        queue
+            .disable_webhook_endpoint("ep_1", "first")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !queue
+            .disable_webhook_endpoint("ep_1", "second")
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        queue
+            .disabled_webhook_endpoint("ep_1")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("first")
+    );
+    assert_eq!(queue.disabled_webhook_endpoints().await.unwrap(), ["first"]);
+    assert!(queue.enable_webhook_endpoint("ep_1").await.unwrap());
+    assert!(!queue.enable_webhook_endpoint("ep_1").await.unwrap());
+    assert!(
+        queue
+            .disabled_webhook_endpoint("ep_1")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_reads_count_commands_and_delete_a_namespace() {
+    let queue = shared_queue("admin", |_| {}).await;
+    queue.ping().await.unwrap();
+    let before = queue.command_counters().await.unwrap();
+    let jobs: Vec<NewJob> = (0..10).map(|n| job(n, Behavior::Succeed)).collect();
+    queue.enqueue_many(&jobs, None).await.unwrap();
+    let after = queue.command_counters().await.unwrap();
+    assert!(after.scripts > before.scripts, "{before:?} {after:?}");
+    assert!(
+        after.commands >= before.commands + 10,
+        "{before:?} {after:?}"
+    );
+    assert_eq!(queue.dead_letter_count().await.unwrap(), 0);
+
+    let other = shared_queue("admin-other", |_| {}).await;
+    other
+        .enqueue(&job(0, Behavior::Succeed), None)
+        .await
+        .unwrap();
+    assert!(queue.delete_namespace().await.unwrap() >= 10);
+    let mut conn = raw_redis(&queue).await;
+    let (_, left): (u64, Vec<String>) = redis::cmd("SCAN")
+        .arg(0)
+        .arg("MATCH")
+        .arg(format!("{}:*", queue.keys().prefix()))
+        .arg("COUNT")
+        .arg(100_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    // Another namespace is untouched.
+    assert_eq!(other.stats().await.unwrap().waiting, 1);
+}
+
+#[path = "it/topology.rs"]
+mod topology;
+
+#[path = "it/tls.rs"]
+mod tls;

@@ -2,9 +2,16 @@
 //! ports (a private `redis-server`, SeaweedFS), a TCP proxy that can cut a service off, and
 //! polling a condition with a deadline instead of sleeping.
 
+pub mod cluster;
 pub mod proxy;
 pub mod redis;
 pub mod seaweed;
+pub mod sentinel;
+pub mod tls;
+
+pub use cluster::RedisCluster;
+pub use sentinel::RedisSentinel;
+pub use tls::TlsFiles;
 
 use std::time::Duration;
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tokio::process::{Child, Command};
 
+use crate::tls::TlsFiles;
 use crate::wait_for;
 
 /// The shared Redis tests use when they need not stop it.
@@ -41,6 +42,8 @@ pub struct RedisServer {
     child: Option<Child>,
     /// Whether it keeps an append-only file (fsync on every write) across restarts.
     aof: bool,
+    /// It serves TLS only, with these files.
+    tls: Option<TlsFiles>,
 }
 
 impl RedisServer {
@@ -56,7 +59,19 @@ impl RedisServer {
         Self::start_with(true).await
     }
 
+    /// Starts one that serves TLS only (`--port 0 --tls-port PORT`, a throwaway CA and a
+    /// certificate for `127.0.0.1`, see [`TlsFiles`]; clients need no certificate) and waits
+    /// until it answers PING over TLS. Its [`RedisServer::url`] is
+    /// `rediss://127.0.0.1:PORT/#insecure`.
+    pub async fn start_tls() -> anyhow::Result<Self> {
+        Self::start_with_tls(false, Some(TlsFiles::generate()?)).await
+    }
+
     async fn start_with(aof: bool) -> anyhow::Result<Self> {
+        Self::start_with_tls(aof, None).await
+    }
+
+    async fn start_with_tls(aof: bool, tls: Option<TlsFiles>) -> anyhow::Result<Self> {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("klingq-redis-{port}-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
@@ -65,14 +80,19 @@ impl RedisServer {
             dir,
             child: None,
             aof,
+            tls,
         };
         server.spawn().await?;
         Ok(server)
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
+        let mut command = Command::new("redis-server");
+        match &self.tls {
+            None => command.args(["--port", &self.port.to_string()]),
+            Some(tls) => command.args(tls.server_args(self.port)),
+        };
+        let child = command
             .args(["--bind", "127.0.0.1", "--save", ""])
             .args(if self.aof {
                 ["--appendonly", "yes", "--appendfsync", "always"]
@@ -88,20 +108,59 @@ impl RedisServer {
             .context("starting redis-server (install it: apt-get install redis-server)")?;
         self.child = Some(child);
         let port = self.port;
-        wait_for(
-            "redis-server to answer",
-            Duration::from_secs(10),
-            || async move { ping(port).await.then_some(()) },
-        )
-        .await
+        match &self.tls {
+            None => {
+                wait_for(
+                    "redis-server to answer",
+                    Duration::from_secs(10),
+                    || async move { ping(port).await.then_some(()) },
+                )
+                .await
+            }
+            Some(tls) => {
+                wait_for(
+                    "redis-server to answer over TLS",
+                    Duration::from_secs(10),
+                    || async move {
+                        crate::cluster::command_over(Some(tls), port, &["PING"])
+                            .await
+                            .ok()
+                            .map(drop)
+                    },
+                )
+                .await
+            }
+        }
     }
 
     pub fn port(&self) -> u16 {
         self.port
     }
 
+    /// `redis://127.0.0.1:PORT`; for [`RedisServer::start_tls`] `rediss://127.0.0.1:PORT/#insecure`
+    /// (the redis crate's fragment for not verifying the certificate: the test CA is in no root
+    /// store). The redis crate honours it only with its `tls-rustls-insecure` feature, else
+    /// connecting fails ("Cannot create insecure client without tls-rustls-insecure feature");
+    /// [`RedisServer::verified_url`] needs no feature.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match self.tls {
+            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(_) => format!("rediss://127.0.0.1:{}/#insecure", self.port),
+        }
+    }
+
+    /// For [`RedisServer::start_tls`]: `rediss://127.0.0.1:PORT`, which verifies the certificate
+    /// (a client must trust [`TlsFiles::ca_file`], e.g. through `SSL_CERT_FILE`, which the redis
+    /// crate's rustls roots are loaded from). `None` for a plain server.
+    pub fn verified_url(&self) -> Option<String> {
+        self.tls
+            .as_ref()
+            .map(|_| format!("rediss://127.0.0.1:{}", self.port))
+    }
+
+    /// The CA and certificate of a server started with [`RedisServer::start_tls`].
+    pub fn tls_files(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
     }
 
     /// Kills the server (as a crash would: no save).

@@ -157,7 +157,10 @@ async fn connect_queue(config: &QueueConfig, timeout: Duration) -> anyhow::Resul
     let mut delay = Duration::from_millis(200);
     loop {
         match Queue::connect(config.clone()).await {
-            Ok(queue) => return Ok(queue),
+            Ok(queue) => {
+                tracing::info!(redis = %queue.topology().await, "connected to redis");
+                return Ok(queue);
+            }
             Err(error) if started.elapsed() < timeout => {
                 tracing::warn!(%error, redis = %klingq_core::redact_url(&config.redis_url), "redis not reachable yet; retrying");
                 tokio::time::sleep(delay).await;
@@ -196,9 +199,8 @@ async fn readyz(State(state): State<HealthState>) -> (StatusCode, &'static str) 
     if !state.ready.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
-    let mut conn = state.queue.connection();
-    match redis::cmd("PING").query_async::<String>(&mut conn).await {
-        Ok(_) => (StatusCode::OK, "ready"),
+    match state.queue.ping().await {
+        Ok(()) => (StatusCode::OK, "ready"),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "redis unreachable"),
     }
 }
@@ -225,20 +227,20 @@ async fn metrics(
             operation.as_str()
         );
     }
-    let stats = state.handle.stats();
     let _ = writeln!(
         out,
         "# HELP klingq_worker_jobs_in_flight Jobs this worker holds now."
     );
     let _ = writeln!(out, "# TYPE klingq_worker_jobs_in_flight gauge");
     let _ = writeln!(out, "klingq_worker_jobs_in_flight {}", state.handle.held());
-    write_metric(
-        &mut out,
-        "klingq_redis_errors_total",
-        "counter",
-        "Redis errors this worker met (and survived).",
-        stats.redis_errors.load(Ordering::Relaxed),
+    let _ = writeln!(
+        out,
+        "# HELP klingq_redis_errors_total Redis errors this process met (and survived), by kind: connection, tls, timeout, moved, ask, tryagain, clusterdown, readonly, loading, masterdown, noprimary, busy, other."
     );
+    let _ = writeln!(out, "# TYPE klingq_redis_errors_total counter");
+    for (kind, count) in state.queue.redis_errors() {
+        let _ = writeln!(out, "klingq_redis_errors_total{{kind=\"{kind}\"}} {count}");
+    }
     let slots = &state.pipeline.slots;
     write_metric(
         &mut out,

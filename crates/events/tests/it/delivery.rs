@@ -18,6 +18,16 @@ use crate::support::{
     spawn_webhooks, video_job, video_queue, wait_delivery,
 };
 
+/// A connection of the test's own, for what no queue operation does (rewinding a consumer
+/// group, reading its pending summary).
+async fn raw_redis(queue: &klingq_queue::Queue) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(queue.config().redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
 const WAIT: Duration = Duration::from_secs(30);
 
 fn loopback() -> std::net::SocketAddr {
@@ -92,8 +102,9 @@ async fn events_reach_job_batch_and_global_endpoints_signed_and_once() {
     let at_batches_only = receiver.wait_for("/batches-only", 1, WAIT).await;
     // Everything is delivered; now make the dispatcher read every event again: no event may
     // produce a second delivery.
+    // Rewinding a consumer group is no queue operation: this test alone needs it.
     let stream = queue.keys().events();
-    let mut conn = queue.connection();
+    let mut conn = raw_redis(&queue).await;
     redis::cmd("XGROUP")
         .arg("SETID")
         .arg(&stream)
@@ -102,16 +113,7 @@ async fn events_reach_job_batch_and_global_endpoints_signed_and_once() {
         .query_async::<()>(&mut conn)
         .await
         .unwrap();
-    let last_id: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
-        .arg(&stream)
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let last_id = last_id[0].0.clone();
+    let last_id = queue.recent_events(1).await.unwrap()[0].cursor.clone();
     wait_for("the dispatcher to re-read every event", WAIT, || {
         let mut conn = conn.clone();
         let (stream, last_id) = (stream.clone(), last_id.clone());
@@ -607,26 +609,13 @@ async fn a_dead_dispatcher_s_events_are_taken_over() {
     .await
     .unwrap();
     // A dispatcher reads the event and dies before acknowledging it.
+    let mut dead = queue.events_group(klingq_events::DISPATCH_GROUP, "dead-dispatcher");
+    dead.ensure().await.unwrap();
+    let read = dead.read_new(100, Duration::from_millis(10)).await.unwrap();
+    assert_eq!(read.events.len(), 1, "{read:?}");
+    drop(dead);
     let stream = queue.keys().events();
-    let mut conn = queue.connection();
-    redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&stream)
-        .arg(klingq_events::DISPATCH_GROUP)
-        .arg("0")
-        .query_async::<()>(&mut conn)
-        .await
-        .unwrap();
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(klingq_events::DISPATCH_GROUP)
-        .arg("dead-dispatcher")
-        .arg("STREAMS")
-        .arg(&stream)
-        .arg(">")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let conn = raw_redis(&queue).await;
 
     let webhooks = spawn_webhooks(&queue, config(&secret, &["100ms"]));
     let received = receiver.wait_for("/hook", 1, WAIT).await;

@@ -55,19 +55,6 @@ fn webhook_error(error: WebhookError) -> ApiError {
     }
     match error {
         WebhookError::Queue(error) => queue_error(error),
-        WebhookError::Redis(ref redis)
-            if redis.is_io_error()
-                || redis.is_timeout()
-                || redis.is_connection_dropped()
-                || redis.is_connection_refusal() =>
-        {
-            tracing::warn!(%error, "redis unavailable");
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "the queue's Redis is unavailable; retry later",
-            )
-        }
         other => {
             tracing::error!(error = %other, "webhook request failed");
             ApiError::new(

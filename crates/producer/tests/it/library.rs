@@ -251,6 +251,47 @@ async fn idempotency_keys_return_the_first_job_and_batch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_batch_stopped_half_way_is_finished_by_its_retry() {
+    let producer = producer("idem-resume").await;
+    let queue = producer.queue();
+    // The first request opened the batch under its key, enqueued one job and stopped.
+    let first_id = klingq_core::JobId::new().to_string();
+    let opened = queue
+        .open_batch_idempotent(
+            &first_id,
+            &serde_json::json!({"source": "api"}),
+            0,
+            "upload-43",
+        )
+        .await
+        .unwrap();
+    assert!(opened.created);
+    let mut first_job = klingq_queue::NewJob::new(&spec(0)).unwrap();
+    first_job.idempotency_key = Some("batch:upload-43:0".into());
+    queue.enqueue(&first_job, Some(&first_id)).await.unwrap();
+
+    let options = BatchOptions {
+        idempotency_key: Some("upload-43".into()),
+        ..BatchOptions::default()
+    };
+    let jobs = || (0..3).map(|n| Ok(spec(n))).collect::<Vec<_>>();
+    // Two retries at once still make one batch.
+    let (a, b) = tokio::join!(
+        producer.enqueue_batch(jobs(), options.clone()),
+        producer.enqueue_batch(jobs(), options.clone())
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!((a.id.as_str(), a.created), (first_id.as_str(), false));
+    assert_eq!((b.id.as_str(), b.created), (first_id.as_str(), false));
+    let batch = producer.batch(&first_id).await.unwrap();
+    assert_eq!(batch.total, 3);
+    assert_eq!(queue.batch_ids(0, 10).await.unwrap(), [first_id.as_str()]);
+    // Once sealed, a retry answers from the batch without writing.
+    let again = producer.enqueue_batch(jobs(), options).await.unwrap();
+    assert_eq!((again.id.as_str(), again.total), (first_id.as_str(), 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_counts_cost_and_done_follow_its_jobs() {
     let producer = producer("counts").await;
     let jobs = [5, 10, 15]
