@@ -64,7 +64,9 @@ async fn metrics(
     use axum::response::IntoResponse;
     let mut out = String::new();
     let webhooks = queue.for_queue(klingq_events::DELIVERY_QUEUE);
-    match klingq_queue::render_metrics(&queue, Some(&webhooks), &mut out).await {
+    let rendered = klingq_queue::render_metrics(&queue, Some(&webhooks), &mut out).await;
+    klingq_queue::render_redis_errors(&queue, &mut out);
+    match rendered {
         Ok(()) => (
             [(
                 axum::http::header::CONTENT_TYPE,

@@ -44,7 +44,7 @@ pub use keys::Keys;
 pub use layer::{Completion, Outcome, SettleLayer, SettleService};
 pub use lease::Lease;
 pub use limits::{BudgetDecision, SlotStatus};
-pub use metrics::render_metrics;
+pub use metrics::{render_metrics, render_redis_errors};
 pub use queue::{CancelOutcome, Enqueued, NewJob, OpenedBatch, Queue, RedriveOutcome};
 pub use record::{BatchRecord, JobRecord, QueueStats, StoredEvent};
 pub use worker::{QueueBackend, WorkerHandle, WorkerOptions, WorkerStats, consumer_name};

@@ -111,3 +111,20 @@ pub async fn render_metrics(
     }
     Ok(())
 }
+
+/// Appends `klingq_redis_errors_total{kind}`: the transient Redis errors this process met and
+/// survived (retried, reconnected), per kind. Needs no Redis: it is there while Redis is down.
+pub fn render_redis_errors(queue: &Queue, out: &mut String) {
+    header(
+        out,
+        "klingq_redis_errors_total",
+        "counter",
+        &format!(
+            "Redis errors this process met (and survived), by kind: {}.",
+            crate::conn::ERROR_KINDS.join(", ")
+        ),
+    );
+    for (kind, count) in queue.redis_errors() {
+        let _ = writeln!(out, "klingq_redis_errors_total{{kind=\"{kind}\"}} {count}");
+    }
+}

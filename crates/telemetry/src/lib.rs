@@ -122,7 +122,11 @@ pub fn init(config: &TelemetryConfig) -> (Telemetry, Option<TelemetryError>) {
     } else {
         tracing::Level::INFO
     };
-    let default = std::iter::once("warn".to_owned())
+    // The redis crate's cluster client logs a warning per failed reconnect, dozens a second
+    // during a failover; klingq's own "redis call failed; retrying" lines say what matters.
+    let default = ["warn", "redis=error"]
+        .into_iter()
+        .map(str::to_owned)
         .chain(CRATES.iter().map(|name| format!("{name}={level}")))
         .collect::<Vec<_>>()
         .join(",");

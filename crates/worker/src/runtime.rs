@@ -233,14 +233,7 @@ async fn metrics(
     );
     let _ = writeln!(out, "# TYPE klingq_worker_jobs_in_flight gauge");
     let _ = writeln!(out, "klingq_worker_jobs_in_flight {}", state.handle.held());
-    let _ = writeln!(
-        out,
-        "# HELP klingq_redis_errors_total Redis errors this process met (and survived), by kind: connection, tls, timeout, moved, ask, tryagain, clusterdown, readonly, loading, masterdown, noprimary, busy, other."
-    );
-    let _ = writeln!(out, "# TYPE klingq_redis_errors_total counter");
-    for (kind, count) in state.queue.redis_errors() {
-        let _ = writeln!(out, "klingq_redis_errors_total{{kind=\"{kind}\"}} {count}");
-    }
+    klingq_queue::render_redis_errors(&state.queue, &mut out);
     let slots = &state.pipeline.slots;
     write_metric(
         &mut out,
