@@ -286,13 +286,39 @@ impl MultipartUpload {
         if target.part_checksums {
             request = request.checksum_algorithm(ChecksumAlgorithm::Crc32);
         }
-        let output = request.send().await.map_err(|error| {
-            StorageError::s3(
-                "CreateMultipartUpload",
-                object_name(target.bucket, target.key),
-                error,
-            )
-        })?;
+        // The request runs in a task of its own: if the re-host is cancelled while it is in
+        // flight, S3 may create the upload all the same, and only its answer names it. The task
+        // hands the answer over, or, when nobody is waiting any more, aborts the upload itself.
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let (client, bucket, key) = (
+            target.client.clone(),
+            target.bucket.to_owned(),
+            target.key.to_owned(),
+        );
+        tokio::spawn(async move {
+            if let Err(Ok(output)) = answer.send(request.send().await)
+                && let Some(upload_id) = output.upload_id()
+            {
+                abort_upload(client, bucket, key, upload_id.to_owned(), None).await;
+            }
+        });
+        let output = answered
+            .await
+            .map_err(|_| StorageError::S3 {
+                operation: "CreateMultipartUpload",
+                target: object_name(target.bucket, target.key),
+                status: None,
+                code: None,
+                detail: "the request's task ended without an answer".to_owned(),
+                transient: true,
+            })?
+            .map_err(|error| {
+                StorageError::s3(
+                    "CreateMultipartUpload",
+                    object_name(target.bucket, target.key),
+                    error,
+                )
+            })?;
         let Some(upload_id) = output.upload_id() else {
             return Err(StorageError::S3 {
                 operation: "CreateMultipartUpload",

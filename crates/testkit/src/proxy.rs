@@ -3,7 +3,9 @@
 //! [`TcpProxy`] listens on `127.0.0.1:0` and forwards every connection to a target address.
 //! `set_down(true)` resets the connections it is forwarding and resets every new connection
 //! right after accepting it, so clients see the service as unreachable. `set_down(false)`
-//! forwards again. Point a client at [`TcpProxy::addr`] instead of the service itself.
+//! forwards again. `hold_replies(true)` keeps forwarding requests but holds the service's
+//! replies back until `hold_replies(false)`: a request the service has acted on, whose answer
+//! the client has not seen. Point a client at [`TcpProxy::addr`] instead of the service itself.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +29,8 @@ pub struct TcpProxy {
 struct Shared {
     target: String,
     down: AtomicBool,
+    /// While true, bytes from the target wait in the proxy.
+    held: tokio::sync::watch::Sender<bool>,
     /// Cancelled (and replaced by a fresh token) to cut every connection open at that moment.
     cut: Mutex<CancellationToken>,
 }
@@ -39,6 +43,7 @@ impl TcpProxy {
         let shared = Arc::new(Shared {
             target: target.into(),
             down: AtomicBool::new(false),
+            held: tokio::sync::watch::Sender::new(false),
             cut: Mutex::new(CancellationToken::new()),
         });
         let accept_task = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
@@ -71,6 +76,12 @@ impl TcpProxy {
             cut.cancel();
             *cut = CancellationToken::new();
         }
+    }
+
+    /// Holds the target's replies back (`true`) or lets them through again (`false`), on open
+    /// and new connections; requests are forwarded all along.
+    pub fn hold_replies(&self, hold: bool) {
+        self.shared.held.send_replace(hold);
     }
 
     /// Whether the proxy currently refuses to forward.
@@ -106,11 +117,21 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone();
-        tokio::spawn(forward(client, shared.target.clone(), cut));
+        tokio::spawn(forward(
+            client,
+            shared.target.clone(),
+            cut,
+            shared.held.subscribe(),
+        ));
     }
 }
 
-async fn forward(mut client: TcpStream, target: String, cut: CancellationToken) {
+async fn forward(
+    mut client: TcpStream,
+    target: String,
+    cut: CancellationToken,
+    held: tokio::sync::watch::Receiver<bool>,
+) {
     let mut upstream = tokio::select! {
         connected = TcpStream::connect(&target) => match connected {
             Ok(upstream) => upstream,
@@ -126,13 +147,43 @@ async fn forward(mut client: TcpStream, target: String, cut: CancellationToken) 
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    let was_cut = tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => false,
-        () = cut.cancelled() => true,
+    let was_cut = {
+        let (client_read, client_write) = client.split();
+        let (upstream_read, upstream_write) = upstream.split();
+        tokio::select! {
+            _ = async {
+                tokio::join!(
+                    pipe(client_read, upstream_write, None),
+                    pipe(upstream_read, client_write, Some(held)),
+                )
+            } => false,
+            () = cut.cancelled() => true,
+        }
     };
     if was_cut {
         reset(client);
         reset(upstream);
+    }
+}
+
+/// Copies `from` to `to` until `from` ends, waiting while `held` says so before each chunk.
+async fn pipe(
+    mut from: tokio::net::tcp::ReadHalf<'_>,
+    mut to: tokio::net::tcp::WriteHalf<'_>,
+    mut held: Option<tokio::sync::watch::Receiver<bool>>,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        if let Some(held) = held.as_mut() {
+            // An error means the proxy is gone: forward what was read and end with it.
+            let _ = held.wait_for(|held| !*held).await;
+        }
+        to.write_all(&buf[..n]).await?;
     }
 }
 
@@ -196,5 +247,25 @@ mod tests {
         proxy.set_down(false);
         let mut again = TcpStream::connect(proxy.addr()).await.unwrap();
         assert_eq!(round_trip(&mut again, b"pong").await.unwrap(), b"pong");
+    }
+
+    #[tokio::test]
+    async fn held_replies_arrive_once_released() {
+        let proxy = TcpProxy::start(echo_server().await.to_string())
+            .await
+            .unwrap();
+        let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+        proxy.hold_replies(true);
+        stream.write_all(b"held").await.unwrap();
+        let mut reply = vec![0; 4];
+        let early = tokio::time::timeout(
+            std::time::Duration::from_millis(300),
+            stream.read_exact(&mut reply),
+        )
+        .await;
+        assert!(early.is_err(), "a reply came through while held");
+        proxy.hold_replies(false);
+        stream.read_exact(&mut reply).await.unwrap();
+        assert_eq!(reply, b"held");
     }
 }

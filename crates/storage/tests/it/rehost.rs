@@ -492,6 +492,40 @@ async fn cancelled_rehost_aborts_its_multipart_upload() {
 }
 
 #[tokio::test]
+async fn a_rehost_cancelled_before_s3_named_its_upload_still_aborts_it() {
+    // S3 creates the upload, but its answer (the only place its id is) is held back until
+    // the re-host has been cancelled.
+    let harness = Harness::new(|_| {}).await;
+    let proxy = TcpProxy::start(harness.endpoint.host_port()).await.unwrap();
+    let mut config = test_config(&harness.endpoint, &harness.bucket);
+    config.endpoint = Some(proxy.http_url());
+    let store = VideoStore::new(config).await.unwrap();
+    let job_id = new_job_id();
+    let url = harness.source.url(&format!("/video/{}", 12 * MIB));
+    proxy.hold_replies(true);
+    let rehost = tokio::spawn({
+        let job_id = job_id.clone();
+        async move { store.rehost(&job_id, &url, None).await }
+    });
+    // Listed through the harness's own client, not through the proxy.
+    eventually("S3 has created the upload", || async {
+        harness.incomplete_uploads().await == 1
+    })
+    .await;
+    rehost.abort();
+    let _ = rehost.await;
+    proxy.hold_replies(false);
+
+    eventually("the multipart upload is aborted", || async {
+        harness.incomplete_uploads().await == 0
+    })
+    .await;
+    harness.assert_nothing_stored(&job_id).await;
+
+    harness.cleanup().await;
+}
+
+#[tokio::test]
 async fn repeated_rehost_is_harmless() {
     let harness = Harness::new(|_| {}).await;
     let job_id = new_job_id();
