@@ -11,9 +11,11 @@ use klingq_sim::SimConfig;
 use klingq_testkit::cluster::RedisCluster;
 use klingq_testkit::sentinel::RedisSentinel;
 use klingq_testkit::wait_for;
-use tokio::sync::oneshot;
 
-use crate::pipeline::{Env, assert_all_succeeded_once, enqueue, env_on, wait_terminal};
+use crate::pipeline::{
+    Env, InProcessWorker, assert_all_succeeded_once, assert_paid_once_and_stored, enqueue, env_on,
+    wait_terminal,
+};
 
 const JOBS: usize = 16;
 
@@ -45,13 +47,7 @@ where
     let ids = enqueue(&env, &prompts).await;
     let mut settings = env.services.worker_settings();
     settings.queue.min_replicas_ack = min_replicas_ack;
-    let worker = klingq_worker::Worker::connect(settings, Duration::from_secs(10))
-        .await
-        .unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let join = tokio::spawn(worker.run(async {
-        let _ = stopped.await;
-    }));
+    let worker = InProcessWorker::start_with(settings).await;
     wait_for("runs to be generating", Duration::from_secs(60), || async {
         let records = env.queue.jobs(&ids).await.ok()?;
         (records
@@ -83,9 +79,15 @@ where
         panic!("jobs did not end:\n{}", states.join("\n"));
     }
     let records = wait_terminal(&env.queue, &ids, Duration::from_secs(5)).await;
-    let _ = stop.send(());
-    join.await.unwrap().unwrap();
-    assert_all_succeeded_once(&env, &records).await;
+    worker.stop().await;
+    if min_replicas_ack > 0 {
+        // Every checkpoint was on a replica before the job went on: none was lost.
+        assert_all_succeeded_once(&env, &records).await;
+    } else {
+        // Replication is asynchronous: a checkpoint written just before the kill may be gone
+        // with its step timings; the job still pays once and ends stored.
+        assert_paid_once_and_stored(&env, &records).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

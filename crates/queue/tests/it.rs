@@ -207,6 +207,17 @@ fn job(n: u64, behavior: Behavior) -> NewJob {
     NewJob::new(&TestJob { n, behavior }).unwrap()
 }
 
+/// Enqueues `jobs` (into `batch`, if given) and returns their ids.
+async fn enqueue_ids(queue: &Queue, jobs: &[NewJob], batch: Option<&str>) -> Vec<String> {
+    queue
+        .enqueue_many(jobs, batch)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect()
+}
+
 async fn wait_state(queue: &Queue, id: &str, state: JobState, timeout: Duration) {
     wait_for(&format!("job {id} to be {state}"), timeout, || async {
         let record = queue.job(id).await.unwrap()?;
@@ -713,13 +724,7 @@ async fn entries_read_just_before_a_connection_broke_start_without_waiting_a_lea
     config.lease_timeout_secs = 3_600;
     let queue = Queue::connect(config).await.unwrap();
     let jobs: Vec<NewJob> = (0..5).map(|n| job(n, Behavior::Succeed)).collect();
-    let ids: Vec<String> = queue
-        .enqueue_many(&jobs, None)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let ids = enqueue_ids(&queue, &jobs, None).await;
     // A read whose reply was lost when the connection broke: Redis delivered the entries to
     // the consumer (they are pending for it), and no handler ever saw them.
     let consumer = consumer_name("orphans");
@@ -776,13 +781,7 @@ async fn killed_redis_connections_do_not_stop_the_worker() {
     config.redis_url = server.url();
     let queue = Queue::connect(config).await.unwrap();
     let jobs: Vec<NewJob> = (0..3_000).map(|n| job(n, Behavior::Sleep(2))).collect();
-    let ids: Vec<String> = queue
-        .enqueue_many(&jobs, None)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let ids = enqueue_ids(&queue, &jobs, None).await;
     let seen = Seen::default();
     let worker = spawn_worker(&queue, 32, &seen);
     let client = redis::Client::open(server.url()).unwrap();
@@ -938,13 +937,7 @@ async fn a_batch_idempotency_key_opens_the_first_batch_again() {
 async fn an_events_group_reads_claims_and_acknowledges_each_event() {
     let queue = shared_queue("events-group", |_| {}).await;
     let jobs: Vec<NewJob> = (0..3).map(|n| job(n, Behavior::Succeed)).collect();
-    let ids: Vec<String> = queue
-        .enqueue_many(&jobs, None)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let ids = enqueue_ids(&queue, &jobs, None).await;
     for id in &ids {
         queue.cancel(id, "test").await.unwrap();
     }

@@ -8,38 +8,12 @@ use klingq_testkit::cluster::RedisCluster;
 
 use super::*;
 
-/// Enqueues `n` jobs as one batch, runs a worker until the batch is done, and checks that every
-/// job succeeded exactly once.
+/// Runs `n` jobs as one batch until it is done: every job succeeded, exactly once. The
+/// worker's blocking reads run on dedicated connections: TLS too, or nothing runs.
 async fn batch_completes(queue: &Queue, n: u64) {
-    let batch = klingq_core::JobId::new().to_string();
-    queue
-        .open_batch(&batch, &serde_json::json!({"source": "tls"}), 0)
-        .await
-        .unwrap();
-    let jobs: Vec<NewJob> = (0..n).map(|i| job(i, Behavior::Succeed)).collect();
-    let ids: Vec<String> = queue
-        .enqueue_many(&jobs, Some(&batch))
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
-    assert_eq!(queue.seal_batch(&batch).await.unwrap(), n);
-
-    // The worker's blocking reads run on dedicated connections: TLS too, or nothing runs.
-    let seen = Seen::default();
-    let worker = spawn_worker(queue, 4, &seen);
-    let record = wait_batch_done(queue, &batch, Duration::from_secs(60)).await;
-    worker.stop().await;
-    assert_eq!(record.total, n, "{record:?}");
-    assert_eq!(record.counts.get("succeeded"), Some(&n), "{record:?}");
+    let (ids, seen) = super::topology::batch_survives(queue, n, || async {}).await;
     for id in &ids {
         assert_eq!(seen.runs_of(id), 1, "{id}");
-    }
-    let records = queue.jobs(&ids).await.unwrap();
-    assert_eq!(records.len() as u64, n);
-    for record in records {
-        assert_eq!(record.state, JobState::Succeeded, "{}", record.id);
     }
 }
 

@@ -22,8 +22,8 @@ fn topology_config(url: String, prefix: &str) -> QueueConfig {
 }
 
 /// Runs `n` jobs as one batch while `disrupt` runs, and checks that every one succeeded and
-/// the batch completed with the right counts.
-async fn batch_survives<F, Fut>(queue: &Queue, n: u64, disrupt: F)
+/// the batch completed with the right counts. Returns the jobs' ids and what the handlers saw.
+pub(super) async fn batch_survives<F, Fut>(queue: &Queue, n: u64, disrupt: F) -> (Vec<String>, Seen)
 where
     F: FnOnce() -> Fut,
     Fut: Future<Output = ()>,
@@ -36,17 +36,11 @@ where
         .await
         .unwrap();
     let jobs: Vec<NewJob> = (0..n).map(|i| job(i, Behavior::Sleep(30))).collect();
-    let ids: Vec<String> = queue
-        .enqueue_many(&jobs, Some(&batch))
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let ids = enqueue_ids(queue, &jobs, Some(&batch)).await;
     queue.seal_batch(&batch).await.unwrap();
     // Disrupt once some jobs finished and most are still to run.
     wait_for("a few jobs to finish", Duration::from_secs(30), || async {
-        (seen.total_runs() >= 10).then_some(())
+        (u64::from(seen.total_runs()) >= n.min(10)).then_some(())
     })
     .await
     .unwrap();
@@ -63,6 +57,7 @@ where
     }
     let unique: HashSet<&String> = ids.iter().collect();
     assert_eq!(unique.len() as u64, n);
+    (ids, seen)
 }
 
 /// The failover surfaced as transient errors, counted by kind (`klingq_redis_errors_total`).
