@@ -14,9 +14,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use redis::aio::ConnectionLike;
-use redis::{Cmd, RedisFuture, Value};
+use redis::{Cmd, Value};
 
+use crate::conn::Dedicated;
 use crate::error::QueueError;
 use crate::queue::{Queue, parse_entries, parse_streams, value_string};
 use crate::record::StoredEvent;
@@ -70,7 +70,7 @@ pub struct EventsGroup {
     stream: String,
     group: String,
     consumer: String,
-    blocking: Option<BoxedConn>,
+    blocking: Option<Dedicated>,
 }
 
 impl std::fmt::Debug for EventsGroup {
@@ -147,7 +147,7 @@ impl EventsGroup {
             None => {
                 let timeout = block + self.queue.config().command_timeout();
                 let conn = self.queue.dedicated_connection(timeout).await?;
-                self.blocking.insert(BoxedConn(Box::new(conn)))
+                self.blocking.insert(conn)
             }
         };
         match cmd.query_async::<Value>(conn).await {
@@ -253,29 +253,6 @@ fn entries_of_read(reply: &Value) -> GroupEntries {
         }
     }
     entries
-}
-
-/// The dedicated connection of blocking reads, whatever type
-/// [`Queue::dedicated_connection`] gives.
-struct BoxedConn(Box<dyn ConnectionLike + Send + Sync>);
-
-impl ConnectionLike for BoxedConn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        self.0.req_packed_command(cmd)
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        self.0.req_packed_commands(pipeline, offset, count)
-    }
-
-    fn get_db(&self) -> i64 {
-        self.0.get_db()
-    }
 }
 
 #[cfg(test)]
