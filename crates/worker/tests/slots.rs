@@ -43,10 +43,29 @@ async fn releases_that_fail_during_an_outage_are_done_when_redis_returns() {
         "every release failed while Redis was down"
     );
     assert_eq!(releaser.deferred_total(), 11);
-    // This one takes its slot again (a later attempt of the job): its release is dropped.
+    // A later attempt of this job takes its slot again: its pending release is dropped here
+    // (a retry already in flight may still land: the fence below is what keeps the slot).
     releaser.forget("again");
 
     redis.restart().await.unwrap();
+    // The later attempt's slot outlasts the released one's fence, so the fenced release keeps
+    // it whether it lands before or after this acquire.
+    let again = wait_for(
+        "the slot to be taken again",
+        Duration::from_secs(60),
+        || {
+            let queue = queue.clone();
+            async move {
+                queue
+                    .acquire_slot(PROVIDER_LIMIT, "again", LEASE * 2, 11)
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert!(again.acquired);
     // The restarted Redis reloaded the slots from its append-only file.
     let usage = wait_for(
         "the released slots to be gone",
