@@ -193,3 +193,40 @@ async fn redis_down_reads_as_one_line_naming_the_node_and_what_to_check() {
     );
     assert!(!error.contains("hunter2"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enqueue_no_replica_confirms_is_an_error_the_caller_sees() {
+    // A primary without replicas: WAIT 1 can never be satisfied.
+    let server = RedisServer::start().await.unwrap();
+    let mut config = config(&unique_namespace("no-replica"));
+    config.redis_url = server.url();
+    config.min_replicas_ack = 1;
+    config.replica_ack_timeout_ms = 100;
+    let queue = Queue::connect(config).await.unwrap();
+    let job = job(1, Behavior::Succeed);
+    let error = queue.enqueue(&job, None).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            klingq_queue::QueueError::NotReplicated {
+                wanted: 1,
+                acked: 0,
+                timeout_ms: 100
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(
+        error
+            .to_string()
+            .starts_with("only 0 of 1 Redis replicas confirmed the write within 100 ms"),
+        "{error}"
+    );
+    // The write itself is on the primary: retrying the same job creates nothing new.
+    let again = queue.enqueue(&job, None).await.unwrap_err();
+    assert!(matches!(
+        again,
+        klingq_queue::QueueError::NotReplicated { .. }
+    ));
+    assert_eq!(queue.stats().await.unwrap().waiting, 1);
+}
