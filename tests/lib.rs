@@ -19,6 +19,8 @@ pub struct E2eServices {
     pub s3_access_key: String,
     pub s3_secret_key: String,
     pub bucket: String,
+    /// `queue.partitions` of the namespace.
+    pub partitions: u32,
 }
 
 impl E2eServices {
@@ -32,6 +34,7 @@ impl E2eServices {
             ("E2E_S3_ACCESS_KEY", self.s3_access_key.clone()),
             ("E2E_S3_SECRET_KEY", self.s3_secret_key.clone()),
             ("E2E_BUCKET", self.bucket.clone()),
+            ("E2E_PARTITIONS", self.partitions.to_string()),
         ]
     }
 
@@ -46,6 +49,7 @@ impl E2eServices {
             s3_access_key: var("E2E_S3_ACCESS_KEY")?,
             s3_secret_key: var("E2E_S3_SECRET_KEY")?,
             bucket: var("E2E_BUCKET")?,
+            partitions: var("E2E_PARTITIONS")?.parse()?,
         })
     }
 
@@ -66,6 +70,7 @@ impl E2eServices {
             queue: QueueConfig {
                 redis_url: self.redis_url.clone(),
                 namespace: self.namespace.clone(),
+                partitions: self.partitions,
                 lease_timeout_secs: 3,
                 reclaim_interval_secs: 1,
                 block_timeout_ms: 200,

@@ -130,6 +130,7 @@ def main():
 
     report = {
         "redis_mode": extra.get("redis_mode", "standalone"),
+        "partitions": extra.get("partitions", 1),
         "failovers": extra.get("failovers", 0),
         "jobs": expected,
         "found": len(jobs),

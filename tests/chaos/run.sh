@@ -16,8 +16,12 @@
 # thirds of the jobs), a replica must be promoted within 60 s, and the killed node is restarted
 # on its port with its data until it is back as a replica of the new primary, in sync.
 #
+# --partitions N: the namespace spread over N partitions (queue.partitions), so with --redis
+# cluster its jobs live on every shard; the primary killed owns partition 0 (the global keys).
+#
 # Usage: tests/chaos/run.sh [--jobs N] [--workers W] [--batch-size B] [--timeout SECS]
 #                           [--s3-outage SECS] [--redis standalone|cluster|sentinel]
+#                           [--partitions N]
 # Env: KLINGQ_BIN (default target/release/klingq, built if missing), KLINGQ_WEED_BIN.
 # Logs: tests/chaos/out/<time>/ (gitignored); Redis data lives in a temporary directory that is
 # removed on exit, with every Redis process this script started.
@@ -32,6 +36,7 @@ timeout_secs=900
 kill_every=10
 s3_outage_secs=30
 redis_mode=standalone
+partitions=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --jobs) jobs="$2"; shift 2 ;;
@@ -40,7 +45,8 @@ while [ $# -gt 0 ]; do
         --timeout) timeout_secs="$2"; shift 2 ;;
         --s3-outage) s3_outage_secs="$2"; shift 2 ;;
         --redis) redis_mode="$2"; shift 2 ;;
-        -h|--help) sed -n 2,23p "$0"; exit 0 ;;
+        --partitions) partitions="$2"; shift 2 ;;
+        -h|--help) sed -n 2,27p "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -118,7 +124,7 @@ node_ports=("${ports[@]:16:6}")
 namespace="chaos"
 ns_key="{$namespace}"
 
-log "jobs=$jobs workers=$workers batch_size=$batch_size redis=$redis_mode out=$out"
+log "jobs=$jobs workers=$workers batch_size=$batch_size redis=$redis_mode partitions=$partitions out=$out"
 
 # Polls a command until it succeeds, at most $1 seconds; prints its output.
 poll() {
@@ -243,6 +249,7 @@ pids+=($!)
 secret="whsec_$(python3 -c 'import base64,os;print(base64.b64encode(os.urandom(32)).decode())')"
 export KLINGQ_REDIS_URL="$redis_url"
 export KLINGQ_NAMESPACE="$namespace"
+export KLINGQ_QUEUE_PARTITIONS="$partitions"
 if [ "$redis_mode" != standalone ]; then
     # Every primary has a replica (again, once a killed node is back): enqueues and the
     # checkpoint before a paid call wait until one holds them.
@@ -502,7 +509,7 @@ done
 log "webhooks received for $got of $expected_terminal jobs"
 
 json_list() { local IFS=,; echo "[$*]"; }
-extra="{\"redis_mode\": \"$redis_mode\", \"min_replicas_ack\": ${KLINGQ_REDIS_MIN_REPLICAS_ACK:-0}, \"worker_kills\": $kills, \"redis_connection_drops\": $redis_dropped, \"primary_kills\": $fo_attempts, \"failovers\": $failovers, \"failover_problems\": $fo_failures, \"promotion_seconds\": $(json_list "${fo_promote_secs[@]}"), \"replica_back_seconds\": $(json_list "${fo_rejoin_secs[@]}"), \"s3_outage_secs\": $s3_outage_secs, \"run_seconds\": $run_secs}"
+extra="{\"redis_mode\": \"$redis_mode\", \"partitions\": $partitions, \"min_replicas_ack\": ${KLINGQ_REDIS_MIN_REPLICAS_ACK:-0}, \"worker_kills\": $kills, \"redis_connection_drops\": $redis_dropped, \"primary_kills\": $fo_attempts, \"failovers\": $failovers, \"failover_problems\": $fo_failures, \"promotion_seconds\": $(json_list "${fo_promote_secs[@]}"), \"replica_back_seconds\": $(json_list "${fo_rejoin_secs[@]}"), \"s3_outage_secs\": $s3_outage_secs, \"run_seconds\": $run_secs}"
 set +e
 python3 tests/chaos/check.py "$api" "http://127.0.0.1:$sim_port" "$out/batches.txt" "$out/webhooks.jsonl" "$jobs" "$extra" | tee "$out/report.txt"
 status=${PIPESTATUS[0]}

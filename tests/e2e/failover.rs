@@ -1,8 +1,9 @@
 //! Pay-once across a Redis failover: the real worker runs a batch through the simulator
 //! (with faults) while the primary holding the namespace is killed with SIGKILL and its
-//! replica takes over, in a Cluster entered through a node that owns none of klingq's slots,
-//! and under Sentinel. Every job succeeds, each is charged once, every S3 object matches.
+//! replica takes over, in a Cluster entered through a node that owns none of klingq's slots
+//! (with the namespace in 1 and in 6 partitions), and under Sentinel. Every job succeeds, each is charged once, every S3 object matches.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use klingq_core::JobState;
@@ -14,7 +15,7 @@ use klingq_testkit::wait_for;
 
 use crate::pipeline::{
     Env, InProcessWorker, assert_all_succeeded_once, assert_paid_once_and_stored, enqueue, env_on,
-    wait_terminal,
+    env_partitioned, wait_terminal,
 };
 
 const JOBS: usize = 16;
@@ -92,18 +93,52 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_primary_killed_mid_batch_every_job_succeeds_and_pays_once() {
+    cluster_failover(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_partitions_on_three_shards_primary_killed_every_job_succeeds_and_pays_once() {
+    cluster_failover(6).await;
+}
+
+/// The cluster failover run with the namespace over `partitions` partitions, entered through
+/// a node that owns none of its slots; the primary killed owns partition 0 (the global keys:
+/// the shared provider limit, budgets) and some of the jobs.
+async fn cluster_failover(partitions: u32) {
     let cluster = RedisCluster::start().await.unwrap();
-    // Probe a namespace's slot to pick an entry node that does not own it.
-    let (env, _) = env_on(cluster.seed_url(), "failover-cluster", sim_config(), false).await;
-    let slot = key_slot(&format!("{{{}}}", env.services.namespace));
-    assert_ne!(
-        cluster.owner_of_slot(slot).await.unwrap(),
-        port_of(&cluster.url_not_owning(slot).await.unwrap())
-    );
-    let mut env = env;
-    env.services.redis_url = cluster.url_not_owning(slot).await.unwrap();
+    let (mut env, _) = env_partitioned(
+        cluster.seed_url(),
+        "failover-cluster",
+        sim_config(),
+        false,
+        partitions,
+    )
+    .await;
+    let layout = env.queue.partitions().clone();
+    let slots: Vec<u16> = layout
+        .all()
+        .map(|(_, keys)| key_slot(&keys.route()))
+        .collect();
+    let mut owners = HashSet::new();
+    for slot in &slots {
+        owners.insert(cluster.owner_of_slot(*slot).await.unwrap());
+    }
+    if partitions > 1 {
+        assert_eq!(
+            owners.len(),
+            3,
+            "the partitions span every shard: {owners:?}"
+        );
+    }
+    // A node that owns none of the namespace's slots (a replica, when every primary owns one).
+    env.services.redis_url = cluster
+        .node_urls()
+        .into_iter()
+        .find(|url| !owners.contains(&port_of(url)))
+        .expect("a node owning none of the slots");
     // Acknowledged means on a replica: the killed primary comes back (as an orchestrator
     // restarts it) and replicates its successor, so new writes can be confirmed again.
+    let slot = slots[0];
     survives_a_failover(env, 1, || async {
         let old = cluster.kill_primary_of_slot(slot).await.unwrap();
         cluster.wait_failover(slot, old).await.unwrap();

@@ -39,6 +39,17 @@ pub(crate) async fn env_on(
     sim_config: SimConfig,
     s3_via_proxy: bool,
 ) -> (Env, Option<TcpProxy>) {
+    env_partitioned(redis_url, prefix, sim_config, s3_via_proxy, 1).await
+}
+
+/// [`env_on`] with a namespace spread over `partitions` partitions.
+pub(crate) async fn env_partitioned(
+    redis_url: String,
+    prefix: &str,
+    sim_config: SimConfig,
+    s3_via_proxy: bool,
+    partitions: u32,
+) -> (Env, Option<TcpProxy>) {
     let s3 = ensure_seaweedfs().await.unwrap();
     let bucket = s3.unique_bucket(prefix).await.unwrap();
     let sim = klingq_sim::start_local(sim_config).await.unwrap();
@@ -59,6 +70,7 @@ pub(crate) async fn env_on(
         s3_access_key: s3.access_key.clone(),
         s3_secret_key: s3.secret_key.clone(),
         bucket,
+        partitions,
     };
     let queue = Queue::connect(services.worker_settings().queue)
         .await

@@ -30,6 +30,7 @@ async fn loopback_video_url_fails_the_paid_job_with_download_refused_and_keeps_t
         s3_access_key: s3.access_key.clone(),
         s3_secret_key: s3.secret_key.clone(),
         bucket,
+        partitions: 1,
     };
     let fixed_settings = services.worker_settings();
     let mut settings = fixed_settings.clone();

@@ -51,6 +51,9 @@ pub(crate) struct PipelineBenchArgs {
     /// Size of each video in bytes.
     #[arg(long, default_value_t = 1_000)]
     video_bytes: u64,
+    /// Batches the jobs are split into (batch `i` in partition `i mod queue.partitions`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1_000))]
+    batches: u64,
 }
 
 #[derive(Debug, Args)]
@@ -78,6 +81,11 @@ pub(crate) struct QueueBenchArgs {
     /// Concurrent handlers.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Batches the jobs are split into. A batch lives in one partition: with
+    /// `queue.partitions` > 1, give as many batches as partitions so every partition (and
+    /// shard) gets its share; batch `i` goes to partition `i mod partitions`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1_000))]
+    batches: u64,
     /// Namespace to use (default: a fresh `bench-…` one, deleted afterwards).
     #[arg(long)]
     namespace: Option<String>,
@@ -110,6 +118,8 @@ async fn noop(_job: NoopJob, done: Data<Arc<AtomicU64>>) -> Result<(), JobFailur
 struct QueueBenchFigures {
     jobs: u64,
     concurrency: usize,
+    partitions: usize,
+    batches: u64,
     enqueue_seconds: f64,
     enqueue_jobs_per_s: f64,
     process_seconds: f64,
@@ -184,24 +194,25 @@ async fn queue_bench(args: QueueBenchArgs, settings: Settings) -> anyhow::Result
             klingq_core::redact_url(&config.redis_url)
         )
     })?;
+    let partitions = queue.partitions().len();
     println!(
-        "bench queue: {} no-op jobs, concurrency {}, namespace {}",
-        args.jobs, args.concurrency, config.namespace
+        "bench queue: {} no-op jobs in {} batch(es), concurrency {}, {partitions} partition(s), namespace {}",
+        args.jobs, args.batches, args.concurrency, config.namespace
     );
 
     let before_per_node = queue.command_counters_per_node().await?;
     let before = queue.command_counters().await?;
     let enqueue_started = Instant::now();
-    let batch = klingq_core::JobId::new().to_string();
-    queue
-        .open_batch(&batch, &serde_json::json!({"bench": "queue"}), 0)
-        .await?;
     let jobs: Vec<NewJob> = (0..args.jobs)
         .map(|n| NewJob::new(&NoopJob { n }))
         .collect::<Result<_, _>>()?;
-    queue.enqueue_many(&jobs, Some(&batch)).await?;
-    queue.seal_batch(&batch).await?;
-    drop(jobs);
+    let batches = enqueue_in_batches(
+        &queue,
+        jobs,
+        args.batches,
+        &serde_json::json!({"bench": "queue"}),
+    )
+    .await?;
     let enqueue_seconds = enqueue_started.elapsed().as_secs_f64();
     let after_enqueue = queue.command_counters().await?;
     println!(
@@ -234,16 +245,15 @@ async fn queue_bench(args: QueueBenchArgs, settings: Settings) -> anyhow::Result
     let worker_task = tokio::spawn(run);
     let mut last_report = Instant::now();
     loop {
-        let record = queue.batch(&batch).await?.context("the batch vanished")?;
-        if record.done {
+        let (terminal, _, all_done) = batches_progress(&queue, &batches).await?;
+        if all_done {
             break;
         }
         if last_report.elapsed() >= Duration::from_secs(2) {
             println!(
-                "  {} / {} done ({:.0} jobs/s so far)",
-                record.terminal,
+                "  {terminal} / {} done ({:.0} jobs/s so far)",
                 args.jobs,
-                record.terminal as f64 / process_started.elapsed().as_secs_f64()
+                terminal as f64 / process_started.elapsed().as_secs_f64()
             );
             last_report = Instant::now();
         }
@@ -263,6 +273,8 @@ async fn queue_bench(args: QueueBenchArgs, settings: Settings) -> anyhow::Result
     let figures = QueueBenchFigures {
         jobs: args.jobs,
         concurrency: args.concurrency,
+        partitions,
+        batches: args.batches,
         enqueue_seconds,
         enqueue_jobs_per_s: args.jobs as f64 / enqueue_seconds,
         process_seconds,
@@ -284,6 +296,43 @@ async fn queue_bench(args: QueueBenchArgs, settings: Settings) -> anyhow::Result
     }
     println!("{}", serde_json::to_string(&figures)?);
     Ok(())
+}
+
+/// Enqueues `jobs` split round-robin over `n_batches` batches (batch `i` in partition
+/// `i mod partitions`, so every partition gets its share); returns the batch ids.
+async fn enqueue_in_batches(
+    queue: &Queue,
+    jobs: Vec<NewJob>,
+    n_batches: u64,
+    info: &serde_json::Value,
+) -> anyhow::Result<Vec<String>> {
+    let partitions = queue.partitions().len();
+    let n_batches = n_batches.max(1) as usize;
+    let mut split: Vec<Vec<NewJob>> = (0..n_batches).map(|_| Vec::new()).collect();
+    for (n, job) in jobs.into_iter().enumerate() {
+        split[n % n_batches].push(job);
+    }
+    let mut batches = Vec::with_capacity(n_batches);
+    for (i, jobs) in split.into_iter().enumerate() {
+        let batch = queue.partitions().id_in(i % partitions).to_string();
+        queue.open_batch(&batch, info, 0).await?;
+        queue.enqueue_many(&jobs, Some(&batch)).await?;
+        queue.seal_batch(&batch).await?;
+        batches.push(batch);
+    }
+    Ok(batches)
+}
+
+/// How far `batches` are: jobs finished, jobs succeeded, whether all are done.
+async fn batches_progress(queue: &Queue, batches: &[String]) -> anyhow::Result<(u64, u64, bool)> {
+    let (mut terminal, mut succeeded, mut done) = (0, 0, true);
+    for batch in batches {
+        let record = queue.batch(batch).await?.context("a batch vanished")?;
+        terminal += record.terminal;
+        succeeded += record.counts.get("succeeded").copied().unwrap_or(0);
+        done &= record.done;
+    }
+    Ok((terminal, succeeded, done))
 }
 
 fn peak_rss_mib() -> f64 {
@@ -789,16 +838,16 @@ async fn pipeline_bench(args: PipelineBenchArgs, settings: Settings) -> anyhow::
     let before_per_node = queue.command_counters_per_node().await?;
     let before = queue.command_counters().await?;
     let started = Instant::now();
-    let batch = klingq_core::JobId::new().to_string();
-    queue
-        .open_batch(&batch, &serde_json::json!({"bench": "pipeline"}), 0)
-        .await?;
     let jobs: Vec<NewJob> = (0..args.jobs)
         .map(|n| NewJob::new(&bench_spec(n)))
         .collect::<Result<_, _>>()?;
-    queue.enqueue_many(&jobs, Some(&batch)).await?;
-    queue.seal_batch(&batch).await?;
-    drop(jobs);
+    let batches = enqueue_in_batches(
+        &queue,
+        jobs,
+        args.batches,
+        &serde_json::json!({"bench": "pipeline"}),
+    )
+    .await?;
     let enqueue_seconds = started.elapsed().as_secs_f64();
     println!("enqueued in {enqueue_seconds:.2} s");
 
@@ -809,17 +858,16 @@ async fn pipeline_bench(args: PipelineBenchArgs, settings: Settings) -> anyhow::
     let cpu_before = cpu_seconds();
     let started = Instant::now();
     let mut last_report = Instant::now();
-    let record = loop {
-        let record = queue.batch(&batch).await?.context("the batch vanished")?;
-        if record.done {
-            break record;
+    let succeeded = loop {
+        let (terminal, succeeded, done) = batches_progress(&queue, &batches).await?;
+        if done {
+            break succeeded;
         }
         if last_report.elapsed() >= Duration::from_secs(5) {
             println!(
-                "  {} / {} done ({:.0} jobs/s so far)",
-                record.terminal,
+                "  {terminal} / {} done ({:.0} jobs/s so far)",
                 args.jobs,
-                record.terminal as f64 / started.elapsed().as_secs_f64()
+                terminal as f64 / started.elapsed().as_secs_f64()
             );
             last_report = Instant::now();
         }
@@ -832,7 +880,6 @@ async fn pipeline_bench(args: PipelineBenchArgs, settings: Settings) -> anyhow::
     let process_seconds = started.elapsed().as_secs_f64();
     let cpu_percent = (cpu_seconds() - cpu_before) / process_seconds * 100.0;
     let after = queue.command_counters().await?;
-    let succeeded = record.counts.get("succeeded").copied().unwrap_or(0);
     let _ = stop.send(());
     run.await??;
     let figures = PipelineFigures {

@@ -100,6 +100,12 @@ pub(crate) const SETTINGS: &[Setting] = &[
         "Name of the video job queue inside the namespace.",
     ),
     setting(
+        "queue.partitions",
+        "KLINGQ_QUEUE_PARTITIONS",
+        "1",
+        "Hash tags the namespace's jobs are spread over (1 to 64), so that one namespace can use several Cluster shards: a batch stays in one partition, single jobs are spread by id, limits, budgets and pauses stay global. Every process of a namespace must use the same value; it is fixed once the namespace holds jobs (a different value is refused, with how to migrate).",
+    ),
+    setting(
         "queue.lease_timeout_secs",
         "KLINGQ_LEASE_TIMEOUT_SECS",
         "60",
@@ -163,7 +169,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
         "queue.events_max_len",
         "KLINGQ_EVENTS_MAX_LEN",
         "100000",
-        "The events stream is trimmed to about this many entries.",
+        "The events stream (each partition's) is trimmed to about this many entries.",
     ),
     setting(
         "queue.command_timeout_ms",

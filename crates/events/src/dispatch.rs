@@ -1,9 +1,9 @@
 //! The dispatcher: reads the completion events stream with a consumer group and fans each
 //! event out into one delivery job per subscribed endpoint on the `webhooks` queue.
 //!
-//! - Read: the queue's [`EventsGroup`] reader as consumer `<consumer>` of the group
-//!   `webhooks`: first this consumer's own pending entries, then new ones (a blocking read on
-//!   a dedicated connection).
+//! - Read: the queue's [`EventsGroup`] readers, one per partition's events stream, as
+//!   consumer `<consumer>` of the group `webhooks`: first this consumer's own pending
+//!   entries, then new ones (a blocking read on a dedicated connection per partition).
 //! - Fan-out: the job's `webhook_url` (job payload), its batch's `webhook_url` (batch info),
 //!   and the global endpoints that want the event type; one URL gets one delivery.
 //! - Exactly one delivery per (event, endpoint): the delivery's job id is a hash of both, and
@@ -45,16 +45,28 @@ struct Cursor {
 }
 
 impl Dispatcher {
-    /// Runs until `stop` turns true. Redis errors are logged and retried with backoff.
-    pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
+    /// Runs until `stop` turns true, one read loop per partition's events stream. Redis
+    /// errors are logged and retried with backoff.
+    pub(crate) async fn run(self, stop: watch::Receiver<bool>) {
+        tracing::info!(consumer = %self.consumer, "webhook dispatcher started");
+        let groups = self.source.events_groups(DISPATCH_GROUP, &self.consumer);
+        futures::future::join_all(
+            groups
+                .into_iter()
+                .map(|group| self.run_partition(group, stop.clone())),
+        )
+        .await;
+        tracing::info!(consumer = %self.consumer, "webhook dispatcher stopped");
+    }
+
+    async fn run_partition(&self, group: EventsGroup, mut stop: watch::Receiver<bool>) {
         let mut cursor = Cursor {
-            group: self.source.events_group(DISPATCH_GROUP, &self.consumer),
+            group,
             backlog: true,
             last_claim: None,
             group_ready: false,
         };
         let mut n_failures: u32 = 0;
-        tracing::info!(consumer = %self.consumer, "webhook dispatcher started");
         loop {
             if *stop.borrow() {
                 break;
@@ -72,7 +84,12 @@ impl Dispatcher {
                     let delay = Duration::from_millis(100)
                         .saturating_mul(1 << n_failures.min(6))
                         .min(Duration::from_secs(5));
-                    tracing::warn!(%error, ?delay, "webhook dispatch failed; retrying");
+                    tracing::warn!(
+                        %error,
+                        ?delay,
+                        partition = cursor.group.partition(),
+                        "webhook dispatch failed; retrying"
+                    );
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = stop.changed() => break,
@@ -80,7 +97,6 @@ impl Dispatcher {
                 }
             }
         }
-        tracing::info!(consumer = %self.consumer, "webhook dispatcher stopped");
     }
 
     async fn step(&self, cursor: &mut Cursor) -> Result<(), WebhookError> {

@@ -121,7 +121,7 @@ impl Producer {
         parent: Option<TraceParent>,
     ) -> Result<JobAccepted, ProducerError> {
         job.validate().map_err(ProducerError::Invalid)?;
-        let mut new_job = self.new_job(&job, job.idempotency_key.clone())?;
+        let mut new_job = self.new_job(&job, job.idempotency_key.clone(), None)?;
         let span = tracing::info_span!(
             "enqueue",
             job_id = %new_job.id,
@@ -236,7 +236,7 @@ impl Producer {
             Some(key) => {
                 let opened = self
                     .queue
-                    .open_batch_idempotent(&JobId::new().to_string(), &info, budget_micros, key)
+                    .open_batch_idempotent(&info, budget_micros, key)
                     .await?;
                 if !opened.created
                     && let Some(record) = self.queue.batch(&opened.id).await?
@@ -276,7 +276,7 @@ impl Producer {
                     .as_ref()
                     .map(|batch_key| format!("batch:{batch_key}:{index}"))
             });
-            let mut job = self.new_job(spec, key)?;
+            let mut job = self.new_job(spec, key, Some(&batch_id))?;
             job.trace = Some(klingq_telemetry::new_job_trace(&span, &job.id));
             estimated_micros += job.estimated_micros;
             new_jobs.push(job);
@@ -319,9 +319,16 @@ impl Producer {
         })
     }
 
-    fn new_job(&self, spec: &JobSpec, key: Option<String>) -> Result<NewJob, ProducerError> {
+    /// The job to enqueue, with an id in the partition it will live in (its batch's, its
+    /// idempotency key's), so the id traced here is the one stored.
+    fn new_job(
+        &self,
+        spec: &JobSpec,
+        key: Option<String>,
+        batch: Option<&str>,
+    ) -> Result<NewJob, ProducerError> {
         Ok(NewJob {
-            id: JobId::new(),
+            id: self.queue.new_job_id(batch, key.as_deref()),
             payload: serde_json::to_string(spec)?,
             priority: spec.priority,
             run_at_ms: spec.not_before.map(epoch_ms),
@@ -538,6 +545,13 @@ impl Producer {
             .collect())
     }
 
+    /// Whether `cursor` is an event cursor of this namespace: `0`, one stream id, or one per
+    /// partition.
+    pub fn accepts_event_cursor(&self, cursor: &str) -> bool {
+        is_event_cursor(cursor)
+            && klingq_queue::EventCursor::parse(cursor, self.queue.partitions().len()).is_ok()
+    }
+
     /// The cursor of the newest event (`0-0` when there is none): reading after it gives
     /// only events that come later.
     pub async fn latest_event_cursor(&self) -> Result<String, ProducerError> {
@@ -727,14 +741,19 @@ pub fn canonical_id(id: &str) -> Option<String> {
     id.trim().parse::<JobId>().ok().map(|id| id.to_string())
 }
 
-/// Whether `cursor` is an events stream position: `0`, `<ms>` or `<ms>-<seq>`, each part at
-/// most 19 digits (so it fits Redis's 64-bit ids).
+/// Whether `cursor` reads as an event cursor: `0`, a stream id (`<ms>-<seq>` or `<ms>`), or
+/// (with `queue.partitions` > 1) one id per partition, comma-separated. Whether it fits this
+/// namespace's partitions is [`Producer::accepts_event_cursor`].
 pub fn is_event_cursor(cursor: &str) -> bool {
-    let mut parts = cursor.splitn(2, '-');
     // Each part is a u64, as Redis stream ids are (the largest, `18446744073709551615-…`,
     // is valid too).
     let number = |s: &str| s.bytes().all(|b| b.is_ascii_digit()) && s.parse::<u64>().is_ok();
-    parts.next().is_some_and(number) && parts.next().is_none_or(number)
+    let id = |part: &str| {
+        let mut parts = part.splitn(2, '-');
+        parts.next().is_some_and(number) && parts.next().is_none_or(number)
+    };
+    let ids: Vec<&str> = cursor.split(',').collect();
+    ids.len() <= klingq_queue::MAX_PARTITIONS as usize && ids.into_iter().all(id)
 }
 
 fn epoch_ms(time: OffsetDateTime) -> u64 {
@@ -756,7 +775,7 @@ mod tests {
         let id = JobId::new().to_string();
         assert_eq!(canonical_id(&id.to_uppercase()), Some(id));
         assert_eq!(canonical_id("job-1"), None);
-        for good in ["0", "0-0", "1700000000000-3"] {
+        for good in ["0", "0-0", "1700000000000-3", "1-0,2-3,4"] {
             assert!(is_event_cursor(good), "{good}");
         }
         for bad in [
@@ -767,6 +786,8 @@ mod tests {
             "1-2-3",
             "$",
             "12345678901234567890123",
+            "1-0,",
+            "1-0,x",
         ] {
             assert!(!is_event_cursor(bad), "{bad}");
         }

@@ -87,36 +87,27 @@ impl Queue {
     }
 
     /// Deletes every key of this queue's namespace (all its queues, batches, events and
-    /// limits), in steps of `SCAN` and `UNLINK`; returns how many were deleted. For
-    /// benchmarks and tests that made a namespace of their own: nothing can be recovered.
+    /// limits, in every partition), in steps of `SCAN` and `UNLINK`; returns how many were
+    /// deleted. For benchmarks and tests that made a namespace of their own: nothing can be
+    /// recovered.
     pub async fn delete_namespace(&self) -> Result<u64, QueueError> {
-        let pattern = format!("{}:*", self.keys().prefix());
-        let mut cursor: u64 = 0;
         let mut n_deleted = 0;
-        loop {
-            // In a cluster, on the node that holds the namespace's slot.
-            let reply = self
-                .retrying(std::time::Duration::from_secs(10), || async {
-                    let mut cmd = redis::cmd("SCAN");
-                    cmd.arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(1000);
-                    Ok(self.redis().on_slot_owner(cmd).await?)
-                })
-                .await?;
-            let (next, keys): (u64, Vec<String>) = redis::from_redis_value(reply)
-                .map_err(|error| QueueError::Protocol(format!("SCAN: {error}")))?;
-            if !keys.is_empty() {
-                let unlinked: u64 = self.query(redis::cmd("UNLINK").arg(&keys)).await?;
-                n_deleted += unlinked;
+        for (_, keys) in self.partitions().all() {
+            let pattern = format!("{}:*", keys.prefix());
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, found) = self.scan_page(keys, cursor, &pattern).await?;
+                if !found.is_empty() {
+                    let unlinked: u64 = self.query(redis::cmd("UNLINK").arg(&found)).await?;
+                    n_deleted += unlinked;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            if next == 0 {
-                return Ok(n_deleted);
-            }
-            cursor = next;
         }
+        Ok(n_deleted)
     }
 }
 

@@ -19,6 +19,9 @@ pub struct QueueConfig {
     pub namespace: String,
     /// The queue's name inside the namespace.
     pub queue: String,
+    /// Hash tags the namespace's jobs are spread over (1 to 64), so that they can live on as
+    /// many Cluster shards. Fixed when the namespace is created.
+    pub partitions: u32,
     /// A job whose worker stops renewing its lease for this long is handed to another worker.
     pub lease_timeout_secs: u64,
     /// How often a worker looks for jobs whose lease expired (kill -9, partition).
@@ -59,6 +62,7 @@ impl Default for QueueConfig {
             redis_mode: RedisMode::Auto,
             namespace: "klingq".to_owned(),
             queue: "videos".to_owned(),
+            partitions: 1,
             lease_timeout_secs: 60,
             reclaim_interval_secs: 5,
             promote_interval_ms: 250,

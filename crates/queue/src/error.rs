@@ -33,6 +33,24 @@ pub enum QueueError {
         kind: &'static str,
         what: &'static str,
     },
+    /// `queue.partitions` out of range.
+    #[error("queue.partitions (KLINGQ_QUEUE_PARTITIONS) must be between 1 and {max}, not {value}")]
+    PartitionsOutOfRange { value: u32, max: u32 },
+    /// The namespace holds jobs spread over another number of partitions: starting with this
+    /// one would leave jobs unread and split idempotency keys.
+    #[error(
+        "namespace {namespace:?} holds jobs in {recorded} partition(s) but queue.partitions (KLINGQ_QUEUE_PARTITIONS) is {configured}. Set it to {recorded}; to change it, use it with a new namespace (queue.namespace, KLINGQ_NAMESPACE), keep workers on the old one until `klingq status` shows nothing waiting or running there, then switch producers over"
+    )]
+    PartitionsMismatch {
+        namespace: String,
+        recorded: u32,
+        configured: u32,
+    },
+    /// An events cursor that is not one (or names another number of partitions).
+    #[error(
+        "{cursor:?} is not an event cursor: give 0, one stream id such as 1700000000000-0, or {partitions} comma-separated ids (one per partition)"
+    )]
+    BadCursor { cursor: String, partitions: usize },
     #[error("job {0} not found")]
     NotFound(String),
     #[error("batch {0} not found")]

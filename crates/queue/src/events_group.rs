@@ -67,6 +67,8 @@ pub struct ClaimedEntries {
 /// dedicated connection, dropped after an error (the next read opens another).
 pub struct EventsGroup {
     queue: Queue,
+    /// The partition whose events stream this reads.
+    partition: usize,
     stream: String,
     group: String,
     consumer: String,
@@ -76,6 +78,7 @@ pub struct EventsGroup {
 impl std::fmt::Debug for EventsGroup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EventsGroup")
+            .field("partition", &self.partition)
             .field("stream", &self.stream)
             .field("group", &self.group)
             .field("consumer", &self.consumer)
@@ -84,16 +87,21 @@ impl std::fmt::Debug for EventsGroup {
 }
 
 impl Queue {
-    /// `consumer` of the events stream in the consumer group `group`. Nothing is read or
-    /// created before [`EventsGroup::ensure`].
-    pub fn events_group(&self, group: &str, consumer: &str) -> EventsGroup {
-        EventsGroup {
-            queue: self.clone(),
-            stream: self.keys().events(),
-            group: group.to_owned(),
-            consumer: consumer.to_owned(),
-            blocking: None,
-        }
+    /// `consumer` of each partition's events stream in the consumer group `group`, one
+    /// reader per partition (in partition order). Nothing is read or created before
+    /// [`EventsGroup::ensure`].
+    pub fn events_groups(&self, group: &str, consumer: &str) -> Vec<EventsGroup> {
+        self.partitions()
+            .all()
+            .map(|(partition, keys)| EventsGroup {
+                queue: self.clone(),
+                partition,
+                stream: keys.events(),
+                group: group.to_owned(),
+                consumer: consumer.to_owned(),
+                blocking: None,
+            })
+            .collect()
     }
 }
 
@@ -104,6 +112,11 @@ impl EventsGroup {
 
     pub fn consumer(&self) -> &str {
         &self.consumer
+    }
+
+    /// The partition whose events this reads.
+    pub fn partition(&self) -> usize {
+        self.partition
     }
 
     /// Creates the group (and the stream) unless it exists. A new group starts at the
@@ -146,7 +159,10 @@ impl EventsGroup {
             Some(conn) => conn,
             None => {
                 let timeout = block + self.queue.config().command_timeout();
-                let conn = self.queue.dedicated_connection(timeout).await?;
+                let conn = self
+                    .queue
+                    .dedicated_connection(timeout, self.partition)
+                    .await?;
                 self.blocking.insert(conn)
             }
         };

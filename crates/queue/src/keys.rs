@@ -1,5 +1,6 @@
-//! Every Redis key klingq uses, in one place. All keys of a namespace share the hash tag
-//! `{ns}`, so multi-key scripts stay in one Redis Cluster slot.
+//! Every Redis key klingq uses, in one place. All keys of one partition share its hash tag
+//! (`{ns}` for partition 0, see [`crate::Partitions`]), so multi-key scripts stay in one
+//! Redis Cluster slot.
 
 use klingq_core::Priority;
 
@@ -112,6 +113,11 @@ impl Keys {
         format!("{}:route", self.prefix)
     }
 
+    /// Hash of what the namespace was created with (`partitions`). Global: partition 0.
+    pub fn meta(&self) -> String {
+        format!("{}:meta", self.prefix)
+    }
+
     /// List of one webhook delivery's attempt records, oldest first. Written by
     /// `webhook_attempt.lua` (keep the two in step).
     pub fn webhook_attempts(&self, delivery_id: &str) -> String {
@@ -158,6 +164,7 @@ mod tests {
             keys.daily_budget(time::macros::date!(2025 - 03 - 07)),
             keys.pause("provider"),
             keys.route(),
+            keys.meta(),
             keys.webhook_attempts("d"),
             keys.webhooks_disabled(),
         ] {

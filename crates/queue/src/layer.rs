@@ -135,7 +135,7 @@ async fn settle_result<R: Outcome>(
                     .held
                     .lock()
                     .expect("held map poisoned")
-                    .remove(&delivery.entry);
+                    .remove(&crate::worker::held_key(&delivery.stream, &delivery.entry));
                 return;
             }
         },

@@ -20,6 +20,8 @@ use crate::worker::Shared;
 /// What the queue knows of one delivery.
 #[derive(Debug, Clone)]
 pub(crate) struct Delivery {
+    /// The partition of the job and its stream.
+    pub(crate) partition: usize,
     pub(crate) stream: String,
     pub(crate) entry: String,
     pub(crate) job_id: String,
@@ -158,7 +160,9 @@ impl Lease {
         }
         let delivery = &self.inner.delivery;
         let shared = &self.inner.shared;
-        let mut cmd = shared.queue.script_cmd(&scripts::CHECKPOINT);
+        let mut cmd = shared
+            .queue
+            .script_cmd_in(&scripts::CHECKPOINT, delivery.partition);
         cmd.arg(&delivery.stream)
             .arg(&delivery.entry)
             .arg(&shared.consumer)
@@ -178,7 +182,7 @@ impl Lease {
             .map_err(|error: QueueError| LeaseError::Redis(error))?;
         match reply.as_str() {
             // Trusted (a paid call may follow) only once replicated, when asked for.
-            "ok" => Ok(shared.queue.replicated().await?),
+            "ok" => Ok(shared.queue.replicated(delivery.partition).await?),
             "cancelled" => Err(LeaseError::Cancelled),
             "lost" => {
                 self.inner.lost.store(true, Ordering::Relaxed);

@@ -128,7 +128,9 @@ impl Queue {
     }
 
     /// Reserves a job's estimated cost against the daily budget (0: none) and its batch's
-    /// budget. Idempotent per job and life.
+    /// budget. Idempotent per job and life. The daily budget is global (partition 0); a job
+    /// of another partition reserves there first, once per job and day, and gives it back
+    /// if its batch's budget refuses.
     pub async fn reserve_budget(
         &self,
         job_id: &str,
@@ -136,10 +138,17 @@ impl Queue {
         daily_limit_micros: u64,
     ) -> Result<BudgetDecision, QueueError> {
         let day = day_stamp(time::OffsetDateTime::now_utc().date());
-        let mut cmd = self.script_cmd(&scripts::BUDGET_RESERVE);
-        cmd.arg(job_id).arg(day).arg(micros).arg(daily_limit_micros);
-        let (decision, spent, committed): (String, u64, u64) = self.run_script(cmd).await?;
-        Ok(match decision.as_str() {
+        let p = self.partitions().of(job_id);
+        let in_job_partition = |mode: &str| {
+            let mut cmd = self.script_cmd_in(&scripts::BUDGET_RESERVE, p);
+            cmd.arg(job_id)
+                .arg(&day)
+                .arg(micros)
+                .arg(daily_limit_micros)
+                .arg(mode);
+            cmd
+        };
+        let decide = |decision: &str, spent: u64, committed: u64| match decision {
             "daily" => BudgetDecision::OverDailyBudget {
                 spent_micros: spent,
             },
@@ -147,7 +156,42 @@ impl Queue {
                 committed_micros: committed,
             },
             _ => BudgetDecision::Reserved,
-        })
+        };
+        if p == 0 {
+            let (decision, spent, committed): (String, u64, u64) =
+                self.run_script(in_job_partition("all")).await?;
+            return Ok(decide(&decision, spent, committed));
+        }
+        let (decision, spent, new) = self
+            .budget_day(job_id, &day, micros, daily_limit_micros, "reserve")
+            .await?;
+        if decision == "daily" {
+            return Ok(decide(&decision, spent, 0));
+        }
+        let (decision, _, committed): (String, u64, u64) =
+            self.run_script(in_job_partition("partition")).await?;
+        if decision != "ok" && new == 1 {
+            // Reserved before (an earlier day), or refused by the batch: not today's spend.
+            self.budget_day(job_id, &day, micros, 0, "release").await?;
+        }
+        Ok(decide(&decision, spent, committed))
+    }
+
+    async fn budget_day(
+        &self,
+        job_id: &str,
+        day: &str,
+        micros: u64,
+        daily_limit_micros: u64,
+        op: &str,
+    ) -> Result<(String, u64, u64), QueueError> {
+        let mut cmd = self.script_cmd(&scripts::BUDGET_DAY);
+        cmd.arg(job_id)
+            .arg(day)
+            .arg(micros)
+            .arg(daily_limit_micros)
+            .arg(op);
+        self.run_script(cmd).await
     }
 
     /// Today's reserved spend, in micro-dollars.

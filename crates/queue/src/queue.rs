@@ -17,7 +17,8 @@ use crate::config::QueueConfig;
 use crate::conn::{Dedicated, ErrorCounters, Redis, SharedConn, Topology};
 use crate::error::QueueError;
 use crate::keys::{GROUP, Keys};
-use crate::record::{BatchRecord, JobRecord, QueueStats, StoredEvent};
+use crate::partition::{MAX_PARTITIONS, Partitions};
+use crate::record::{BatchRecord, JobRecord, QueueStats};
 use crate::scripts;
 
 /// A job to enqueue. The payload is the queue's argument type, already serialized.
@@ -95,14 +96,15 @@ pub enum RedriveOutcome {
 
 pub(crate) struct Inner {
     pub(crate) config: QueueConfig,
-    pub(crate) keys: Keys,
+    /// The namespace's partitions; partition 0 also holds the global keys.
+    pub(crate) parts: Partitions,
     /// How this process reaches Redis (shared by every clone and `for_queue` copy).
     redis: Arc<Redis>,
     pub(crate) conn: SharedConn,
     /// Transient Redis errors seen by this process, per kind.
     errors: Arc<ErrorCounters>,
-    /// A key in the namespace's slot: every script names it as KEYS[1] so Cluster routes it.
-    route_key: String,
+    /// Per partition, a key in its slot: every script names it as KEYS[1] so Cluster routes it.
+    route_keys: Arc<[String]>,
     /// Retry a failed call once only (within the command timeout), for callers that answer a
     /// person or a service and should say "Redis is unavailable" instead of waiting.
     fail_fast: bool,
@@ -128,9 +130,15 @@ impl Queue {
     /// Connects (standalone, Cluster or Sentinel, as `redis_mode` says or as detected) and
     /// loads the scripts. Fails if Redis does not answer.
     pub async fn connect(config: QueueConfig) -> Result<Self, QueueError> {
-        let keys = Keys::new(&config.namespace);
-        let route_key = keys.route();
-        let redis = Redis::connect(&config, &route_key)
+        if !(1..=MAX_PARTITIONS).contains(&config.partitions) {
+            return Err(QueueError::PartitionsOutOfRange {
+                value: config.partitions,
+                max: MAX_PARTITIONS,
+            });
+        }
+        let parts = Partitions::new(&config.namespace, config.partitions);
+        let route_keys: Arc<[String]> = parts.all().map(|(_, keys)| keys.route()).collect();
+        let redis = Redis::connect(&config, &route_keys[0])
             .await
             .map_err(|error| match error {
                 QueueError::Redis(ref redis_error) if error.is_transient() => {
@@ -149,28 +157,30 @@ impl Queue {
             })?;
         let mut conn = redis.shared.clone();
         Self::load_scripts(&mut conn).await?;
-        Ok(Self {
+        let queue = Self {
             inner: Arc::new(Inner {
                 config,
-                keys,
+                parts,
                 conn,
                 redis: Arc::new(redis),
                 errors: Arc::default(),
-                route_key,
+                route_keys,
                 fail_fast: false,
             }),
-        })
+        };
+        queue.check_partitions().await?;
+        Ok(queue)
     }
 
     fn with(&self, config: QueueConfig, fail_fast: bool) -> Self {
         Self {
             inner: Arc::new(Inner {
                 config,
-                keys: self.inner.keys.clone(),
+                parts: self.inner.parts.clone(),
                 redis: self.inner.redis.clone(),
                 conn: self.inner.conn.clone(),
                 errors: self.inner.errors.clone(),
-                route_key: self.inner.route_key.clone(),
+                route_keys: self.inner.route_keys.clone(),
                 fail_fast,
             }),
         }
@@ -188,9 +198,10 @@ impl Queue {
         self.with(self.inner.config.clone(), true)
     }
 
-    /// What was found at `redis_url`: mode, primaries, the namespace's slot and its owner.
+    /// What was found at `redis_url`: mode, primaries, the namespace's slot and its owner, and
+    /// the shards its partitions live on.
     pub async fn topology(&self) -> Topology {
-        self.inner.redis.topology().await
+        self.inner.redis.topology(&self.inner.route_keys).await
     }
 
     pub(crate) fn redis(&self) -> &Redis {
@@ -221,7 +232,7 @@ impl Queue {
     /// process made so far (`WAIT`, on the connection that made them), or fails with
     /// [`QueueError::NotReplicated`] after `replica_ack_timeout_ms`. Never a silent downgrade:
     /// the caller sees the error (enqueue) or retries (checkpoint).
-    pub(crate) async fn replicated(&self) -> Result<(), QueueError> {
+    pub(crate) async fn replicated(&self, partition: usize) -> Result<(), QueueError> {
         let config = &self.inner.config;
         let wanted = config.min_replicas_ack;
         if wanted == 0 {
@@ -231,7 +242,7 @@ impl Queue {
         let acked = self
             .inner
             .redis
-            .wait_replicas(wanted, timeout_ms)
+            .wait_replicas(wanted, timeout_ms, self.route_key(partition))
             .await
             .map_err(|error| {
                 let error = QueueError::from(error);
@@ -259,8 +270,19 @@ impl Queue {
         &self.inner.config
     }
 
+    /// The namespace's global keys (partition 0's): limits, budgets, pauses, webhook records.
     pub fn keys(&self) -> &Keys {
-        &self.inner.keys
+        self.inner.parts.global()
+    }
+
+    /// How the namespace's jobs are spread over hash tags.
+    pub fn partitions(&self) -> &Partitions {
+        &self.inner.parts
+    }
+
+    /// A key in partition `p`'s slot, for routing.
+    pub(crate) fn route_key(&self, p: usize) -> &str {
+        &self.inner.route_keys[p % self.inner.route_keys.len()]
     }
 
     pub fn name(&self) -> &str {
@@ -272,29 +294,35 @@ impl Queue {
         self.inner.conn.clone()
     }
 
-    /// A new connection of its own to the node owning the namespace's slot, for blocking
+    /// A new connection of its own to the node owning partition `p`'s slot, for blocking
     /// reads that must not stall shared traffic. After a failover or a slot move its
     /// commands fail (transient errors): open a new one.
     pub async fn dedicated_connection(
         &self,
         response_timeout: Duration,
+        p: usize,
     ) -> Result<Dedicated, QueueError> {
         self.inner
             .redis
-            .dedicated(response_timeout)
+            .dedicated(response_timeout, self.route_key(p))
             .await
             .inspect_err(|error| self.record_error(error))
     }
 
-    /// An EVALSHA of `script` with the prelude's arguments (prefix, retention, events length);
-    /// the script's own arguments are appended by the caller.
+    /// An EVALSHA of `script` on the global keys (partition 0); see [`Queue::script_cmd_in`].
     pub(crate) fn script_cmd(&self, script: &Script) -> Cmd {
+        self.script_cmd_in(script, 0)
+    }
+
+    /// An EVALSHA of `script` in partition `p` with the prelude's arguments (prefix,
+    /// retention, events length); the script's own arguments are appended by the caller.
+    pub(crate) fn script_cmd_in(&self, script: &Script, p: usize) -> Cmd {
         let config = &self.inner.config;
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(script.get_hash())
             .arg(1)
-            .arg(&self.inner.route_key)
-            .arg(self.inner.keys.prefix())
+            .arg(self.route_key(p))
+            .arg(self.inner.parts.keys(p).prefix())
             .arg(config.retention_secs.max(1))
             .arg(config.events_max_len.max(1));
         cmd
@@ -363,15 +391,16 @@ impl Queue {
             .map_err(|error| self.unavailable(error))
     }
 
-    /// One enqueue script call for `jobs` (one Redis round trip, one script run).
-    fn enqueue_cmd(&self, batch: &str, jobs: &[NewJob]) -> Cmd {
+    /// One enqueue script call in partition `p` for `jobs` (one script run); each job goes
+    /// with the id it is stored under.
+    fn enqueue_cmd(&self, p: usize, batch: &str, jobs: &[(&NewJob, String)]) -> Cmd {
         let config = &self.inner.config;
-        let mut cmd = self.script_cmd(&scripts::ENQUEUE);
+        let mut cmd = self.script_cmd_in(&scripts::ENQUEUE, p);
         cmd.arg(&config.queue)
             .arg(config.idempotency_ttl_secs.max(1))
             .arg(batch);
-        for job in jobs {
-            cmd.arg(job.id.to_string())
+        for (job, id) in jobs {
+            cmd.arg(id)
                 .arg(&job.payload)
                 .arg(job.priority.as_str())
                 .arg(job.max_attempts.unwrap_or(config.max_attempts).max(1))
@@ -383,6 +412,27 @@ impl Queue {
         cmd
     }
 
+    /// The partition a new job goes to: its batch's, its idempotency key's, or its id's.
+    pub fn partition_for(&self, job: &NewJob, batch: Option<&str>) -> usize {
+        let parts = &self.inner.parts;
+        match (batch, &job.idempotency_key) {
+            (Some(batch), _) => parts.of(batch),
+            (None, Some(key)) => parts.of_key(&self.inner.config.queue, key),
+            (None, None) => parts.of(&job.id.to_string()),
+        }
+    }
+
+    /// A fresh id for a job that will be enqueued with `batch` and `idempotency_key`: one
+    /// that lives in the job's partition, so [`Queue::enqueue_many`] keeps it.
+    pub fn new_job_id(&self, batch: Option<&str>, idempotency_key: Option<&str>) -> JobId {
+        let parts = &self.inner.parts;
+        match (batch, idempotency_key) {
+            (Some(batch), _) => parts.id_in(parts.of(batch)),
+            (None, Some(key)) => parts.id_in(parts.of_key(&self.inner.config.queue, key)),
+            (None, None) => JobId::new(),
+        }
+    }
+
     /// Enqueues one job (with its optional batch, which must be open).
     pub async fn enqueue(&self, job: &NewJob, batch: Option<&str>) -> Result<Enqueued, QueueError> {
         let mut replies = self.enqueue_many(std::slice::from_ref(job), batch).await?;
@@ -392,19 +442,63 @@ impl Queue {
     }
 
     /// Enqueues many jobs, `enqueue_chunk` per script call, with a few calls pipelined per
-    /// round trip. Re-running a call after a dropped connection is harmless: enqueue is
-    /// idempotent per job id.
+    /// round trip, each partition's calls on their own (in a cluster they go to different
+    /// shards). A job whose id does not live in its partition (see [`Queue::partition_for`])
+    /// is stored under a new id that does: the replies say which, in the jobs' order.
+    /// Re-running a call after a dropped connection is harmless: enqueue is idempotent per
+    /// job id and idempotency key.
     pub async fn enqueue_many(
         &self,
         jobs: &[NewJob],
         batch: Option<&str>,
     ) -> Result<Vec<Enqueued>, QueueError> {
-        let mut results = Vec::with_capacity(jobs.len());
+        let parts = &self.inner.parts;
+        let mut by_partition: Vec<Vec<(usize, &NewJob, String)>> = vec![Vec::new(); parts.len()];
+        for (index, job) in jobs.iter().enumerate() {
+            let p = self.partition_for(job, batch);
+            let id = job.id.to_string();
+            let id = if parts.of(&id) == p {
+                id
+            } else {
+                parts.id_in(p).to_string()
+            };
+            by_partition[p].push((index, job, id));
+        }
+        let mut results: Vec<Option<Enqueued>> = vec![None; jobs.len()];
+        for (p, placed) in by_partition.iter().enumerate() {
+            if placed.is_empty() {
+                continue;
+            }
+            let enqueued = self.enqueue_in(p, batch.unwrap_or(""), placed).await?;
+            for ((index, _, _), outcome) in placed.iter().zip(enqueued) {
+                results[*index] = Some(outcome);
+            }
+            self.replicated(p).await?;
+        }
+        results
+            .into_iter()
+            .map(|outcome| {
+                outcome.ok_or_else(|| QueueError::Protocol("enqueue reply missing".to_owned()))
+            })
+            .collect()
+    }
+
+    async fn enqueue_in(
+        &self,
+        p: usize,
+        batch: &str,
+        placed: &[(usize, &NewJob, String)],
+    ) -> Result<Vec<Enqueued>, QueueError> {
+        let mut results = Vec::with_capacity(placed.len());
         let chunk_size = self.inner.config.enqueue_chunk.clamp(1, 2_000);
-        for group in jobs.chunks(chunk_size * 4) {
+        for group in placed.chunks(chunk_size * 4) {
             let mut pipe = redis::pipe();
             for chunk in group.chunks(chunk_size) {
-                pipe.add_command(self.enqueue_cmd(batch.unwrap_or(""), chunk));
+                let jobs: Vec<(&NewJob, String)> = chunk
+                    .iter()
+                    .map(|(_, job, id)| (*job, id.clone()))
+                    .collect();
+                pipe.add_command(self.enqueue_cmd(p, batch, &jobs));
             }
             let replies: Vec<Vec<Value>> = self
                 .run_scripts(&ScriptBatch::Many(pipe), Duration::from_secs(30))
@@ -419,7 +513,6 @@ impl Queue {
                 }
             }
         }
-        self.replicated().await?;
         Ok(results)
     }
 
@@ -430,27 +523,30 @@ impl Queue {
         info: &Json,
         budget_micros: u64,
     ) -> Result<(), QueueError> {
+        let p = self.inner.parts.of(batch_id);
         let _: String = self
-            .run_script(self.open_batch_cmd(batch_id, info, budget_micros, ""))
+            .run_script(self.open_batch_cmd(p, batch_id, info, budget_micros, ""))
             .await?;
-        self.replicated().await
+        self.replicated(p).await
     }
 
     /// Opens a batch under a batch idempotency key, in one script: the first call within
-    /// `idempotency_ttl_secs` claims the key for `batch_id`; a later one opens the first
+    /// `idempotency_ttl_secs` claims the key for a new batch id; a later one opens the first
     /// batch again instead (a no-op when its record exists), so a retried submission resumes
-    /// it. Safe to run twice.
+    /// it. Safe to run twice. The batch lives in the key's partition.
     pub async fn open_batch_idempotent(
         &self,
-        batch_id: &str,
         info: &Json,
         budget_micros: u64,
         idempotency_key: &str,
     ) -> Result<OpenedBatch, QueueError> {
+        let parts = &self.inner.parts;
+        let p = parts.of_key(&self.inner.config.queue, idempotency_key);
+        let batch_id = parts.id_in(p).to_string();
         let id: String = self
-            .run_script(self.open_batch_cmd(batch_id, info, budget_micros, idempotency_key))
+            .run_script(self.open_batch_cmd(p, &batch_id, info, budget_micros, idempotency_key))
             .await?;
-        self.replicated().await?;
+        self.replicated(p).await?;
         Ok(OpenedBatch {
             created: id == batch_id,
             id,
@@ -459,13 +555,14 @@ impl Queue {
 
     fn open_batch_cmd(
         &self,
+        p: usize,
         batch_id: &str,
         info: &Json,
         budget_micros: u64,
         idempotency_key: &str,
     ) -> Cmd {
         let config = &self.inner.config;
-        let mut cmd = self.script_cmd(&scripts::BATCH_OPEN);
+        let mut cmd = self.script_cmd_in(&scripts::BATCH_OPEN, p);
         cmd.arg(batch_id)
             .arg(info.to_string())
             .arg(budget_micros)
@@ -477,30 +574,27 @@ impl Queue {
 
     /// Seals a batch once all its jobs are enqueued; it is done when they are all terminal.
     pub async fn seal_batch(&self, batch_id: &str) -> Result<u64, QueueError> {
-        let mut cmd = self.script_cmd(&scripts::BATCH_SEAL);
+        let p = self.inner.parts.of(batch_id);
+        let mut cmd = self.script_cmd_in(&scripts::BATCH_SEAL, p);
         cmd.arg(batch_id);
         let total: i64 = self.run_script(cmd).await?;
         if total < 0 {
             return Err(QueueError::BatchNotFound(batch_id.to_owned()));
         }
-        self.replicated().await?;
+        self.replicated(p).await?;
         Ok(total as u64)
+    }
+
+    /// The keys of the partition `id` (a job's or a batch's) lives in.
+    pub(crate) fn keys_of(&self, id: &str) -> &Keys {
+        let parts = &self.inner.parts;
+        parts.keys(parts.of(id))
     }
 
     /// The job's record, or `None` if it does not exist (or has expired).
     pub async fn job(&self, job_id: &str) -> Result<Option<JobRecord>, QueueError> {
-        let key = self.inner.keys.job(job_id);
         let fields: HashMap<String, String> = self
-            .retrying(Duration::from_secs(5), || {
-                let mut conn = self.inner.conn.clone();
-                let key = key.clone();
-                async move {
-                    Ok(redis::cmd("HGETALL")
-                        .arg(key)
-                        .query_async(&mut conn)
-                        .await?)
-                }
-            })
+            .query(redis::cmd("HGETALL").arg(self.keys_of(job_id).job(job_id)))
             .await?;
         Ok(JobRecord::from_hash(job_id, fields))
     }
@@ -510,43 +604,47 @@ impl Queue {
         let state: Option<String> = self
             .query(
                 redis::cmd("HGET")
-                    .arg(self.inner.keys.job(job_id))
+                    .arg(self.keys_of(job_id).job(job_id))
                     .arg("state"),
             )
             .await?;
         Ok(state.and_then(|s| s.parse().ok()))
     }
 
-    /// Records of many jobs in one round trip; missing ones are left out.
+    /// Records of many jobs, one round trip per partition; missing ones are left out.
     pub async fn jobs(&self, job_ids: &[String]) -> Result<Vec<JobRecord>, QueueError> {
         if job_ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for id in job_ids {
-            pipe.cmd("HGETALL").arg(self.inner.keys.job(id));
+        let parts = &self.inner.parts;
+        let mut pipes: Vec<(redis::Pipeline, Vec<usize>)> = (0..parts.len())
+            .map(|_| (redis::pipe(), Vec::new()))
+            .collect();
+        for (index, id) in job_ids.iter().enumerate() {
+            let (pipe, indexes) = &mut pipes[parts.of(id)];
+            pipe.cmd("HGETALL").arg(parts.keys(parts.of(id)).job(id));
+            indexes.push(index);
         }
-        let hashes: Vec<HashMap<String, String>> = self.query_pipe(&pipe).await?;
+        let mut hashes: Vec<Option<HashMap<String, String>>> = vec![None; job_ids.len()];
+        for (pipe, indexes) in &pipes {
+            if indexes.is_empty() {
+                continue;
+            }
+            let replies: Vec<HashMap<String, String>> = self.query_pipe(pipe).await?;
+            for (index, fields) in indexes.iter().zip(replies) {
+                hashes[*index] = Some(fields);
+            }
+        }
         Ok(job_ids
             .iter()
             .zip(hashes)
-            .filter_map(|(id, fields)| JobRecord::from_hash(id, fields))
+            .filter_map(|(id, fields)| JobRecord::from_hash(id, fields?))
             .collect())
     }
 
     pub async fn batch(&self, batch_id: &str) -> Result<Option<BatchRecord>, QueueError> {
-        let key = self.inner.keys.batch(batch_id);
         let fields: HashMap<String, String> = self
-            .retrying(Duration::from_secs(5), || {
-                let mut conn = self.inner.conn.clone();
-                let key = key.clone();
-                async move {
-                    Ok(redis::cmd("HGETALL")
-                        .arg(key)
-                        .query_async(&mut conn)
-                        .await?)
-                }
-            })
+            .query(redis::cmd("HGETALL").arg(self.keys_of(batch_id).batch(batch_id)))
             .await?;
         Ok(BatchRecord::from_hash(batch_id, fields))
     }
@@ -561,7 +659,7 @@ impl Queue {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let key = self.inner.keys.batch_jobs(batch_id);
+        let key = self.keys_of(batch_id).batch_jobs(batch_id);
         self.query(
             redis::cmd("LRANGE")
                 .arg(key)
@@ -571,32 +669,60 @@ impl Queue {
         .await
     }
 
-    /// Batch ids, newest first.
+    /// Batch ids, newest first (over every partition).
     pub async fn batch_ids(&self, offset: u64, limit: u64) -> Result<Vec<String>, QueueError> {
-        self.newest(&self.inner.keys.batches(), offset, limit).await
+        self.newest(Keys::batches, offset, limit).await
     }
 
-    /// Job ids of this queue, newest first (within the retention).
+    /// Job ids of this queue, newest first (within the retention, over every partition).
     pub async fn job_ids(&self, offset: u64, limit: u64) -> Result<Vec<String>, QueueError> {
-        self.newest(
-            &self.inner.keys.jobs_index(&self.inner.config.queue),
-            offset,
-            limit,
-        )
-        .await
+        let queue = self.inner.config.queue.clone();
+        self.newest(|keys| keys.jobs_index(&queue), offset, limit)
+            .await
     }
 
-    async fn newest(&self, key: &str, offset: u64, limit: u64) -> Result<Vec<String>, QueueError> {
+    /// Members of a sorted set kept per partition (`key` names it), highest score (newest)
+    /// first, `limit` from `offset` in the merged order.
+    async fn newest(
+        &self,
+        key: impl Fn(&Keys) -> String,
+        offset: u64,
+        limit: u64,
+    ) -> Result<Vec<String>, QueueError> {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        self.query(
-            redis::cmd("ZREVRANGE")
-                .arg(key)
-                .arg(offset)
-                .arg(offset + limit - 1),
-        )
-        .await
+        let parts = &self.inner.parts;
+        if parts.len() == 1 {
+            return self
+                .query(
+                    redis::cmd("ZREVRANGE")
+                        .arg(key(parts.global()))
+                        .arg(offset)
+                        .arg(offset + limit - 1),
+                )
+                .await;
+        }
+        let mut merged: Vec<(String, f64)> = Vec::new();
+        for (_, keys) in parts.all() {
+            let page: Vec<(String, f64)> = self
+                .query(
+                    redis::cmd("ZREVRANGE")
+                        .arg(key(keys))
+                        .arg(0)
+                        .arg(offset + limit - 1)
+                        .arg("WITHSCORES"),
+                )
+                .await?;
+            merged.extend(page);
+        }
+        merged.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
+        Ok(merged
+            .into_iter()
+            .skip(offset as usize)
+            .take(limit as usize)
+            .map(|(id, _)| id)
+            .collect())
     }
 
     /// Runs a pipeline of plain commands, retrying transient errors for a few seconds.
@@ -657,7 +783,7 @@ impl Queue {
             Some(&error),
             EventExtras::default(),
         );
-        let mut cmd = self.script_cmd(&scripts::CANCEL);
+        let mut cmd = self.script_cmd_in(&scripts::CANCEL, self.inner.parts.of(job_id));
         cmd.arg(job_id)
             .arg(reason)
             .arg(serde_json::to_string(&error)?);
@@ -707,26 +833,28 @@ impl Queue {
         offset: u64,
         limit: u64,
     ) -> Result<Vec<JobRecord>, QueueError> {
-        let ids = self
-            .newest(
-                &self.inner.keys.dead(&self.inner.config.queue),
-                offset,
-                limit,
-            )
-            .await?;
+        let queue = self.inner.config.queue.clone();
+        let ids = self.newest(|keys| keys.dead(&queue), offset, limit).await?;
         self.jobs(&ids).await
     }
 
     /// Number of dead jobs of this queue (within the retention).
     pub async fn dead_letter_count(&self) -> Result<u64, QueueError> {
-        self.query(redis::cmd("ZCARD").arg(self.inner.keys.dead(&self.inner.config.queue)))
-            .await
+        let queue = &self.inner.config.queue;
+        let mut total = 0;
+        for (_, keys) in self.inner.parts.all() {
+            let n: u64 = self
+                .query(redis::cmd("ZCARD").arg(keys.dead(queue)))
+                .await?;
+            total += n;
+        }
+        Ok(total)
     }
 
     /// Re-drives one dead or failed job: attempts reset, back to ready (resuming from its
     /// checkpoint), a new completion event later.
     pub async fn redrive(&self, job_id: &str) -> Result<RedriveOutcome, QueueError> {
-        let mut cmd = self.script_cmd(&scripts::REDRIVE);
+        let mut cmd = self.script_cmd_in(&scripts::REDRIVE, self.inner.parts.of(job_id));
         cmd.arg(job_id).arg(&self.inner.config.queue);
         let previous: String = self.run_script(cmd).await?;
         match previous.as_str() {
@@ -740,11 +868,10 @@ impl Queue {
 
     /// Re-drives every dead job of this queue (in pages); returns how many.
     pub async fn redrive_all(&self) -> Result<u64, QueueError> {
+        let queue = self.inner.config.queue.clone();
         let mut n_redriven = 0;
         loop {
-            let ids: Vec<String> = self
-                .newest(&self.inner.keys.dead(&self.inner.config.queue), 0, 500)
-                .await?;
+            let ids: Vec<String> = self.newest(|keys| keys.dead(&queue), 0, 500).await?;
             if ids.is_empty() {
                 return Ok(n_redriven);
             }
@@ -756,143 +883,102 @@ impl Queue {
         }
     }
 
-    /// Moves due delayed jobs to ready, in bounded steps; returns how many moved.
+    /// Moves due delayed jobs to ready in every partition, in bounded steps; returns how
+    /// many moved.
     pub async fn promote_due(&self) -> Result<u64, QueueError> {
         let limit = self.inner.config.promote_batch.max(1);
         let mut n_moved = 0;
-        loop {
-            let mut cmd = self.script_cmd(&scripts::PROMOTE);
-            cmd.arg(&self.inner.config.queue).arg(limit);
-            let moved: u64 = self.run_script(cmd).await?;
-            n_moved += moved;
-            if moved < limit as u64 {
-                return Ok(n_moved);
+        for p in 0..self.inner.parts.len() {
+            loop {
+                let mut cmd = self.script_cmd_in(&scripts::PROMOTE, p);
+                cmd.arg(&self.inner.config.queue).arg(limit);
+                let moved: u64 = self.run_script(cmd).await?;
+                n_moved += moved;
+                if moved < limit as u64 {
+                    break;
+                }
             }
         }
+        Ok(n_moved)
     }
 
-    /// Queue depth: waiting, in flight, scheduled, dead, and the oldest waiting job's age.
+    /// Queue depth over every partition: waiting, in flight, scheduled, dead, and the oldest
+    /// waiting job's age.
     pub async fn stats(&self) -> Result<QueueStats, QueueError> {
         let queue = &self.inner.config.queue;
-        let keys = &self.inner.keys;
         let mut stats = QueueStats {
             queue: queue.clone(),
             ..QueueStats::default()
         };
         let now = now_ms();
-        for priority in Priority::ALL {
-            let stream = keys.ready(queue, priority);
-            let mut pipe = redis::pipe();
-            pipe.cmd("XLEN").arg(&stream);
-            pipe.cmd("XINFO").arg("GROUPS").arg(&stream);
-            let (len, groups): (u64, Value) = match self.query_pipe(&pipe).await {
-                Ok(reply) => reply,
-                // No stream yet: nothing was ever enqueued at this priority.
-                Err(QueueError::Redis(error)) if error.code() == Some("ERR") => continue,
-                Err(error) => return Err(error),
-            };
-            let (pending, last_delivered) = group_info(&groups);
-            let waiting = len.saturating_sub(pending);
-            stats.in_flight += pending;
-            stats.waiting += waiting;
-            stats
-                .waiting_by_priority
-                .insert(priority.as_str().to_owned(), waiting);
-            if waiting > 0 {
-                let start = match &last_delivered {
-                    Some(id) if id != "0-0" => format!("({id}"),
-                    _ => "-".to_owned(),
+        for (_, keys) in self.inner.parts.all() {
+            for priority in Priority::ALL {
+                let stream = keys.ready(queue, priority);
+                let mut pipe = redis::pipe();
+                pipe.cmd("XLEN").arg(&stream);
+                pipe.cmd("XINFO").arg("GROUPS").arg(&stream);
+                let (len, groups): (u64, Value) = match self.query_pipe(&pipe).await {
+                    Ok(reply) => reply,
+                    // No stream yet: nothing was ever enqueued at this priority.
+                    Err(QueueError::Redis(error)) if error.code() == Some("ERR") => continue,
+                    Err(error) => return Err(error),
                 };
-                let first: Value = self
-                    .query(
-                        redis::cmd("XRANGE")
-                            .arg(&stream)
-                            .arg(start)
-                            .arg("+")
-                            .arg("COUNT")
-                            .arg(1),
-                    )
-                    .await?;
-                if let Some(ms) = first_entry_ms(&first) {
-                    stats.oldest_waiting_ms = stats.oldest_waiting_ms.max(now.saturating_sub(ms));
+                let (pending, last_delivered) = group_info(&groups);
+                let waiting = len.saturating_sub(pending);
+                stats.in_flight += pending;
+                stats.waiting += waiting;
+                *stats
+                    .waiting_by_priority
+                    .entry(priority.as_str().to_owned())
+                    .or_default() += waiting;
+                if waiting > 0 {
+                    let start = match &last_delivered {
+                        Some(id) if id != "0-0" => format!("({id}"),
+                        _ => "-".to_owned(),
+                    };
+                    let first: Value = self
+                        .query(
+                            redis::cmd("XRANGE")
+                                .arg(&stream)
+                                .arg(start)
+                                .arg("+")
+                                .arg("COUNT")
+                                .arg(1),
+                        )
+                        .await?;
+                    if let Some(ms) = first_entry_ms(&first) {
+                        stats.oldest_waiting_ms =
+                            stats.oldest_waiting_ms.max(now.saturating_sub(ms));
+                    }
                 }
             }
+            let mut pipe = redis::pipe();
+            pipe.cmd("ZCARD").arg(keys.delayed(queue));
+            pipe.cmd("ZCARD").arg(keys.dead(queue));
+            let (scheduled, dead): (u64, u64) = self.query_pipe(&pipe).await?;
+            stats.scheduled += scheduled;
+            stats.dead += dead;
         }
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZCARD").arg(keys.delayed(queue));
-        pipe.cmd("ZCARD").arg(keys.dead(queue));
-        let (scheduled, dead): (u64, u64) = self.query_pipe(&pipe).await?;
-        stats.scheduled = scheduled;
-        stats.dead = dead;
         Ok(stats)
     }
 
-    /// Events after `cursor` (`0` or `0-0` for the start, `$` for new ones only). With
-    /// `block`, waits up to that long for one on a dedicated connection.
-    pub async fn read_events(
-        &self,
-        cursor: &str,
-        count: usize,
-        block: Option<Duration>,
-    ) -> Result<Vec<StoredEvent>, QueueError> {
-        let mut cmd = redis::cmd("XREAD");
-        cmd.arg("COUNT").arg(count.max(1));
-        if let Some(block) = block {
-            cmd.arg("BLOCK").arg(block.as_millis() as u64);
-        }
-        cmd.arg("STREAMS").arg(self.inner.keys.events()).arg(cursor);
-        let reply: Value = match block {
-            Some(block) => {
-                let mut conn = self
-                    .dedicated_connection(block + self.inner.config.command_timeout())
-                    .await?;
-                cmd.query_async(&mut conn).await?
-            }
-            None => self.query(&cmd).await?,
-        };
-        Ok(parse_streams(&reply)
-            .into_iter()
-            .flat_map(|(_stream, entries)| entries)
-            .map(|(cursor, fields)| StoredEvent::from_fields(cursor, &fields))
-            .collect())
-    }
-
-    /// The newest `count` events, oldest first.
-    pub async fn recent_events(&self, count: usize) -> Result<Vec<StoredEvent>, QueueError> {
-        let reply: Value = self
-            .query(
-                redis::cmd("XREVRANGE")
-                    .arg(self.inner.keys.events())
-                    .arg("+")
-                    .arg("-")
-                    .arg("COUNT")
-                    .arg(count.max(1)),
-            )
-            .await?;
-        let mut events: Vec<StoredEvent> = parse_entries(&reply)
-            .into_iter()
-            .map(|(cursor, fields)| StoredEvent::from_fields(cursor, &fields))
-            .collect();
-        events.reverse();
-        Ok(events)
-    }
-
-    /// This queue's counters, kept by the scripts: `finished:<state>` (jobs that ended in each
-    /// terminal state), `charged_micros` (spend reported by the provider) and
-    /// `reserved_micros` (estimated cost reserved at submit).
+    /// This queue's counters, kept by the scripts and summed over the partitions:
+    /// `finished:<state>` (jobs that ended in each terminal state), `charged_micros` (spend
+    /// reported by the provider) and `reserved_micros` (estimated cost reserved at submit).
     pub async fn counters(&self) -> Result<HashMap<String, u64>, QueueError> {
-        self.query(redis::cmd("HGETALL").arg(self.inner.keys.stats(&self.inner.config.queue)))
-            .await
-    }
-
-    /// Number of events in the stream (bounded by `events_max_len`).
-    pub async fn events_len(&self) -> Result<u64, QueueError> {
-        self.query(redis::cmd("XLEN").arg(self.inner.keys.events()))
-            .await
+        let mut total: HashMap<String, u64> = HashMap::new();
+        for (_, keys) in self.inner.parts.all() {
+            let counters: HashMap<String, i64> = self
+                .query(redis::cmd("HGETALL").arg(keys.stats(&self.inner.config.queue)))
+                .await?;
+            for (name, value) in counters {
+                *total.entry(name).or_default() += value.max(0) as u64;
+            }
+        }
+        Ok(total)
     }
 }
 
-/// The pipeline step a job in `state` was in.
 /// Jittered exponential backoff from 50 ms to 2 s. The jitter is random per process (backon's
 /// `std` feature), so replicas that lost Redis at the same moment do not retry in lockstep.
 fn retry_policy() -> ExponentialBuilder {
@@ -902,6 +988,7 @@ fn retry_policy() -> ExponentialBuilder {
         .with_jitter()
 }
 
+/// The pipeline step a job in `state` was in.
 pub(crate) fn step_of(state: JobState) -> &'static str {
     match state {
         JobState::Submitting => "submit",

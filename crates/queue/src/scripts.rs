@@ -32,10 +32,11 @@ script!(SLOT_ACQUIRE, "lua/slot_acquire.lua");
 script!(SLOT_THROTTLE, "lua/slot_throttle.lua");
 script!(SLOT_RELEASE, "lua/slot_release.lua");
 script!(BUDGET_RESERVE, "lua/budget_reserve.lua");
+script!(BUDGET_DAY, "lua/budget_day.lua");
 script!(WEBHOOK_ATTEMPT, "lua/webhook_attempt.lua");
 
 /// Every script, for loading them all at connect time (avoids a NOSCRIPT round trip later).
-pub(crate) fn all() -> [&'static Script; 16] {
+pub(crate) fn all() -> [&'static Script; 17] {
     [
         &ENQUEUE,
         &BATCH_OPEN,
@@ -52,6 +53,7 @@ pub(crate) fn all() -> [&'static Script; 16] {
         &SLOT_THROTTLE,
         &SLOT_RELEASE,
         &BUDGET_RESERVE,
+        &BUDGET_DAY,
         &WEBHOOK_ATTEMPT,
     ]
 }

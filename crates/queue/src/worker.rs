@@ -25,8 +25,9 @@ use apalis_core::task::Task;
 use apalis_core::task::builder::TaskBuilder;
 use apalis_core::task::task_id::TaskId;
 use apalis_core::worker::context::WorkerContext;
-use futures::FutureExt;
 use futures::future::BoxFuture;
+use futures::future::FutureExt;
+use futures::stream::{FuturesUnordered, StreamExt};
 use klingq_core::job::now_ms;
 use klingq_core::{JobError, JobState, Priority};
 use redis::Value;
@@ -59,7 +60,9 @@ pub fn consumer_name(prefix: &str) -> String {
 /// An entry this worker holds: fetched, maybe running, not yet settled.
 #[derive(Debug, Clone)]
 pub(crate) struct Held {
+    pub(crate) partition: usize,
     pub(crate) stream: String,
+    pub(crate) entry: String,
     pub(crate) job_id: String,
     pub(crate) lost: Arc<AtomicBool>,
 }
@@ -74,9 +77,11 @@ pub(crate) struct Shared {
     pub(crate) held: Mutex<HashMap<String, Held>>,
     /// Handlers running now (between the layer's call and its settle).
     pub(crate) running: AtomicUsize,
-    /// The fetch connection's CLIENT ID, to unblock its read on shutdown (0: none).
-    /// The fetch connection's client id and node, so shutdown can unblock its read.
-    pub(crate) fetch_client: std::sync::Mutex<Option<(i64, Dedicated)>>,
+    /// Each fetch connection's client id and node, so shutdown can unblock its read.
+    pub(crate) fetch_clients: std::sync::Mutex<HashMap<usize, (i64, Dedicated)>>,
+    /// Partitions read together on one fetch connection: all of them on one node, each on
+    /// its own in a cluster (a command's keys must share a slot there).
+    groups: Vec<Vec<usize>>,
     pub(crate) worker: OnceLock<WorkerContext>,
     /// Stops the keeper.
     pub(crate) stop: watch::Sender<bool>,
@@ -106,11 +111,16 @@ impl Shared {
         self.worker.get().is_some_and(|w| w.is_shutting_down()) || *self.stop.borrow()
     }
 
-    fn stream_keys(&self) -> Vec<String> {
-        let keys = self.queue.keys();
+    /// The ready streams of `partitions`, high priority first: (partition, stream).
+    fn streams_of(&self, partitions: &[usize]) -> Vec<(usize, String)> {
+        let parts = self.queue.partitions();
         Priority::ALL
             .iter()
-            .map(|p| keys.ready(self.queue.name(), *p))
+            .flat_map(|priority| {
+                partitions
+                    .iter()
+                    .map(move |p| (*p, parts.keys(*p).ready(self.queue.name(), *priority)))
+            })
             .collect()
     }
 
@@ -186,7 +196,7 @@ pub(crate) async fn settle(shared: &Shared, delivery: &Delivery, settle: Settle)
         None => args.extend([String::new(), String::new(), String::new()]),
     }
     args.push(charged.to_string());
-    match run_settle(shared, args).await {
+    match run_settle(shared, delivery.partition, args).await {
         Ok(reply) if reply == "lost" => {
             shared.stats.leases_lost.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(job_id = %delivery.job_id, "settle refused: another worker holds the job");
@@ -198,31 +208,43 @@ pub(crate) async fn settle(shared: &Shared, delivery: &Delivery, settle: Settle)
         .held
         .lock()
         .expect("held map poisoned")
-        .remove(&delivery.entry);
+        .remove(&held_key(&delivery.stream, &delivery.entry));
 }
 
-/// One settle's 13 script arguments and where its reply goes.
-type SettleRequest = (Vec<String>, oneshot::Sender<Result<String, QueueError>>);
+/// Where a settle's reply goes.
+type SettleReply = oneshot::Sender<Result<String, QueueError>>;
+
+/// One settle's partition, its 13 script arguments and where its reply goes.
+type SettleRequest = (usize, Vec<String>, SettleReply);
 
 /// Runs a settle through the settler task, which folds concurrent settles into one script
-/// call; directly when there is no settler.
-async fn run_settle(shared: &Shared, args: Vec<String>) -> Result<String, QueueError> {
+/// call per partition; directly when there is no settler.
+async fn run_settle(
+    shared: &Shared,
+    partition: usize,
+    args: Vec<String>,
+) -> Result<String, QueueError> {
     if let Some(settler) = shared.settler.get() {
         let (reply_to, reply) = oneshot::channel();
-        if settler.send((args.clone(), reply_to)).is_ok()
+        if settler.send((partition, args.clone(), reply_to)).is_ok()
             && let Ok(result) = reply.await
         {
             return result;
         }
     }
-    let replies = settle_batch(&shared.queue, std::slice::from_ref(&args)).await?;
+    let replies = settle_batch(&shared.queue, partition, std::slice::from_ref(&args)).await?;
     Ok(replies.into_iter().next().unwrap_or_default())
 }
 
-/// Runs one settle script call for many settles. Every settle is safe to run twice (the
-/// ownership check answers 'gone'), so retrying the call after a lost reply is harmless.
-async fn settle_batch(queue: &Queue, settles: &[Vec<String>]) -> Result<Vec<String>, QueueError> {
-    let mut cmd = queue.script_cmd(&scripts::SETTLE);
+/// Runs one settle script call for many settles of partition `p`. Every settle is safe to
+/// run twice (the ownership check answers 'gone'), so retrying the call after a lost reply
+/// is harmless.
+async fn settle_batch(
+    queue: &Queue,
+    p: usize,
+    settles: &[Vec<String>],
+) -> Result<Vec<String>, QueueError> {
+    let mut cmd = queue.script_cmd_in(&scripts::SETTLE, p);
     for args in settles {
         for arg in args {
             cmd.arg(arg);
@@ -232,28 +254,42 @@ async fn settle_batch(queue: &Queue, settles: &[Vec<String>]) -> Result<Vec<Stri
     queue.run_scripts(&ScriptBatch::One(cmd), budget).await
 }
 
-/// Folds whatever settles are waiting (up to 128) into one script call, one round trip.
+/// Folds whatever settles are waiting (up to 128) into one script call per partition.
 async fn settler(queue: Queue, mut requests: mpsc::UnboundedReceiver<SettleRequest>) {
     while let Some(first) = requests.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < 128 {
+        let mut waiting = vec![first];
+        while waiting.len() < 128 {
             match requests.try_recv() {
-                Ok(request) => batch.push(request),
+                Ok(request) => waiting.push(request),
                 Err(_) => break,
             }
         }
-        let (args, reply_tos): (Vec<Vec<String>>, Vec<_>) = batch.into_iter().unzip();
-        match settle_batch(&queue, &args).await {
-            Ok(replies) => {
-                for (reply_to, reply) in reply_tos.into_iter().zip(replies) {
-                    let _ = reply_to.send(Ok(reply));
-                }
+        let mut by_partition: HashMap<usize, Vec<(Vec<String>, _)>> = HashMap::new();
+        for (p, args, reply_to) in waiting {
+            by_partition.entry(p).or_default().push((args, reply_to));
+        }
+        futures::future::join_all(
+            by_partition
+                .into_iter()
+                .map(|(p, batch)| settle_group(&queue, p, batch)),
+        )
+        .await;
+    }
+}
+
+/// Settles one partition's waiting settles in one script call and answers each.
+async fn settle_group(queue: &Queue, p: usize, batch: Vec<(Vec<String>, SettleReply)>) {
+    let (args, reply_tos): (Vec<Vec<String>>, Vec<_>) = batch.into_iter().unzip();
+    match settle_batch(queue, p, &args).await {
+        Ok(replies) => {
+            for (reply_to, reply) in reply_tos.into_iter().zip(replies) {
+                let _ = reply_to.send(Ok(reply));
             }
-            Err(error) => {
-                let message = error.to_string();
-                for reply_to in reply_tos {
-                    let _ = reply_to.send(Err(QueueError::Protocol(message.clone())));
-                }
+        }
+        Err(error) => {
+            let message = error.to_string();
+            for reply_to in reply_tos {
+                let _ = reply_to.send(Err(QueueError::Protocol(message.clone())));
             }
         }
     }
@@ -363,13 +399,33 @@ impl WorkerHandle {
     }
 }
 
+/// Held entries grouped by partition, in chunks of at most 256 (one script call each).
+fn by_partition<T>(entries: Vec<(usize, T)>) -> Vec<(usize, Vec<T>)> {
+    let mut groups: HashMap<usize, Vec<T>> = HashMap::new();
+    for (p, entry) in entries {
+        groups.entry(p).or_default().push(entry);
+    }
+    let mut chunks = Vec::new();
+    for (p, mut group) in groups {
+        while !group.is_empty() {
+            let rest = group.split_off(group.len().min(256));
+            chunks.push((p, std::mem::replace(&mut group, rest)));
+        }
+    }
+    chunks
+}
+
 async fn release(shared: &Shared, entries: Vec<(String, Held)>) -> usize {
     let mut n_released = 0;
-    for chunk in entries.chunks(256) {
-        let mut cmd = shared.queue.script_cmd(&scripts::RELEASE_MANY);
+    let entries = entries
+        .into_iter()
+        .map(|(_, held)| (held.partition, held))
+        .collect();
+    for (p, chunk) in by_partition(entries) {
+        let mut cmd = shared.queue.script_cmd_in(&scripts::RELEASE_MANY, p);
         cmd.arg(&shared.consumer);
-        for (entry, held) in chunk {
-            cmd.arg(&held.stream).arg(entry).arg(&held.job_id);
+        for held in &chunk {
+            cmd.arg(&held.stream).arg(&held.entry).arg(&held.job_id);
         }
         match shared
             .queue
@@ -392,14 +448,17 @@ pub struct WorkerOptions {
     pub concurrency: usize,
 }
 
-type FetchOutput = (Option<Dedicated>, Result<Vec<Delivery>, QueueError>);
+type FetchOutput = (Vec<Option<Dedicated>>, Result<Vec<Delivery>, QueueError>);
 
 /// The apalis backend of one queue for one worker. See the module docs.
 pub struct QueueBackend<Args> {
     shared: Arc<Shared>,
     buffer: VecDeque<Task<Args>>,
     fetch: Option<BoxFuture<'static, FetchOutput>>,
-    conn: Option<Dedicated>,
+    /// One fetch connection per group of partitions (`None`: to open).
+    conns: Vec<Option<Dedicated>>,
+    /// Which group reads first next time, so that no partition starves another.
+    turn: usize,
     backoff: Option<Pin<Box<tokio::time::Sleep>>>,
     n_failures: u32,
     last_reclaim: Option<Instant>,
@@ -414,6 +473,13 @@ impl<Args> Unpin for QueueBackend<Args> {}
 impl<Args> QueueBackend<Args> {
     pub fn new(queue: Queue, options: WorkerOptions) -> Self {
         let (stop, _) = watch::channel(false);
+        let n = queue.partitions().len();
+        let groups: Vec<Vec<usize>> = if queue.redis().is_cluster() {
+            (0..n).map(|p| vec![p]).collect()
+        } else {
+            vec![(0..n).collect()]
+        };
+        let n_groups = groups.len();
         Self {
             shared: Arc::new(Shared {
                 queue,
@@ -421,7 +487,8 @@ impl<Args> QueueBackend<Args> {
                 concurrency: options.concurrency.max(1),
                 held: Mutex::new(HashMap::new()),
                 running: AtomicUsize::new(0),
-                fetch_client: std::sync::Mutex::new(None),
+                fetch_clients: std::sync::Mutex::new(HashMap::new()),
+                groups,
                 worker: OnceLock::new(),
                 stop,
                 reclaim_cursors: Mutex::new(HashMap::new()),
@@ -430,7 +497,8 @@ impl<Args> QueueBackend<Args> {
             }),
             buffer: VecDeque::new(),
             fetch: None,
-            conn: None,
+            conns: vec![None; n_groups],
+            turn: 0,
             backoff: None,
             n_failures: 0,
             last_reclaim: None,
@@ -495,9 +563,11 @@ impl<Args: DeserializeOwned + Send + Sync + 'static> QueueBackend<Args> {
             };
             let lost = Arc::new(AtomicBool::new(false));
             self.shared.held.lock().expect("held map poisoned").insert(
-                delivery.entry.clone(),
+                held_key(&delivery.stream, &delivery.entry),
                 Held {
+                    partition: delivery.partition,
                     stream: delivery.stream.clone(),
+                    entry: delivery.entry.clone(),
                     job_id: delivery.job_id.clone(),
                     lost: lost.clone(),
                 },
@@ -571,31 +641,33 @@ impl<Args: DeserializeOwned + Send + Sync + 'static> Backend for QueueBackend<Ar
                 if reclaim_due {
                     self.last_reclaim = Some(Instant::now());
                 }
+                self.turn = self.turn.wrapping_add(1);
                 self.fetch = Some(
                     fetch(
                         self.shared.clone(),
-                        self.conn.take(),
+                        std::mem::take(&mut self.conns),
                         self.free_slots(),
                         reclaim_due,
+                        self.turn,
                     )
                     .boxed(),
                 );
             }
             let fetch = self.fetch.as_mut().expect("fetch set above");
-            let (conn, result) = match fetch.as_mut().poll(cx) {
+            let (conns, result) = match fetch.as_mut().poll(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(output) => output,
             };
             self.fetch = None;
-            self.conn = conn;
+            self.conns = conns;
             match result {
                 Ok(deliveries) => {
                     self.n_failures = 0;
                     self.accept(deliveries);
                 }
                 Err(error) => {
+                    // `fetch` dropped the connection that failed.
                     self.shared.note_redis_error("fetch", &error);
-                    self.conn = None;
                     self.n_failures += 1;
                     let delay = Duration::from_millis(50 * 2u64.pow(self.n_failures.min(7)))
                         .min(Duration::from_secs(5));
@@ -617,21 +689,23 @@ impl<Args: DeserializeOwned + Send + Sync + 'static> Backend for QueueBackend<Ar
                 .buffer
                 .drain(..)
                 .filter_map(|task| {
-                    task.ctx()
-                        .data()
-                        .get::<Lease>()
-                        .map(|lease| lease.inner.delivery.entry.clone())
+                    task.ctx().data().get::<Lease>().map(|lease| {
+                        let delivery = &lease.inner.delivery;
+                        held_key(&delivery.stream, &delivery.entry)
+                    })
                 })
                 .collect();
             self.close = Some(
                 async move {
-                    let fetch_client = shared
-                        .fetch_client
+                    let fetch_clients: Vec<(i64, Dedicated)> = shared
+                        .fetch_clients
                         .lock()
-                        .expect("fetch client poisoned")
-                        .clone();
+                        .expect("fetch clients poisoned")
+                        .values()
+                        .cloned()
+                        .collect();
                     if let Some(fetch) = fetch {
-                        if let Some((client_id, conn)) = fetch_client {
+                        for (client_id, conn) in fetch_clients {
                             // On another connection to the same node: the fetch
                             // connection itself is blocked.
                             let _ = conn.unblock(client_id).await;
@@ -642,8 +716,10 @@ impl<Args: DeserializeOwned + Send + Sync + 'static> Backend for QueueBackend<Ar
                             let mut held = shared.held.lock().expect("held map poisoned");
                             for delivery in deliveries {
                                 held.insert(
-                                    delivery.entry.clone(),
+                                    held_key(&delivery.stream, &delivery.entry),
                                     Held {
+                                        partition: delivery.partition,
+                                        entry: delivery.entry,
                                         stream: delivery.stream,
                                         job_id: delivery.job_id,
                                         lost: Arc::new(AtomicBool::new(false)),
@@ -696,39 +772,66 @@ impl<Args: DeserializeOwned + Send + Sync + 'static> BackendConfig for QueueBack
     }
 }
 
-/// One fetch: connect if needed, reclaim expired leases when due, read (high priority first,
-/// then a blocking read on all streams), then start what was read.
-async fn fetch(
-    shared: Arc<Shared>,
-    conn: Option<Dedicated>,
-    count: usize,
-    reclaim: bool,
-) -> FetchOutput {
-    // A new connection first looks at this consumer's own pending entries: a read whose
-    // reply was lost with the old connection delivered entries nobody started.
-    let (mut conn, recover) = match conn {
-        Some(conn) => (conn, false),
-        None => match connect_fetch(&shared).await {
-            Ok(conn) => (conn, true),
-            Err(error) => return (None, Err(error)),
-        },
-    };
-    match read(&shared, &mut conn, count, reclaim, recover).await {
-        Ok(entries) => {
-            let result = start(&shared, entries).await;
-            (Some(conn), result)
-        }
-        Err(error) => (None, Err(error)),
-    }
+/// The key of a held entry: entry ids are unique per stream only.
+pub(crate) fn held_key(stream: &str, entry: &str) -> String {
+    format!("{stream} {entry}")
 }
 
-async fn connect_fetch(shared: &Shared) -> Result<Dedicated, QueueError> {
+/// One fetch: connect what is not connected, reclaim expired leases when due, read (high
+/// priority first, each group of partitions in turn from `turn`, then a blocking read on
+/// all of them), then start what was read. Connections come back, `None` where one broke.
+async fn fetch(
+    shared: Arc<Shared>,
+    mut conns: Vec<Option<Dedicated>>,
+    count: usize,
+    reclaim: bool,
+    turn: usize,
+) -> FetchOutput {
+    let mut entries = Entries::new();
+    // A new connection first looks at this consumer's own pending entries: a read whose
+    // reply was lost with the old connection delivered entries nobody started.
+    for (group, slot) in conns.iter_mut().enumerate() {
+        if slot.is_some() {
+            continue;
+        }
+        let connected = async {
+            let mut conn = connect_fetch(&shared, group).await?;
+            let streams = shared.streams_of(&shared.groups[group]);
+            recover_own_pending(&shared, &mut conn, &streams, count, &mut entries).await?;
+            Ok::<_, QueueError>(conn)
+        };
+        match connected.await {
+            Ok(conn) => *slot = Some(conn),
+            Err(error) => return (conns, Err(error)),
+        }
+    }
+    if !entries.is_empty() {
+        tracing::info!(
+            n = entries.len(),
+            "recovered jobs read just before the connection broke"
+        );
+        let result = start(&shared, entries).await;
+        return (conns, result);
+    }
+    if let Err((group, error)) = read(&shared, &mut conns, count, reclaim, turn, &mut entries).await
+    {
+        conns[group] = None;
+        return (conns, Err(error));
+    }
+    let result = start(&shared, entries).await;
+    (conns, result)
+}
+
+async fn connect_fetch(shared: &Shared, group: usize) -> Result<Dedicated, QueueError> {
     let config = shared.queue.config();
     let mut conn = shared
         .queue
-        .dedicated_connection(config.block_timeout() + config.command_timeout())
+        .dedicated_connection(
+            config.block_timeout() + config.command_timeout(),
+            shared.groups[group][0],
+        )
         .await?;
-    for stream in shared.stream_keys() {
+    for (_, stream) in shared.streams_of(&shared.groups[group]) {
         let created: redis::RedisResult<Value> = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg(&stream)
@@ -747,70 +850,146 @@ async fn connect_fetch(shared: &Shared) -> Result<Dedicated, QueueError> {
         .arg("ID")
         .query_async(&mut conn)
         .await?;
-    *shared.fetch_client.lock().expect("fetch client poisoned") = Some((client_id, conn.clone()));
+    shared
+        .fetch_clients
+        .lock()
+        .expect("fetch clients poisoned")
+        .insert(group, (client_id, conn.clone()));
     Ok(conn)
 }
 
-/// Entries read: (stream, entry, job id).
-type Entries = Vec<(String, String, String)>;
+/// Entries read: (partition, stream, entry, job id).
+type Entries = Vec<(usize, String, String, String)>;
 
+/// Reads into `entries`; on an error, says which group's connection failed.
 async fn read(
     shared: &Shared,
-    conn: &mut Dedicated,
+    conns: &mut [Option<Dedicated>],
     count: usize,
     reclaim: bool,
-    recover: bool,
-) -> Result<Entries, QueueError> {
-    let streams = shared.stream_keys();
-    let mut entries: Entries = Vec::new();
-    if recover {
-        recover_own_pending(shared, conn, &streams, count, &mut entries).await?;
-        if !entries.is_empty() {
-            tracing::info!(
-                n = entries.len(),
-                "recovered jobs read just before the connection broke"
-            );
-            return Ok(entries);
-        }
-    }
+    turn: usize,
+    entries: &mut Entries,
+) -> Result<(), (usize, QueueError)> {
+    let n_groups = conns.len();
+    let order: Vec<usize> = (0..n_groups).map(|k| (turn + k) % n_groups).collect();
     if reclaim {
-        reclaim_expired(shared, conn, &streams, count, &mut entries).await?;
+        for &group in &order {
+            let conn = conns[group].as_mut().expect("connected above");
+            let streams = shared.streams_of(&shared.groups[group]);
+            reclaim_expired(shared, conn, &streams, count, entries)
+                .await
+                .map_err(|error| (group, error))?;
+        }
         if !entries.is_empty() {
             shared
                 .stats
                 .reclaimed
                 .fetch_add(entries.len(), Ordering::Relaxed);
             tracing::info!(n = entries.len(), "reclaimed jobs whose lease expired");
-            return Ok(entries);
+            return Ok(());
         }
     }
-    for stream in &streams {
-        let wanted = count - entries.len();
-        let reply: Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(GROUP)
-            .arg(&shared.consumer)
-            .arg("COUNT")
-            .arg(wanted)
-            .arg("STREAMS")
-            .arg(stream)
-            .arg(">")
-            .query_async(conn)
-            .await?;
-        collect(&reply, &mut entries);
-        if entries.len() >= count {
-            return Ok(entries);
+    // High priority first everywhere; within a priority, each group in turn.
+    for priority in Priority::ALL {
+        for &group in &order {
+            let conn = conns[group].as_mut().expect("connected above");
+            for &p in &shared.groups[group] {
+                let stream = shared
+                    .queue
+                    .partitions()
+                    .keys(p)
+                    .ready(shared.queue.name(), priority);
+                let wanted = count - entries.len();
+                let reply: Value = redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(GROUP)
+                    .arg(&shared.consumer)
+                    .arg("COUNT")
+                    .arg(wanted)
+                    .arg("STREAMS")
+                    .arg(&stream)
+                    .arg(">")
+                    .query_async(conn)
+                    .await
+                    .map_err(|error| (group, error.into()))?;
+                collect(&[(p, stream)], &reply, entries);
+                if entries.len() >= count {
+                    return Ok(());
+                }
+            }
         }
     }
     if !entries.is_empty() || shared.is_shutting_down() {
-        return Ok(entries);
+        return Ok(());
     }
+    block_on_all(shared, conns, count, entries).await
+}
+
+/// A blocking read on every group at once. The first group to deliver ends the others'
+/// reads (`CLIENT UNBLOCK`), whose entries, if any came meanwhile, are taken too: an entry
+/// read is never dropped.
+async fn block_on_all(
+    shared: &Shared,
+    conns: &mut [Option<Dedicated>],
+    count: usize,
+    entries: &mut Entries,
+) -> Result<(), (usize, QueueError)> {
     let block = shared.queue.config().block_timeout().as_millis() as u64;
-    let reply: Value = read_group_cmd(shared, count, Some(block), &streams, ">")
-        .query_async(conn)
-        .await?;
-    collect(&reply, &mut entries);
-    Ok(entries)
+    let mut reads: FuturesUnordered<_> = conns
+        .iter_mut()
+        .enumerate()
+        .map(|(group, conn)| {
+            let streams = shared.streams_of(&shared.groups[group]);
+            async move {
+                let conn = conn.as_mut().expect("connected above");
+                let reply = read_group_cmd(shared, count, Some(block), &streams, ">")
+                    .query_async::<Value>(conn)
+                    .await;
+                (group, streams, reply)
+            }
+        })
+        .collect();
+    let mut failed = None;
+    let mut unblocked = reads.len() == 1;
+    while let Some((group, streams, reply)) = reads.next().await {
+        match reply {
+            Ok(reply) => collect(&streams, &reply, entries),
+            Err(error) => {
+                failed.get_or_insert((group, QueueError::from(error)));
+            }
+        }
+        if (!entries.is_empty() || failed.is_some()) && !unblocked {
+            unblocked = true;
+            unblock_fetches(shared, group).await;
+        }
+    }
+    match failed {
+        Some(failure) if entries.is_empty() => Err(failure),
+        // The entries read are started; the broken connection is found at the next read.
+        _ => Ok(()),
+    }
+}
+
+/// Ends the blocking reads of every fetch connection but `except`'s, through the shared
+/// connection to each one's node.
+async fn unblock_fetches(shared: &Shared, except: usize) {
+    let clients: Vec<(usize, i64)> = shared
+        .fetch_clients
+        .lock()
+        .expect("fetch clients poisoned")
+        .iter()
+        .filter(|(group, _)| **group != except)
+        .map(|(group, (client_id, _))| (*group, *client_id))
+        .collect();
+    for (group, client_id) in clients {
+        let mut cmd = redis::cmd("CLIENT");
+        cmd.arg("UNBLOCK").arg(client_id);
+        let route = shared.queue.route_key(shared.groups[group][0]);
+        if let Err(error) = shared.queue.redis().on_slot_owner(cmd, route).await {
+            // The read then ends at its block timeout: later, not wrong.
+            tracing::debug!(%error, "could not unblock a fetch");
+        }
+    }
 }
 
 /// This consumer's pending entries that no handler here holds: delivered by a read whose
@@ -819,7 +998,7 @@ async fn read(
 async fn recover_own_pending(
     shared: &Shared,
     conn: &mut Dedicated,
-    streams: &[String],
+    streams: &[(usize, String)],
     count: usize,
     entries: &mut Entries,
 ) -> Result<(), QueueError> {
@@ -828,12 +1007,12 @@ async fn recover_own_pending(
         .query_async(conn)
         .await?;
     let mut pending = Entries::new();
-    collect(&reply, &mut pending);
+    collect(streams, &reply, &mut pending);
     let held = shared.held.lock().expect("held map poisoned");
     entries.extend(
         pending
             .into_iter()
-            .filter(|(_, entry, _)| !held.contains_key(entry)),
+            .filter(|(_, stream, entry, _)| !held.contains_key(&held_key(stream, entry))),
     );
     Ok(())
 }
@@ -844,7 +1023,7 @@ fn read_group_cmd(
     shared: &Shared,
     count: usize,
     block: Option<u64>,
-    streams: &[String],
+    streams: &[(usize, String)],
     from: &str,
 ) -> redis::Cmd {
     let mut cmd = redis::cmd("XREADGROUP");
@@ -857,7 +1036,7 @@ fn read_group_cmd(
         cmd.arg("BLOCK").arg(block);
     }
     cmd.arg("STREAMS");
-    for stream in streams {
+    for (_, stream) in streams {
         cmd.arg(stream);
     }
     for _ in streams {
@@ -866,11 +1045,15 @@ fn read_group_cmd(
     cmd
 }
 
-fn collect(reply: &Value, entries: &mut Entries) {
+/// The entries of a read of `streams` (whose partitions it names).
+fn collect(streams: &[(usize, String)], reply: &Value, entries: &mut Entries) {
     for (stream, stream_entries) in parse_streams(reply) {
+        let Some((p, _)) = streams.iter().find(|(_, name)| *name == stream) else {
+            continue;
+        };
         for (entry, fields) in stream_entries {
             if let Some(job_id) = fields.get("id") {
-                entries.push((stream.clone(), entry, job_id.clone()));
+                entries.push((*p, stream.clone(), entry, job_id.clone()));
             }
         }
     }
@@ -879,12 +1062,12 @@ fn collect(reply: &Value, entries: &mut Entries) {
 async fn reclaim_expired(
     shared: &Shared,
     conn: &mut Dedicated,
-    streams: &[String],
+    streams: &[(usize, String)],
     count: usize,
     entries: &mut Entries,
 ) -> Result<(), QueueError> {
     let lease_ms = shared.queue.config().lease_timeout().as_millis() as u64;
-    for stream in streams {
+    for (p, stream) in streams {
         let cursor = shared
             .reclaim_cursors
             .lock()
@@ -918,11 +1101,11 @@ async fn reclaim_expired(
         let held = shared.held.lock().expect("held map poisoned");
         for (entry, fields) in claimed {
             // Our own entries come back when renewals lapsed (Redis was away): they still run here.
-            if held.contains_key(&entry) {
+            if held.contains_key(&held_key(stream, &entry)) {
                 continue;
             }
             if let Some(job_id) = fields.get("id") {
-                entries.push((stream.clone(), entry, job_id.clone()));
+                entries.push((*p, stream.clone(), entry, job_id.clone()));
             }
         }
     }
@@ -932,37 +1115,57 @@ async fn reclaim_expired(
 /// Values per started entry in the start script's reply.
 const START_FIELDS: usize = 12;
 
-/// Runs the start script on read entries: counts attempts and reads the jobs.
+/// Runs the start script on read entries, one call per partition: counts attempts and
+/// reads the jobs.
 async fn start(shared: &Shared, entries: Entries) -> Result<Vec<Delivery>, QueueError> {
-    if entries.is_empty() {
-        return Ok(Vec::new());
+    let mut by_partition: HashMap<usize, Vec<(String, String, String)>> = HashMap::new();
+    for (p, stream, entry, job_id) in entries {
+        by_partition
+            .entry(p)
+            .or_default()
+            .push((stream, entry, job_id));
     }
-    let mut cmd = shared.queue.script_cmd(&scripts::START);
+    let mut deliveries = Vec::new();
+    for (p, entries) in by_partition {
+        start_in(shared, p, &entries, &mut deliveries).await?;
+    }
+    Ok(deliveries)
+}
+
+async fn start_in(
+    shared: &Shared,
+    p: usize,
+    entries: &[(String, String, String)],
+    deliveries: &mut Vec<Delivery>,
+) -> Result<(), QueueError> {
+    let mut cmd = shared.queue.script_cmd_in(&scripts::START, p);
     cmd.arg(&shared.consumer);
-    let stream_of: HashMap<String, String> = entries
+    // Entry ids are unique per stream; with the job id they name one entry.
+    let stream_of: HashMap<(&str, &str), &str> = entries
         .iter()
-        .map(|(stream, entry, _)| (entry.clone(), stream.clone()))
+        .map(|(stream, entry, job_id)| ((entry.as_str(), job_id.as_str()), stream.as_str()))
         .collect();
-    for (stream, entry, job_id) in &entries {
+    for (stream, entry, job_id) in entries {
         cmd.arg(stream).arg(entry).arg(job_id);
     }
     let reply: Vec<Value> = shared
         .queue
         .run_scripts(&ScriptBatch::One(cmd), Duration::from_secs(10))
         .await?;
-    let mut deliveries = Vec::with_capacity(reply.len() / START_FIELDS);
     for row in reply.chunks(START_FIELDS) {
         let text = |i: usize| row.get(i).and_then(value_string).unwrap_or_default();
         let number = |i: usize| text(i).parse::<u64>().unwrap_or(0);
         let entry = text(0);
-        let Some(stream) = stream_of.get(&entry) else {
+        let job_id = text(1);
+        let Some(stream) = stream_of.get(&(entry.as_str(), job_id.as_str())) else {
             continue;
         };
         let non_empty = |s: String| (!s.is_empty()).then_some(s);
         deliveries.push(Delivery {
-            stream: stream.clone(),
+            partition: p,
+            stream: (*stream).to_owned(),
             entry,
-            job_id: text(1),
+            job_id,
             attempts: number(2) as u32,
             max_attempts: number(3) as u32,
             payload: text(4),
@@ -975,7 +1178,7 @@ async fn start(shared: &Shared, entries: Entries) -> Result<Vec<Delivery>, Queue
             trace: text(11).parse().ok(),
         });
     }
-    Ok(deliveries)
+    Ok(())
 }
 
 /// Renews leases, promotes due jobs and tidies up, until stopped.
@@ -1010,30 +1213,30 @@ async fn keeper(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 }
 
 async fn renew_leases(shared: &Shared) {
-    let held: Vec<(String, String)> = shared
+    let held: Vec<(usize, (String, String))> = shared
         .held
         .lock()
         .expect("held map poisoned")
-        .iter()
-        .map(|(entry, held)| (held.stream.clone(), entry.clone()))
+        .values()
+        .map(|held| (held.partition, (held.stream.clone(), held.entry.clone())))
         .collect();
-    for chunk in held.chunks(256) {
-        let mut cmd = shared.queue.script_cmd(&scripts::RENEW);
+    for (p, chunk) in by_partition(held) {
+        let mut cmd = shared.queue.script_cmd_in(&scripts::RENEW, p);
         cmd.arg(&shared.consumer);
-        for (stream, entry) in chunk {
+        for (stream, entry) in &chunk {
             cmd.arg(stream).arg(entry);
         }
         let budget = shared.queue.config().renew_interval();
         match shared
             .queue
-            .run_scripts::<Vec<String>>(&ScriptBatch::One(cmd), budget)
+            .run_scripts::<Vec<usize>>(&ScriptBatch::One(cmd), budget)
             .await
         {
             Ok(lost) => {
                 let held = shared.held.lock().expect("held map poisoned");
-                for entry in lost {
+                for (stream, entry) in lost.into_iter().filter_map(|i| chunk.get(i)) {
                     // Entries settled meanwhile are gone from the map: not a loss.
-                    if let Some(h) = held.get(&entry)
+                    if let Some(h) = held.get(&held_key(stream, entry))
                         && !h.lost.swap(true, Ordering::Relaxed)
                     {
                         shared.stats.leases_lost.fetch_add(1, Ordering::Relaxed);
@@ -1046,32 +1249,31 @@ async fn renew_leases(shared: &Shared) {
     }
 }
 
-/// Drops expired ids from the indexes and removes long-idle consumers with nothing pending.
+/// Drops expired ids from the indexes and removes long-idle consumers with nothing pending,
+/// in every partition.
 async fn tidy_up(shared: &Shared) -> Result<(), QueueError> {
     let queue = &shared.queue;
     let config = queue.config();
-    let keys = queue.keys();
     let horizon = now_ms().saturating_sub(config.retention_secs * 1000);
-    let mut pipe = redis::pipe();
-    pipe.cmd("ZREMRANGEBYSCORE")
-        .arg(keys.dead(queue.name()))
-        .arg("-inf")
-        .arg(horizon)
-        .ignore();
-    pipe.cmd("ZREMRANGEBYSCORE")
-        .arg(keys.jobs_index(queue.name()))
-        .arg("-inf")
-        .arg(horizon)
-        .ignore();
-    pipe.cmd("ZREMRANGEBYSCORE")
-        .arg(keys.batches())
-        .arg("-inf")
-        .arg(horizon)
-        .ignore();
     let mut conn = queue.connection();
-    let _: () = pipe.query_async(&mut conn).await?;
+    for (_, keys) in queue.partitions().all() {
+        let mut pipe = redis::pipe();
+        for key in [
+            keys.dead(queue.name()),
+            keys.jobs_index(queue.name()),
+            keys.batches(),
+        ] {
+            pipe.cmd("ZREMRANGEBYSCORE")
+                .arg(key)
+                .arg("-inf")
+                .arg(horizon)
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut conn).await?;
+    }
     let idle_limit_ms = (config.lease_timeout().as_millis() as u64 * 10).max(3_600_000);
-    for stream in shared.stream_keys() {
+    let every: Vec<usize> = (0..queue.partitions().len()).collect();
+    for (_, stream) in shared.streams_of(&every) {
         let consumers: Value = match redis::cmd("XINFO")
             .arg("CONSUMERS")
             .arg(&stream)

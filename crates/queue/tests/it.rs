@@ -878,15 +878,12 @@ async fn raw_redis(queue: &Queue) -> redis::aio::MultiplexedConnection {
 async fn a_batch_idempotency_key_opens_the_first_batch_again() {
     let queue = shared_queue("batch-idem", |config| config.idempotency_ttl_secs = 600).await;
     let info = serde_json::json!({"source": "test"});
-    let (first, second) = (
-        klingq_core::JobId::new().to_string(),
-        klingq_core::JobId::new().to_string(),
-    );
     let opened = queue
-        .open_batch_idempotent(&first, &info, 0, "upload-1")
+        .open_batch_idempotent(&info, 0, "upload-1")
         .await
         .unwrap();
-    assert_eq!((opened.id.as_str(), opened.created), (first.as_str(), true));
+    assert!(opened.created);
+    let first = opened.id;
     let record = queue
         .batch(&first)
         .await
@@ -907,26 +904,22 @@ async fn a_batch_idempotency_key_opens_the_first_batch_again() {
     assert_eq!(stored, first);
     assert!((1..=600).contains(&ttl), "ttl {ttl}");
 
-    // A retry with a new candidate id gets the first batch, and opens nothing new.
+    // A retry (or the same call again after a lost reply) gets the first batch, and opens
+    // nothing new.
     let again = queue
-        .open_batch_idempotent(&second, &info, 0, "upload-1")
+        .open_batch_idempotent(&info, 0, "upload-1")
         .await
         .unwrap();
     assert_eq!((again.id.as_str(), again.created), (first.as_str(), false));
-    assert!(queue.batch(&second).await.unwrap().is_none());
-    // The same call run twice (a lost reply) is still the caller's own batch.
-    let retried = queue
-        .open_batch_idempotent(&first, &info, 0, "upload-1")
-        .await
-        .unwrap();
-    assert!(retried.created);
+    assert_eq!(queue.batch_ids(0, 10).await.unwrap(), [first.as_str()]);
     // Keys are per queue; a plain open claims nothing.
     let other = queue
         .for_queue("other")
-        .open_batch_idempotent(&second, &info, 0, "upload-1")
+        .open_batch_idempotent(&info, 0, "upload-1")
         .await
         .unwrap();
-    assert_eq!((other.id.as_str(), other.created), (second.as_str(), true));
+    assert!(other.created);
+    assert_ne!(other.id, first);
     let plain = klingq_core::JobId::new().to_string();
     queue.open_batch(&plain, &info, 0).await.unwrap();
     assert!(queue.batch(&plain).await.unwrap().is_some());
@@ -951,7 +944,9 @@ async fn an_events_group_reads_claims_and_acknowledges_each_event() {
         "the newest, oldest first"
     );
 
-    let mut first = queue.events_group("test-group", "first");
+    let mut groups = queue.events_groups("test-group", "first");
+    assert_eq!(groups.len(), 1, "one partition, one reader");
+    let mut first = groups.remove(0);
     first.ensure().await.unwrap();
     first.ensure().await.unwrap();
     assert!(first.read_pending(10).await.unwrap().is_empty());
@@ -972,7 +967,7 @@ async fn an_events_group_reads_claims_and_acknowledges_each_event() {
     );
 
     // Another consumer takes them over once idle (here: at once).
-    let second = queue.events_group("test-group", "second");
+    let second = queue.events_groups("test-group", "second").remove(0);
     let claimed = second.claim_idle(Duration::ZERO, "0-0", 10).await.unwrap();
     assert_eq!(claimed.entries.events.len(), 3);
     assert_eq!(claimed.next, "0-0");
@@ -1104,3 +1099,6 @@ mod topology;
 
 #[path = "it/tls.rs"]
 mod tls;
+
+#[path = "it/partitions.rs"]
+mod partitions;

@@ -609,7 +609,9 @@ async fn a_dead_dispatcher_s_events_are_taken_over() {
     .await
     .unwrap();
     // A dispatcher reads the event and dies before acknowledging it.
-    let mut dead = queue.events_group(klingq_events::DISPATCH_GROUP, "dead-dispatcher");
+    let mut dead = queue
+        .events_groups(klingq_events::DISPATCH_GROUP, "dead-dispatcher")
+        .remove(0);
     dead.ensure().await.unwrap();
     let read = dead.read_new(100, Duration::from_millis(10)).await.unwrap();
     assert_eq!(read.events.len(), 1, "{read:?}");

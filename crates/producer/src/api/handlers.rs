@@ -22,9 +22,7 @@ use crate::api::batch_body;
 use crate::api::error::ApiError;
 use crate::api::openapi;
 use crate::input::parse_job_value;
-use crate::producer::{
-    BatchOptions, MAX_BATCH_IDEMPOTENCY_KEY_BYTES, RedriveTarget, canonical_id, is_event_cursor,
-};
+use crate::producer::{BatchOptions, MAX_BATCH_IDEMPOTENCY_KEY_BYTES, RedriveTarget, canonical_id};
 use crate::view::{
     BatchAccepted, BatchCancelResult, BatchView, CancelResult, ErrorBody, EventView, Health,
     JobAccepted, JobPage, JobView, RedriveRequest, RedriveResult,
@@ -666,7 +664,7 @@ pub(crate) async fn redrive(
 pub(crate) struct EventsQuery {
     /// Start after this stream cursor (`0` for every retained event); the `Last-Event-ID`
     /// header wins over it. Default: only events that come later.
-    #[param(pattern = "^[0-9]{1,20}(-[0-9]{1,20})?$")]
+    #[param(pattern = "^[0-9]{1,20}(-[0-9]{1,20})?(,[0-9]{1,20}(-[0-9]{1,20})?){0,63}$")]
     from: Option<String>,
 }
 
@@ -684,7 +682,7 @@ pub(crate) struct EventsQuery {
     operation_id = "events",
     params(
         EventsQuery,
-        ("Last-Event-ID" = Option<String>, Header, pattern = "^[0-9]{1,20}(-[0-9]{1,20})?$",
+        ("Last-Event-ID" = Option<String>, Header, pattern = "^[0-9]{1,20}(-[0-9]{1,20})?(,[0-9]{1,20}(-[0-9]{1,20})?){0,63}$",
             description = "Resume after this cursor (the last `id:` received)."),
     ),
     responses(
@@ -706,24 +704,24 @@ pub(crate) async fn events(
             value
                 .to_str()
                 .ok()
-                .filter(|v| is_event_cursor(v))
+                .filter(|v| app.producer.accepts_event_cursor(v))
                 .ok_or_else(|| {
                     ApiError::field(
                         "Last-Event-ID",
                         "format",
-                        "must be an event cursor such as 1700000000000-0",
+                        "must be an event cursor such as 1700000000000-0 (one id per partition, comma-separated, when queue.partitions > 1)",
                     )
                 })?
                 .to_owned(),
         ),
     };
     if let Some(from) = &from_query.from
-        && !is_event_cursor(from)
+        && !app.producer.accepts_event_cursor(from)
     {
         return Err(ApiError::field(
             "from",
             "format",
-            "must be an event cursor such as 1700000000000-0, or 0",
+            "must be an event cursor such as 1700000000000-0 (one id per partition, comma-separated, when queue.partitions > 1), or 0",
         ));
     }
     // Each open stream holds a Redis connection for its blocking reads: a bounded number.

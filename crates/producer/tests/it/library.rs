@@ -255,17 +255,12 @@ async fn a_keyed_batch_stopped_half_way_is_finished_by_its_retry() {
     let producer = producer("idem-resume").await;
     let queue = producer.queue();
     // The first request opened the batch under its key, enqueued one job and stopped.
-    let first_id = klingq_core::JobId::new().to_string();
     let opened = queue
-        .open_batch_idempotent(
-            &first_id,
-            &serde_json::json!({"source": "api"}),
-            0,
-            "upload-43",
-        )
+        .open_batch_idempotent(&serde_json::json!({"source": "api"}), 0, "upload-43")
         .await
         .unwrap();
     assert!(opened.created);
+    let first_id = opened.id;
     let mut first_job = klingq_queue::NewJob::new(&spec(0)).unwrap();
     first_job.idempotency_key = Some("batch:upload-43:0".into());
     queue.enqueue(&first_job, Some(&first_id)).await.unwrap();

@@ -53,6 +53,10 @@ pub struct Topology {
     /// Sentinel: the monitored service.
     pub service: Option<String>,
     pub tls: bool,
+    /// `queue.partitions`.
+    pub partitions: usize,
+    /// Cluster: the primary owning each partition's slot, in partition order.
+    pub partition_owners: Vec<String>,
 }
 
 impl std::fmt::Display for Topology {
@@ -66,6 +70,15 @@ impl std::fmt::Display for Topology {
             write!(f, ", namespace slot {slot}")?;
             if let Some(owner) = &self.slot_owner {
                 write!(f, " on {owner}")?;
+            }
+        }
+        if self.partitions > 1 {
+            write!(f, ", {} partitions", self.partitions)?;
+            let mut shards = self.partition_owners.clone();
+            shards.sort();
+            shards.dedup();
+            if !shards.is_empty() {
+                write!(f, " on {} shards", shards.len())?;
             }
         }
         if self.tls {
@@ -167,11 +180,11 @@ impl ConnectionLike for Dedicated {
 }
 
 enum Source {
-    Standalone(redis::Client),
+    Standalone(Box<redis::Client>),
     Cluster {
         seeds: Vec<ConnectionInfo>,
+        /// The slot of the namespace's own tag (partition 0, the global keys).
         slot: u16,
-        route_key: String,
     },
     Sentinel(Following),
 }
@@ -221,7 +234,6 @@ impl Redis {
                         source: Source::Cluster {
                             seeds,
                             slot: key_slot(route_key),
-                            route_key: route_key.to_owned(),
                         },
                         tls,
                     })
@@ -236,7 +248,7 @@ impl Redis {
                         ConnectionManager::new_with_config(client.clone(), manager_config).await?;
                     Ok(Self {
                         shared: SharedConn(Shape::Standalone(conn)),
-                        source: Source::Standalone(client),
+                        source: Source::Standalone(Box::new(client)),
                         tls,
                     })
                 }
@@ -244,24 +256,21 @@ impl Redis {
         }
     }
 
-    /// A new connection for blocking reads, to the node that owns the namespace's slot now.
+    /// A new connection for blocking reads, to the node that owns `route_key`'s slot now.
     pub(crate) async fn dedicated(
         &self,
         response_timeout: Duration,
+        route_key: &str,
     ) -> Result<Dedicated, QueueError> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(response_timeout));
         let client = match &self.source {
-            Source::Standalone(client) => client.clone(),
+            Source::Standalone(client) => (**client).clone(),
             Source::Sentinel(following) => following.primary_client().await?,
-            Source::Cluster {
-                seeds,
-                slot,
-                route_key,
-            } => {
+            Source::Cluster { seeds, .. } => {
                 return self
-                    .slot_owner_connection(seeds, *slot, route_key, &config)
+                    .slot_owner_connection(seeds, key_slot(route_key), route_key, &config)
                     .await;
             }
         };
@@ -319,13 +328,18 @@ impl Redis {
     }
 
     /// `WAIT wanted timeout_ms` on the connection that made this process's writes: in a
-    /// cluster, the one to the namespace slot's primary.
-    pub(crate) async fn wait_replicas(&self, wanted: u32, timeout_ms: u64) -> RedisResult<u32> {
+    /// cluster, the one to the primary owning `route_key`'s slot.
+    pub(crate) async fn wait_replicas(
+        &self,
+        wanted: u32,
+        timeout_ms: u64,
+        route_key: &str,
+    ) -> RedisResult<u32> {
         let mut cmd = redis::cmd("WAIT");
         cmd.arg(wanted).arg(timeout_ms);
         let reply = match (&self.source, &self.shared.0) {
-            (Source::Cluster { slot, .. }, Shape::Cluster(conn)) => {
-                let route = Route::new(*slot, SlotAddr::Master);
+            (Source::Cluster { .. }, Shape::Cluster(conn)) => {
+                let route = Route::new(key_slot(route_key), SlotAddr::Master);
                 conn.clone()
                     .route_command(
                         cmd,
@@ -365,11 +379,11 @@ impl Redis {
         }
     }
 
-    /// Runs a command without keys (e.g. `SCAN`) on the primary owning the namespace's slot.
-    pub(crate) async fn on_slot_owner(&self, cmd: Cmd) -> RedisResult<Value> {
+    /// Runs a command without keys (e.g. `SCAN`) on the primary owning `route_key`'s slot.
+    pub(crate) async fn on_slot_owner(&self, cmd: Cmd, route_key: &str) -> RedisResult<Value> {
         match (&self.source, &self.shared.0) {
-            (Source::Cluster { slot, .. }, Shape::Cluster(conn)) => {
-                let route = Route::new(*slot, SlotAddr::Master);
+            (Source::Cluster { .. }, Shape::Cluster(conn)) => {
+                let route = Route::new(key_slot(route_key), SlotAddr::Master);
                 conn.clone()
                     .route_command(
                         cmd,
@@ -379,6 +393,11 @@ impl Redis {
             }
             _ => cmd.query_async(&mut self.shared.clone()).await,
         }
+    }
+
+    /// Whether this is a Cluster (keys of different slots live on different nodes).
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self.source, Source::Cluster { .. })
     }
 
     /// Where commands go, in a few words for an error message (no query, no credentials).
@@ -396,8 +415,10 @@ impl Redis {
         }
     }
 
-    /// Mode, nodes and slot, for `config show` and the start log.
-    pub(crate) async fn topology(&self) -> Topology {
+    /// Mode, nodes and slots (the namespace's, and each of `route_keys`' owner), for
+    /// `config show` and the start log.
+    pub(crate) async fn topology(&self, route_keys: &[String]) -> Topology {
+        let partitions = route_keys.len();
         match &self.source {
             Source::Standalone(client) => Topology {
                 mode: "standalone",
@@ -406,6 +427,8 @@ impl Redis {
                 slot_owner: None,
                 service: None,
                 tls: self.tls,
+                partitions,
+                partition_owners: Vec::new(),
             },
             Source::Sentinel(following) => Topology {
                 mode: "sentinel",
@@ -414,6 +437,8 @@ impl Redis {
                 slot_owner: None,
                 service: Some(following.service().to_owned()),
                 tls: self.tls,
+                partitions,
+                partition_owners: Vec::new(),
             },
             Source::Cluster { slot, .. } => {
                 let mut shared = self.shared.clone();
@@ -436,6 +461,14 @@ impl Redis {
                         .map(|(host, port)| format!("{host}:{port}")),
                     service: None,
                     tls: self.tls,
+                    partitions,
+                    partition_owners: route_keys
+                        .iter()
+                        .filter_map(|key| {
+                            owner_in_slots(slots.as_ref()?, key_slot(key))
+                                .map(|(host, port)| format!("{host}:{port}"))
+                        })
+                        .collect(),
                 }
             }
         }

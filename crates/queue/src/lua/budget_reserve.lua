@@ -1,15 +1,22 @@
--- Reserves a job's estimated cost against the daily budget and its batch's budget, once per
--- job and life. ARGV: job id, day (YYYYMMDD), micros, daily limit micros (0: none).
--- Returns {'ok'|'daily'|'batch', spent today, batch committed}.
-local id, day, micros, daily = ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
+-- Reserves a job's estimated cost against its batch's budget and (mode 'all') the daily
+-- budget, once per job and life. ARGV: job id, day (YYYYMMDD), micros, daily limit micros
+-- (0: none), mode: 'all' (the job lives in partition 0, with the daily budget) or 'partition'
+-- (the daily side was reserved by budget_day.lua in partition 0).
+-- Returns {'ok'|'daily'|'batch'|'already', spent today (mode 'all'), batch committed}.
+local id, day, micros, daily, mode = ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
+local all = mode == 'all'
 local jk = jobkey(id)
 local f = redis.call('HMGET', jk, 'reserved_micros', 'batch', 'q')
 local dk = P .. ':budget:day:' .. day
 if f[1] then
+  if not all then return { 'already', 0, 0 } end
   return { 'ok', tonumber(redis.call('GET', dk) or 0), 0 }
 end
-local spent = tonumber(redis.call('GET', dk) or 0)
-if daily > 0 and spent + micros > daily then return { 'daily', spent, 0 } end
+local spent = 0
+if all then
+  spent = tonumber(redis.call('GET', dk) or 0)
+  if daily > 0 and spent + micros > daily then return { 'daily', spent, 0 } end
+end
 local committed = 0
 if f[2] then
   local bk = P .. ':batch:' .. f[2]
@@ -19,8 +26,10 @@ if f[2] then
   if budget > 0 and committed + micros > budget then return { 'batch', spent, committed } end
   committed = redis.call('HINCRBY', bk, 'committed_micros', micros)
 end
-spent = redis.call('INCRBY', dk, micros)
-redis.call('EXPIRE', dk, 3 * 86400)
+if all then
+  spent = redis.call('INCRBY', dk, micros)
+  redis.call('EXPIRE', dk, 3 * 86400)
+end
 redis.call('HSET', jk, 'reserved_micros', micros)
 redis.call('HINCRBY', P .. ':q:' .. (f[3] or 'videos') .. ':stats', 'reserved_micros', micros)
 return { 'ok', spent, committed }
