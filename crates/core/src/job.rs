@@ -23,6 +23,16 @@ impl JobId {
         Self(Uuid::now_v7())
     }
 
+    /// The id's 16 bytes.
+    pub fn to_bytes(&self) -> [u8; 16] {
+        *self.0.as_bytes()
+    }
+
+    /// An id of these 16 bytes (e.g. one derived from another id).
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(Uuid::from_bytes(bytes))
+    }
+
     /// Milliseconds since the Unix epoch at which the id was made.
     pub fn created_at_ms(&self) -> u64 {
         self.0

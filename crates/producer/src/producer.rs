@@ -232,7 +232,14 @@ impl Producer {
         // request stopped half-way, finishes it under the same id (per-job keys derived from
         // the batch key keep jobs single).
         let (batch_id, created) = match &options.idempotency_key {
-            None => (JobId::new().to_string(), true),
+            // Placed by its first job's key, if any: a retried submission of the same jobs
+            // (without a batch key) lands in the same partition, where their keys are.
+            None => {
+                let hint = valid
+                    .iter()
+                    .find_map(|(_, spec)| spec.idempotency_key.as_deref());
+                (self.queue.new_batch_id(hint), true)
+            }
             Some(key) => {
                 let opened = self
                     .queue

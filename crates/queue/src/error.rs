@@ -36,10 +36,10 @@ pub enum QueueError {
     /// `queue.partitions` out of range.
     #[error("queue.partitions (KLINGQ_QUEUE_PARTITIONS) must be between 1 and {max}, not {value}")]
     PartitionsOutOfRange { value: u32, max: u32 },
-    /// The namespace holds jobs spread over another number of partitions: starting with this
-    /// one would leave jobs unread and split idempotency keys.
+    /// The namespace is in use under another number of partitions: starting with this one
+    /// would leave jobs unread and split idempotency keys.
     #[error(
-        "namespace {namespace:?} holds jobs in {recorded} partition(s) but queue.partitions (KLINGQ_QUEUE_PARTITIONS) is {configured}. Set it to {recorded}; to change it, use it with a new namespace (queue.namespace, KLINGQ_NAMESPACE), keep workers on the old one until `klingq status` shows nothing waiting or running there, then switch producers over"
+        "namespace {namespace:?} is in use with {recorded} partition(s) but queue.partitions (KLINGQ_QUEUE_PARTITIONS) is {configured}. Set it to {recorded}; to change it, use the new count with a new namespace (queue.namespace, KLINGQ_NAMESPACE), switch producers over, and keep workers on the old one until `klingq status` shows nothing waiting or running there"
     )]
     PartitionsMismatch {
         namespace: String,

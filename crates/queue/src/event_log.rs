@@ -94,8 +94,8 @@ fn before((ms, seq): StreamId) -> StreamId {
 type Read = (usize, StreamId, StoredEvent);
 
 impl Queue {
-    /// Events after `cursor` (an [`EventCursor`]: `0` for the start), merged over the
-    /// partitions in time order. With `block`, waits up to that long for one. Each event's
+    /// Events after `cursor` (an [`EventCursor`]: `0` for the start, `$` for only those to
+    /// come), merged over the partitions in time order. With `block`, waits up to that long for one. Each event's
     /// `cursor` resumes right after it.
     pub async fn read_events(
         &self,
@@ -104,7 +104,11 @@ impl Queue {
         block: Option<Duration>,
     ) -> Result<Vec<StoredEvent>, QueueError> {
         let n = self.partitions().len();
-        let mut position = EventCursor::parse(cursor, n)?;
+        let mut position = if cursor.trim() == "$" {
+            self.latest_position().await?
+        } else {
+            EventCursor::parse(cursor, n)?
+        };
         let count = count.max(1);
         let mut events = self.read_after(&position, count).await?;
         if events.is_empty()
@@ -239,6 +243,15 @@ impl Queue {
                 event
             })
             .collect())
+    }
+
+    /// The position after the newest event (the start when there is none).
+    async fn latest_position(&self) -> Result<EventCursor, QueueError> {
+        let n = self.partitions().len();
+        match self.recent_events(1).await?.pop() {
+            Some(event) => EventCursor::parse(&event.cursor, n),
+            None => Ok(EventCursor::start(n)),
+        }
     }
 
     /// Number of events in the streams (each bounded by `events_max_len`).

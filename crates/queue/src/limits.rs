@@ -129,8 +129,9 @@ impl Queue {
 
     /// Reserves a job's estimated cost against the daily budget (0: none) and its batch's
     /// budget. Idempotent per job and life. The daily budget is global (partition 0); a job
-    /// of another partition reserves there first, once per job and day, and gives it back
-    /// if its batch's budget refuses.
+    /// of another partition checks whether it reserved already, then reserves the day's
+    /// share there (once per job and day), then its batch's in its own partition, giving the
+    /// day's back if the batch refuses.
     pub async fn reserve_budget(
         &self,
         job_id: &str,
@@ -162,6 +163,11 @@ impl Queue {
                 self.run_script(in_job_partition("all")).await?;
             return Ok(decide(&decision, spent, committed));
         }
+        // Reserved before (an earlier attempt, an earlier day): nothing to do.
+        let (check, _, _): (String, u64, u64) = self.run_script(in_job_partition("check")).await?;
+        if check == "already" {
+            return Ok(BudgetDecision::Reserved);
+        }
         let (decision, spent, new) = self
             .budget_day(job_id, &day, micros, daily_limit_micros, "reserve")
             .await?;
@@ -170,8 +176,9 @@ impl Queue {
         }
         let (decision, _, committed): (String, u64, u64) =
             self.run_script(in_job_partition("partition")).await?;
-        if decision != "ok" && new == 1 {
-            // Reserved before (an earlier day), or refused by the batch: not today's spend.
+        // Refused by the batch: today's reservation is given back (whichever call made it).
+        // Reserved meanwhile by another attempt: only what this call added goes back.
+        if decision == "batch" || (decision == "already" && new == 1) {
             self.budget_day(job_id, &day, micros, 0, "release").await?;
         }
         Ok(decide(&decision, spent, committed))

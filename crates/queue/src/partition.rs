@@ -104,6 +104,23 @@ impl Partitions {
         }
     }
 
+    /// An id derived from `id` that lives in partition `p`: the same for the same `id` and
+    /// `p` on every call (its last four bytes changed), so a re-run enqueue finds its job.
+    pub fn id_like(&self, id: &JobId, p: usize) -> JobId {
+        let base = id.to_bytes();
+        for k in 0u32.. {
+            let mut bytes = base;
+            for (byte, salt) in bytes[12..].iter_mut().zip(k.to_be_bytes()) {
+                *byte ^= salt;
+            }
+            let candidate = JobId::from_bytes(bytes);
+            if self.of(&candidate.to_string()) == p % self.len() {
+                return candidate;
+            }
+        }
+        unreachable!("some salt lands in every partition")
+    }
+
     /// FNV-1a, stable across releases and processes (the partition of a stored job must not
     /// change).
     fn bucket(&self, bytes: &[u8]) -> usize {
@@ -121,9 +138,9 @@ impl Partitions {
 
 impl Queue {
     /// Records the namespace's partition count when it has none, and refuses another count
-    /// while the namespace holds jobs or idempotency keys under the recorded one (they
-    /// would be left unread, or a retry would miss its first job). A namespace without a
-    /// record (from before partitions) has one partition if it holds anything.
+    /// while the namespace holds anything (jobs, streams, batches, idempotency keys) under
+    /// either count: jobs would be left unread and retries would miss their first job. A
+    /// namespace without a record (from before partitions) that holds anything has one.
     pub(crate) async fn check_partitions(&self) -> Result<(), QueueError> {
         let namespace = &self.config().namespace;
         let configured = self.partitions().len() as u32;
@@ -134,7 +151,11 @@ impl Queue {
         let recorded = match recorded {
             Some(n) => n,
             None => {
-                let legacy = self.holds_jobs(&Partitions::new(namespace, 1)).await?;
+                // Only a count other than 1 needs to know whether the namespace is in use.
+                let legacy = configured != 1
+                    && self
+                        .holds_anything(&Partitions::new(namespace, 1), &meta)
+                        .await?;
                 let n = if legacy { 1 } else { configured };
                 let mut pipe = redis::pipe();
                 pipe.cmd("HSETNX")
@@ -150,22 +171,24 @@ impl Queue {
         if recorded == configured {
             return Ok(());
         }
-        if self
-            .holds_jobs(&Partitions::new(namespace, recorded))
-            .await?
-        {
-            return Err(QueueError::PartitionsMismatch {
-                namespace: namespace.clone(),
-                recorded,
-                configured,
-            });
+        for layout in [
+            Partitions::new(namespace, recorded),
+            self.partitions().clone(),
+        ] {
+            if self.holds_anything(&layout, &meta).await? {
+                return Err(QueueError::PartitionsMismatch {
+                    namespace: namespace.clone(),
+                    recorded,
+                    configured,
+                });
+            }
         }
-        // Nothing is stored under the old count: the namespace takes the new one.
+        // Nothing is stored under either count: the namespace takes the new one.
         tracing::info!(
             namespace,
             recorded,
             configured,
-            "namespace holds no jobs: its partition count changes"
+            "namespace holds nothing: its partition count changes"
         );
         let _: () = self
             .query(
@@ -178,22 +201,20 @@ impl Queue {
         Ok(())
     }
 
-    /// Whether any partition of `layout` holds a job record or an idempotency key.
-    async fn holds_jobs(&self, layout: &Partitions) -> Result<bool, QueueError> {
+    /// Whether any partition of `layout` holds a key other than `meta`.
+    async fn holds_anything(&self, layout: &Partitions, meta: &str) -> Result<bool, QueueError> {
         for (_, keys) in layout.all() {
-            for what in ["job:*", "idem*"] {
-                let pattern = format!("{}:{what}", keys.prefix());
-                let mut cursor = 0;
-                loop {
-                    let (next, found) = self.scan_page(keys, cursor, &pattern).await?;
-                    if !found.is_empty() {
-                        return Ok(true);
-                    }
-                    if next == 0 {
-                        break;
-                    }
-                    cursor = next;
+            let pattern = format!("{}:*", keys.prefix());
+            let mut cursor = 0;
+            loop {
+                let (next, found) = self.scan_page(keys, cursor, &pattern).await?;
+                if found.iter().any(|key| key != meta) {
+                    return Ok(true);
                 }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
         }
         Ok(false)
@@ -214,7 +235,7 @@ impl Queue {
                     .arg("MATCH")
                     .arg(pattern)
                     .arg("COUNT")
-                    .arg(1000);
+                    .arg(10_000);
                 Ok(self.redis().on_slot_owner(cmd, &route).await?)
             })
             .await?;
@@ -274,6 +295,10 @@ mod tests {
         assert!(seen.iter().all(|n| *n > 50), "{seen:?}");
         for p in 0..4 {
             assert_eq!(parts.of(&parts.id_in(p).to_string()), p);
+            let id = JobId::new();
+            let like = parts.id_like(&id, p);
+            assert_eq!(parts.of(&like.to_string()), p);
+            assert_eq!(like, parts.id_like(&id, p), "the same every time");
         }
         assert_eq!(parts.of_key("videos", "k1"), parts.of_key("videos", "k1"));
         assert_ne!(

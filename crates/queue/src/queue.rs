@@ -424,6 +424,10 @@ impl Queue {
 
     /// A fresh id for a job that will be enqueued with `batch` and `idempotency_key`: one
     /// that lives in the job's partition, so [`Queue::enqueue_many`] keeps it.
+    ///
+    /// An idempotency key finds its first job only within its partition: a single job's key
+    /// is looked up where the key hashes, a batch job's in its batch's partition. With one
+    /// partition (the default) that is the whole namespace.
     pub fn new_job_id(&self, batch: Option<&str>, idempotency_key: Option<&str>) -> JobId {
         let parts = &self.inner.parts;
         match (batch, idempotency_key) {
@@ -444,7 +448,9 @@ impl Queue {
     /// Enqueues many jobs, `enqueue_chunk` per script call, with a few calls pipelined per
     /// round trip, each partition's calls on their own (in a cluster they go to different
     /// shards). A job whose id does not live in its partition (see [`Queue::partition_for`])
-    /// is stored under a new id that does: the replies say which, in the jobs' order.
+    /// is stored under an id derived from it that does (the same one on every call, so a
+    /// re-run finds it): the replies say which, in the jobs' order. [`Queue::new_job_id`]
+    /// gives ids that stay.
     /// Re-running a call after a dropped connection is harmless: enqueue is idempotent per
     /// job id and idempotency key.
     pub async fn enqueue_many(
@@ -460,7 +466,7 @@ impl Queue {
             let id = if parts.of(&id) == p {
                 id
             } else {
-                parts.id_in(p).to_string()
+                parts.id_like(&job.id, p).to_string()
             };
             by_partition[p].push((index, job, id));
         }
@@ -514,6 +520,18 @@ impl Queue {
             }
         }
         Ok(results)
+    }
+
+    /// A fresh batch id. With `hint` (e.g. the idempotency key of the batch's first job) the
+    /// batch lives where the hint hashes, so a retried submission of the same jobs lands in
+    /// the same partition and their keys find the first jobs.
+    pub fn new_batch_id(&self, hint: Option<&str>) -> String {
+        let parts = &self.inner.parts;
+        match hint {
+            Some(key) => parts.id_in(parts.of_key(&self.inner.config.queue, key)),
+            None => JobId::new(),
+        }
+        .to_string()
     }
 
     /// Opens a batch before its jobs are enqueued. `info` is kept as the batch's description.
@@ -884,22 +902,34 @@ impl Queue {
     }
 
     /// Moves due delayed jobs to ready in every partition, in bounded steps; returns how
-    /// many moved.
+    /// many moved. A partition that fails (its shard failing over) does not hold up the
+    /// others; its error comes back once they are done.
     pub async fn promote_due(&self) -> Result<u64, QueueError> {
         let limit = self.inner.config.promote_batch.max(1);
         let mut n_moved = 0;
+        let mut failure = None;
         for p in 0..self.inner.parts.len() {
             loop {
                 let mut cmd = self.script_cmd_in(&scripts::PROMOTE, p);
                 cmd.arg(&self.inner.config.queue).arg(limit);
-                let moved: u64 = self.run_script(cmd).await?;
-                n_moved += moved;
-                if moved < limit as u64 {
-                    break;
+                match self.run_script::<u64>(cmd).await {
+                    Ok(moved) => {
+                        n_moved += moved;
+                        if moved < limit as u64 {
+                            break;
+                        }
+                    }
+                    Err(error) => {
+                        failure = Some(error);
+                        break;
+                    }
                 }
             }
         }
-        Ok(n_moved)
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(n_moved),
+        }
     }
 
     /// Queue depth over every partition: waiting, in flight, scheduled, dead, and the oldest

@@ -778,8 +778,11 @@ pub(crate) fn held_key(stream: &str, entry: &str) -> String {
 }
 
 /// One fetch: connect what is not connected, reclaim expired leases when due, read (high
-/// priority first, each group of partitions in turn from `turn`, then a blocking read on
-/// all of them), then start what was read. Connections come back, `None` where one broke.
+/// priority first, partitions in turn from `turn`, then a blocking read on all of them),
+/// then start what was read. Connections come back, `None` where one broke. A group of
+/// partitions that fails (a shard failing over) is skipped: the others are still read, and
+/// what they delivered is started. The result is an error only when nothing was delivered
+/// and something failed (the backend then backs off).
 async fn fetch(
     shared: Arc<Shared>,
     mut conns: Vec<Option<Dedicated>>,
@@ -788,10 +791,11 @@ async fn fetch(
     turn: usize,
 ) -> FetchOutput {
     let mut entries = Entries::new();
+    let mut failures: Vec<QueueError> = Vec::new();
     // A new connection first looks at this consumer's own pending entries: a read whose
     // reply was lost with the old connection delivered entries nobody started.
-    for (group, slot) in conns.iter_mut().enumerate() {
-        if slot.is_some() {
+    for group in 0..conns.len() {
+        if conns[group].is_some() {
             continue;
         }
         let connected = async {
@@ -801,8 +805,8 @@ async fn fetch(
             Ok::<_, QueueError>(conn)
         };
         match connected.await {
-            Ok(conn) => *slot = Some(conn),
-            Err(error) => return (conns, Err(error)),
+            Ok(conn) => conns[group] = Some(conn),
+            Err(error) => failures.push(drop_group(&shared, &mut conns, group, error)),
         }
     }
     if !entries.is_empty() {
@@ -810,16 +814,57 @@ async fn fetch(
             n = entries.len(),
             "recovered jobs read just before the connection broke"
         );
-        let result = start(&shared, entries).await;
-        return (conns, result);
+    } else if conns.iter().any(Option::is_some) {
+        read(
+            &shared,
+            &mut conns,
+            count,
+            reclaim,
+            turn,
+            &mut entries,
+            &mut failures,
+        )
+        .await;
     }
-    if let Err((group, error)) = read(&shared, &mut conns, count, reclaim, turn, &mut entries).await
-    {
-        conns[group] = None;
-        return (conns, Err(error));
+    let (deliveries, unstarted) = start(&shared, entries).await;
+    for (p, error) in unstarted {
+        // Read but not started: pending for this consumer and held by nobody. A new
+        // connection of the partition's group recovers them at the next fetch.
+        let group = shared
+            .groups
+            .iter()
+            .position(|partitions| partitions.contains(&p))
+            .unwrap_or(0);
+        failures.push(drop_group(&shared, &mut conns, group, error));
     }
-    let result = start(&shared, entries).await;
-    (conns, result)
+    let last = if deliveries.is_empty() {
+        failures.pop()
+    } else {
+        None
+    };
+    for error in &failures {
+        shared.note_redis_error("fetch", error);
+    }
+    match last {
+        Some(error) => (conns, Err(error)),
+        None => (conns, Ok(deliveries)),
+    }
+}
+
+/// Forgets group `group`'s fetch connection after `error` (the next fetch opens another).
+fn drop_group(
+    shared: &Shared,
+    conns: &mut [Option<Dedicated>],
+    group: usize,
+    error: QueueError,
+) -> QueueError {
+    conns[group] = None;
+    shared
+        .fetch_clients
+        .lock()
+        .expect("fetch clients poisoned")
+        .remove(&group);
+    error
 }
 
 async fn connect_fetch(shared: &Shared, group: usize) -> Result<Dedicated, QueueError> {
@@ -861,7 +906,8 @@ async fn connect_fetch(shared: &Shared, group: usize) -> Result<Dedicated, Queue
 /// Entries read: (partition, stream, entry, job id).
 type Entries = Vec<(usize, String, String, String)>;
 
-/// Reads into `entries`; on an error, says which group's connection failed.
+/// Reads into `entries` from every connected group; a group whose read fails is dropped
+/// (its error goes to `failures`) and the others go on.
 async fn read(
     shared: &Shared,
     conns: &mut [Option<Dedicated>],
@@ -869,16 +915,20 @@ async fn read(
     reclaim: bool,
     turn: usize,
     entries: &mut Entries,
-) -> Result<(), (usize, QueueError)> {
+    failures: &mut Vec<QueueError>,
+) {
     let n_groups = conns.len();
     let order: Vec<usize> = (0..n_groups).map(|k| (turn + k) % n_groups).collect();
     if reclaim {
         for &group in &order {
-            let conn = conns[group].as_mut().expect("connected above");
+            let Some(conn) = conns[group].as_mut() else {
+                continue;
+            };
             let streams = shared.streams_of(&shared.groups[group]);
-            reclaim_expired(shared, conn, &streams, count, entries)
-                .await
-                .map_err(|error| (group, error))?;
+            let wanted = count.saturating_sub(entries.len()).max(1);
+            if let Err(error) = reclaim_expired(shared, conn, &streams, wanted, entries).await {
+                failures.push(drop_group(shared, conns, group, error));
+            }
         }
         if !entries.is_empty() {
             shared
@@ -886,21 +936,26 @@ async fn read(
                 .reclaimed
                 .fetch_add(entries.len(), Ordering::Relaxed);
             tracing::info!(n = entries.len(), "reclaimed jobs whose lease expired");
-            return Ok(());
+            return;
         }
     }
-    // High priority first everywhere; within a priority, each group in turn.
+    // High priority first everywhere; within a priority, every partition in turn from
+    // `turn`, so that a backlog in one partition does not starve the others.
     for priority in Priority::ALL {
         for &group in &order {
-            let conn = conns[group].as_mut().expect("connected above");
-            for &p in &shared.groups[group] {
+            let partitions = &shared.groups[group];
+            for k in 0..partitions.len() {
+                let p = partitions[(turn + k) % partitions.len()];
+                let Some(conn) = conns[group].as_mut() else {
+                    break;
+                };
                 let stream = shared
                     .queue
                     .partitions()
                     .keys(p)
                     .ready(shared.queue.name(), priority);
                 let wanted = count - entries.len();
-                let reply: Value = redis::cmd("XREADGROUP")
+                let reply: Result<Value, _> = redis::cmd("XREADGROUP")
                     .arg("GROUP")
                     .arg(GROUP)
                     .arg(&shared.consumer)
@@ -910,82 +965,84 @@ async fn read(
                     .arg(&stream)
                     .arg(">")
                     .query_async(conn)
-                    .await
-                    .map_err(|error| (group, error.into()))?;
-                collect(&[(p, stream)], &reply, entries);
+                    .await;
+                match reply {
+                    Ok(reply) => collect(&[(p, stream)], &reply, entries),
+                    Err(error) => {
+                        failures.push(drop_group(shared, conns, group, error.into()));
+                        break;
+                    }
+                }
                 if entries.len() >= count {
-                    return Ok(());
+                    return;
                 }
             }
         }
     }
     if !entries.is_empty() || shared.is_shutting_down() {
-        return Ok(());
+        return;
     }
-    block_on_all(shared, conns, count, entries).await
+    block_on_all(shared, conns, count, entries, failures).await;
 }
 
-/// A blocking read on every group at once. The first group to deliver ends the others'
-/// reads (`CLIENT UNBLOCK`), whose entries, if any came meanwhile, are taken too: an entry
-/// read is never dropped.
+/// A blocking read on every connected group at once. The first group to deliver ends the
+/// others' reads (`CLIENT UNBLOCK`), whose entries, if any came meanwhile, are taken too: an
+/// entry read is never dropped.
 async fn block_on_all(
     shared: &Shared,
     conns: &mut [Option<Dedicated>],
     count: usize,
     entries: &mut Entries,
-) -> Result<(), (usize, QueueError)> {
+    failures: &mut Vec<QueueError>,
+) {
     let block = shared.queue.config().block_timeout().as_millis() as u64;
     let mut reads: FuturesUnordered<_> = conns
         .iter_mut()
         .enumerate()
+        .filter_map(|(group, conn)| conn.as_mut().map(|conn| (group, conn)))
         .map(|(group, conn)| {
             let streams = shared.streams_of(&shared.groups[group]);
+            // COUNT applies per stream: share the free slots between them.
+            let per_stream = count.div_ceil(streams.len()).max(1);
             async move {
-                let conn = conn.as_mut().expect("connected above");
-                let reply = read_group_cmd(shared, count, Some(block), &streams, ">")
+                let reply = read_group_cmd(shared, per_stream, Some(block), &streams, ">")
                     .query_async::<Value>(conn)
                     .await;
                 (group, streams, reply)
             }
         })
         .collect();
-    let mut failed = None;
+    let mut failed: Vec<(usize, QueueError)> = Vec::new();
     let mut unblocked = reads.len() == 1;
     while let Some((group, streams, reply)) = reads.next().await {
         match reply {
             Ok(reply) => collect(&streams, &reply, entries),
-            Err(error) => {
-                failed.get_or_insert((group, QueueError::from(error)));
-            }
+            Err(error) => failed.push((group, error.into())),
         }
-        if (!entries.is_empty() || failed.is_some()) && !unblocked {
+        if (!entries.is_empty() || !failed.is_empty()) && !unblocked {
             unblocked = true;
             unblock_fetches(shared, group).await;
         }
     }
-    match failed {
-        Some(failure) if entries.is_empty() => Err(failure),
-        // The entries read are started; the broken connection is found at the next read.
-        _ => Ok(()),
+    drop(reads);
+    for (group, error) in failed {
+        failures.push(drop_group(shared, conns, group, error));
     }
 }
 
-/// Ends the blocking reads of every fetch connection but `except`'s, through the shared
-/// connection to each one's node.
+/// Ends the blocking reads of every fetch connection but `except`'s, from a control
+/// connection to each one's own node.
 async fn unblock_fetches(shared: &Shared, except: usize) {
-    let clients: Vec<(usize, i64)> = shared
+    let clients: Vec<(i64, Dedicated)> = shared
         .fetch_clients
         .lock()
         .expect("fetch clients poisoned")
         .iter()
         .filter(|(group, _)| **group != except)
-        .map(|(group, (client_id, _))| (*group, *client_id))
+        .map(|(_, client)| client.clone())
         .collect();
-    for (group, client_id) in clients {
-        let mut cmd = redis::cmd("CLIENT");
-        cmd.arg("UNBLOCK").arg(client_id);
-        let route = shared.queue.route_key(shared.groups[group][0]);
-        if let Err(error) = shared.queue.redis().on_slot_owner(cmd, route).await {
+    for (client_id, conn) in clients {
+        if let Err(error) = conn.unblock(client_id).await {
             // The read then ends at its block timeout: later, not wrong.
             tracing::debug!(%error, "could not unblock a fetch");
         }
@@ -1002,7 +1059,8 @@ async fn recover_own_pending(
     count: usize,
     entries: &mut Entries,
 ) -> Result<(), QueueError> {
-    // `0`: this consumer's pending entries rather than new ones.
+    // `0`: this consumer's pending entries rather than new ones. COUNT applies per stream,
+    // and all of them are taken: one left out would wait for a whole lease.
     let reply: Value = read_group_cmd(shared, count, None, streams, "0")
         .query_async(conn)
         .await?;
@@ -1068,6 +1126,9 @@ async fn reclaim_expired(
 ) -> Result<(), QueueError> {
     let lease_ms = shared.queue.config().lease_timeout().as_millis() as u64;
     for (p, stream) in streams {
+        let Some(wanted) = count.checked_sub(entries.len()).filter(|n| *n > 0) else {
+            return Ok(());
+        };
         let cursor = shared
             .reclaim_cursors
             .lock()
@@ -1082,7 +1143,7 @@ async fn reclaim_expired(
             .arg(lease_ms)
             .arg(&cursor)
             .arg("COUNT")
-            .arg(count)
+            .arg(wanted)
             .query_async(conn)
             .await?;
         let Value::Array(parts) = reply else {
@@ -1116,8 +1177,8 @@ async fn reclaim_expired(
 const START_FIELDS: usize = 12;
 
 /// Runs the start script on read entries, one call per partition: counts attempts and
-/// reads the jobs.
-async fn start(shared: &Shared, entries: Entries) -> Result<Vec<Delivery>, QueueError> {
+/// reads the jobs. Returns what started, and each partition whose call failed.
+async fn start(shared: &Shared, entries: Entries) -> (Vec<Delivery>, Vec<(usize, QueueError)>) {
     let mut by_partition: HashMap<usize, Vec<(String, String, String)>> = HashMap::new();
     for (p, stream, entry, job_id) in entries {
         by_partition
@@ -1126,10 +1187,13 @@ async fn start(shared: &Shared, entries: Entries) -> Result<Vec<Delivery>, Queue
             .push((stream, entry, job_id));
     }
     let mut deliveries = Vec::new();
+    let mut failed = Vec::new();
     for (p, entries) in by_partition {
-        start_in(shared, p, &entries, &mut deliveries).await?;
+        if let Err(error) = start_in(shared, p, &entries, &mut deliveries).await {
+            failed.push((p, error));
+        }
     }
-    Ok(deliveries)
+    (deliveries, failed)
 }
 
 async fn start_in(

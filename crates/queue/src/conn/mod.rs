@@ -13,6 +13,7 @@ mod errors;
 mod sentinel;
 mod target;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{
@@ -135,6 +136,9 @@ impl ConnectionLike for SharedConn {
 pub struct Dedicated {
     conn: MultiplexedConnection,
     node: ConnectionInfo,
+    /// A second connection to the same node, opened at the first [`Dedicated::unblock`]
+    /// and kept with this one (the blocked connection answers nothing until unblocked).
+    control: Arc<tokio::sync::OnceCell<MultiplexedConnection>>,
 }
 
 impl Dedicated {
@@ -143,20 +147,33 @@ impl Dedicated {
         addr_of(&self.node)
     }
 
-    /// Ends a blocking read of client `client_id` on this connection's node, from a
-    /// short-lived connection of its own (the blocked one answers nothing until then).
+    /// Ends a blocking read of client `client_id` on this connection's node (the node
+    /// that gave out the id), from a control connection of its own.
     pub async fn unblock(&self, client_id: i64) -> RedisResult<()> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(CONNECT_TIMEOUT));
-        let mut conn = redis::Client::open(self.node.clone())?
-            .get_multiplexed_async_connection_with_config(&config)
+        let control = self
+            .control
+            .get_or_try_init(|| async {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(CONNECT_TIMEOUT));
+                redis::Client::open(self.node.clone())?
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+            })
             .await?;
         redis::cmd("CLIENT")
             .arg("UNBLOCK")
             .arg(client_id)
-            .query_async(&mut conn)
+            .query_async(&mut control.clone())
             .await
+    }
+
+    fn new(conn: MultiplexedConnection, node: ConnectionInfo) -> Self {
+        Self {
+            conn,
+            node,
+            control: Arc::default(),
+        }
     }
 }
 
@@ -277,10 +294,7 @@ impl Redis {
         let conn = client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
-        Ok(Dedicated {
-            conn,
-            node: client.get_connection_info().clone(),
-        })
+        Ok(Dedicated::new(conn, client.get_connection_info().clone()))
     }
 
     /// Asks the cluster who owns `slot`, connects there, and checks with a keyed command
@@ -311,7 +325,7 @@ impl Redis {
                 .query_async(&mut conn)
                 .await;
             match probe {
-                Ok(_) => return Ok(Dedicated { conn, node }),
+                Ok(_) => return Ok(Dedicated::new(conn, node)),
                 Err(error) => match error.redirect_node() {
                     Some((addr, _)) => {
                         let (host, port) = split_addr(addr)

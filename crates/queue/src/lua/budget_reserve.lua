@@ -1,8 +1,9 @@
 -- Reserves a job's estimated cost against its batch's budget and (mode 'all') the daily
 -- budget, once per job and life. ARGV: job id, day (YYYYMMDD), micros, daily limit micros
--- (0: none), mode: 'all' (the job lives in partition 0, with the daily budget) or 'partition'
--- (the daily side was reserved by budget_day.lua in partition 0).
--- Returns {'ok'|'daily'|'batch'|'already', spent today (mode 'all'), batch committed}.
+-- (0: none), mode: 'all' (the job lives in partition 0, with the daily budget), 'check' (only
+-- whether the job reserved already: 'already' or 'go') or 'partition' (the daily side was
+-- reserved by budget_day.lua in partition 0).
+-- Returns {'ok'|'daily'|'batch'|'already'|'go', spent today (mode 'all'), batch committed}.
 local id, day, micros, daily, mode = ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
 local all = mode == 'all'
 local jk = jobkey(id)
@@ -12,6 +13,7 @@ if f[1] then
   if not all then return { 'already', 0, 0 } end
   return { 'ok', tonumber(redis.call('GET', dk) or 0), 0 }
 end
+if mode == 'check' then return { 'go', 0, 0 } end
 local spent = 0
 if all then
   spent = tonumber(redis.call('GET', dk) or 0)

@@ -38,7 +38,23 @@ async fn four_partitions_keep_batches_whole_and_what_is_global_global() {
     let batch_jobs: Vec<NewJob> = (100..120).map(|n| job(n, Behavior::Succeed)).collect();
     let batch_ids = enqueue_ids(&queue, &batch_jobs, Some(&batch)).await;
     assert!(batch_ids.iter().all(|id| parts.of(id) == parts.of(&batch)));
+    // An id moved into the batch's partition is derived from the caller's: the same call
+    // again finds the jobs it wrote.
+    let again = queue.enqueue_many(&batch_jobs, Some(&batch)).await.unwrap();
+    assert_eq!(
+        again
+            .iter()
+            .map(|e| (e.id.as_str(), e.created))
+            .collect::<Vec<_>>(),
+        batch_ids
+            .iter()
+            .map(|id| (id.as_str(), false))
+            .collect::<Vec<_>>()
+    );
     queue.seal_batch(&batch).await.unwrap();
+    // A batch placed by its first job's key lands where a retry's would.
+    let hinted = queue.new_batch_id(Some("first-key"));
+    assert_eq!(parts.of(&hinted), parts.of_key(queue.name(), "first-key"));
 
     // An idempotency key finds its first job from any candidate id.
     let mut keyed = job(200, Behavior::Succeed);
@@ -67,6 +83,13 @@ async fn four_partitions_keep_batches_whole_and_what_is_global_global() {
         );
     }
     assert_eq!(queue.spent_today_micros().await.unwrap(), before + 1_000);
+    // Reserved once, it stays reserved on a full day (as a partition-0 job does).
+    let spent = queue.spent_today_micros().await.unwrap();
+    assert_eq!(
+        queue.reserve_budget(elsewhere, 1_000, spent).await.unwrap(),
+        BudgetDecision::Reserved
+    );
+    assert_eq!(queue.spent_today_micros().await.unwrap(), spent);
     let over = queue.spent_today_micros().await.unwrap() + 1;
     let other = single_ids
         .iter()
@@ -174,6 +197,47 @@ async fn four_partitions_keep_batches_whole_and_what_is_global_global() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_in_one_partition_does_not_starve_the_others() {
+    let queue = partitioned_queue("parts-fair", 4).await;
+    let parts = queue.partitions().clone();
+    // A big batch in partition 0, then single jobs in the other partitions.
+    let batch = parts.id_in(0).to_string();
+    queue
+        .open_batch(&batch, &serde_json::json!({}), 0)
+        .await
+        .unwrap();
+    let backlog: Vec<NewJob> = (0..120).map(|n| job(n, Behavior::Succeed)).collect();
+    enqueue_ids(&queue, &backlog, Some(&batch)).await;
+    queue.seal_batch(&batch).await.unwrap();
+    let singles: Vec<NewJob> = (0..9)
+        .map(|i| {
+            let mut single = job(1_000 + i, Behavior::Succeed);
+            single.id = parts.id_in(1 + i as usize % 3);
+            single
+        })
+        .collect();
+    enqueue_ids(&queue, &singles, None).await;
+    let seen = Seen::default();
+    let worker = spawn_worker(&queue, 2, &seen);
+    wait_batch_done(&queue, &batch, Duration::from_secs(60)).await;
+    wait_for(
+        "the single jobs to run",
+        Duration::from_secs(30),
+        || async { (seen.order.lock().unwrap().len() >= 129).then_some(()) },
+    )
+    .await
+    .unwrap();
+    worker.stop().await;
+    let order = seen.order.lock().unwrap().clone();
+    let last_single = order.iter().rposition(|n| *n >= 1_000).unwrap();
+    // Taking turns, the other partitions' jobs all ran while the batch was still draining.
+    assert!(
+        last_single < 80,
+        "the last single job ran {last_single}th: {order:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_namespace_keeps_its_partition_count_while_it_holds_jobs() {
     require_shared_redis().await.unwrap();
     let namespace = unique_namespace("parts-fixed");
@@ -196,7 +260,12 @@ async fn a_namespace_keeps_its_partition_count_while_it_holds_jobs() {
         ),
         "{message}"
     );
-    for needle in ["KLINGQ_QUEUE_PARTITIONS", "queue.namespace", &namespace] {
+    for needle in [
+        "KLINGQ_QUEUE_PARTITIONS",
+        "queue.namespace",
+        "in use with 2",
+        &namespace,
+    ] {
         assert!(message.contains(needle), "{message}");
     }
     assert!(matches!(
