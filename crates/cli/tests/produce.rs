@@ -668,6 +668,9 @@ async fn unreachable_redis_names_the_url_and_how_to_start_it() {
     );
     assert!(text.contains("redis-server"), "{text}");
     assert!(!text.contains("hunter2"), "{text}");
+    // The node is named once, with what went wrong.
+    assert_eq!(text.matches("127.0.0.1:1").count(), 1, "{text}");
+    assert!(text.contains("(connection refused or lost)"), "{text}");
     assert_no_debug_dump(&text);
     // A bad file is still exit code 2: input is checked before connecting.
     let file = cli.file("bad.jsonl", "{oops\n");

@@ -22,15 +22,24 @@ pub enum ProducerError {
     BatchNotFound(String),
     /// Redis did not answer when connecting. `url` is redacted.
     #[error(
-        "cannot reach Redis at {url} ({cause}). Start one (`redis-server --daemonize yes`, or \
+        "cannot reach Redis at {url} ({}). Start one (`redis-server --daemonize yes`, or \
          `docker run -d -p 6379:6379 redis:7`) or point the Redis URL setting \
-         (KLINGQ_REDIS_URL, queue.redis_url) at a running server"
+         (KLINGQ_REDIS_URL, queue.redis_url) at a running server",
+        unreachable_reason(.cause)
     )]
     Unreachable { url: String, cause: QueueError },
     #[error(transparent)]
     Queue(#[from] QueueError),
     #[error("encoding a job payload: {0}")]
     Encode(#[from] serde_json::Error),
+}
+
+/// Why Redis could not be reached, without repeating the node the message names already.
+fn unreachable_reason(cause: &QueueError) -> String {
+    match cause {
+        QueueError::Unavailable { what, .. } => (*what).to_owned(),
+        other => other.to_string(),
+    }
 }
 
 impl ProducerError {

@@ -81,6 +81,9 @@ struct Attempt<'a> {
     /// When the job must be done by (its creation + the job deadline).
     deadline: Instant,
     estimate_micros: u64,
+    /// This attempt took the provider slot at submit (so generating renews it, one command,
+    /// instead of taking it again).
+    slot_taken: bool,
 }
 
 fn job_error(step: &str, code: &str, message: impl Into<String>, cost_committed: bool) -> JobError {
@@ -132,6 +135,7 @@ impl Pipeline {
                 .estimate_micros(spec.request.billed_seconds()),
             checkpoint,
             deadline,
+            slot_taken: false,
         };
         attempt.run().await
     }
@@ -316,6 +320,7 @@ impl Attempt<'_> {
             )
             .await
             .map_err(redis_retry)?;
+        self.slot_taken = slot.acquired;
         if !slot.acquired {
             return Err(JobFailure::Defer {
                 after: Duration::from_secs(self.pipeline.config.limit_wait_secs.max(1)),
@@ -379,18 +384,24 @@ impl Attempt<'_> {
             .clone()
             .expect("generate runs with a run id");
         let client_ref = self.job_id.to_string();
-        // Hold the slot for the run (again, after a recovery); the run exists either way.
+        // Hold the slot for the run: renewed when this attempt took it at submit, taken
+        // again after a recovery; the run exists either way.
         self.pipeline.slots.forget(&client_ref);
-        let _ = self
-            .lease
-            .queue()
-            .acquire_slot(
-                PROVIDER_LIMIT,
-                &client_ref,
-                self.pipeline.config.limit_lease(),
-                self.pipeline.config.provider_concurrency,
-            )
-            .await;
+        let queue = self.lease.queue();
+        let lease = self.pipeline.config.limit_lease();
+        let _ = if self.slot_taken {
+            queue.renew_slot(PROVIDER_LIMIT, &client_ref, lease).await
+        } else {
+            queue
+                .acquire_slot(
+                    PROVIDER_LIMIT,
+                    &client_ref,
+                    lease,
+                    self.pipeline.config.provider_concurrency,
+                )
+                .await
+                .map(|_| ())
+        };
         let deadline = tokio::time::Instant::from_std(self.deadline);
         let provider = self.pipeline.provider.clone();
         let waited = self

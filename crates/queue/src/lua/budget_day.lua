@@ -14,6 +14,8 @@ if redis.call('HEXISTS', jobs, id) == 1 then return { 'ok', spent, 0 } end
 if daily > 0 and spent + micros > daily then return { 'daily', spent, 0 } end
 spent = redis.call('INCRBY', dk, micros)
 redis.call('HSET', jobs, id, micros)
-redis.call('EXPIRE', dk, 3 * 86400)
-redis.call('EXPIRE', jobs, 3 * 86400)
+-- Both keys expire three days after they were made (the total may have been made by a job of
+-- partition 0; NX: Redis 7).
+if spent == micros then redis.call('EXPIRE', dk, 3 * 86400) end
+redis.call('EXPIRE', jobs, 3 * 86400, 'NX')
 return { 'ok', spent, 1 }
