@@ -2,7 +2,7 @@
 //! loopback ports, each in a folder of its own, killed when the [`RedisCluster`] drops.
 //!
 //! It also holds what [`crate::sentinel`] shares: starting `redis-server` processes on free
-//! ports (`Processes`), and a tiny RESP client (`pipeline`, `command_over`) so the testkit
+//! ports (`Processes`), and a tiny RESP client (`pipeline_over`, `command_over`) so the testkit
 //! needs neither the `redis` crate nor a `redis-cli` per poll. A TLS cluster
 //! ([`RedisCluster::start_tls`]) is polled through `openssl s_client` instead of a plain
 //! `TcpStream`: same requests, same parser.
@@ -579,13 +579,8 @@ impl Topology {
     }
 }
 
-/// The first element of `ROLE`: `master`, `slave` or `sentinel`.
-pub(crate) async fn role(port: u16) -> anyhow::Result<String> {
-    role_over(None, port).await
-}
-
-/// [`role`], over TLS when `tls`.
-async fn role_over(tls: Option<&TlsFiles>, port: u16) -> anyhow::Result<String> {
+/// The first element of `ROLE` (`master`, `slave` or `sentinel`), over TLS when `tls`.
+pub(crate) async fn role_over(tls: Option<&TlsFiles>, port: u16) -> anyhow::Result<String> {
     match command_over(tls, port, &["ROLE"]).await? {
         Reply::Array(items) => items
             .into_iter()
@@ -682,7 +677,7 @@ impl Processes {
         command_over(self.tls.as_deref(), port, args).await
     }
 
-    /// [`pipeline`] to one of these servers (over TLS if they speak it).
+    /// [`pipeline_over`] to one of these servers (over TLS if they speak it).
     pub(crate) async fn pipeline(
         &self,
         port: u16,
@@ -881,7 +876,8 @@ fn log_tail(path: &Path) -> String {
     )
 }
 
-/// A RESP2 reply. Error replies at the top level are errors of [`command_over`] and [`pipeline`].
+/// A RESP2 reply. Error replies at the top level are errors of [`command_over`] and
+/// [`pipeline_over`].
 #[derive(Debug)]
 pub(crate) enum Reply {
     /// A simple or bulk string.
@@ -930,11 +926,7 @@ pub(crate) async fn command_over(
 }
 
 /// Sends `commands` on one connection and reads their replies; an error reply is an error.
-pub(crate) async fn pipeline(port: u16, commands: &[&[&str]]) -> anyhow::Result<Vec<Reply>> {
-    pipeline_over(None, port, commands).await
-}
-
-/// [`pipeline`], over TLS when `tls` (through `openssl s_client`, one process per call).
+/// Over TLS when `tls` (through `openssl s_client`, one process per call).
 pub(crate) async fn pipeline_over(
     tls: Option<&TlsFiles>,
     port: u16,

@@ -1,15 +1,21 @@
 //! A real Redis Sentinel setup for tests: a primary (AOF fsynced on every write), its replica and
 //! three sentinels (quorum 2) on free loopback ports, each in a folder of its own (Sentinel
 //! rewrites its config file), all killed when the [`RedisSentinel`] drops.
+//! [`RedisSentinel::start_tls`] starts the same speaking TLS only: to clients, between the
+//! sentinels, from the sentinels to the data nodes, and for replication.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
-use crate::cluster::{DURABLE_DATA_ARGS, Processes, Reply, info_field, pipeline, role, wait_until};
+use crate::cluster::{
+    DURABLE_DATA_ARGS, Processes, Reply, info_field, pipeline_over, role_over, wait_until,
+};
+use crate::tls::TlsFiles;
 
 /// The name the sentinels monitor the primary under.
 pub const MASTER_NAME: &str = "mymaster";
@@ -30,6 +36,8 @@ pub struct RedisSentinel {
     /// The primary and the replica, as started.
     data_ports: [u16; 2],
     sentinel_ports: Vec<u16>,
+    /// Everything speaks TLS only, with these files.
+    tls: Option<Arc<TlsFiles>>,
 }
 
 impl RedisSentinel {
@@ -37,13 +45,30 @@ impl RedisSentinel {
     /// the sentinels and waits until every one names the primary, knows the replica (link up)
     /// and knows the other two sentinels.
     pub async fn start() -> anyhow::Result<Self> {
-        let procs = Processes::new("sentinel")?;
+        Self::start_with(None).await
+    }
+
+    /// The same speaking TLS only (a throwaway CA, see [`TlsFiles`]; clients need no
+    /// certificate): the data nodes serve TLS only and replicate over TLS
+    /// (`--tls-replication yes`), the sentinels serve TLS only and speak TLS to the data nodes
+    /// and to each other (`tls-replication yes` in `sentinel.conf`). [`RedisSentinel::url`] is
+    /// `rediss+sentinel://…/mymaster#insecure`, [`RedisSentinel::verified_url`] the same
+    /// without `#insecure`.
+    pub async fn start_tls() -> anyhow::Result<Self> {
+        Self::start_with(Some(Arc::new(TlsFiles::generate()?))).await
+    }
+
+    async fn start_with(tls: Option<Arc<TlsFiles>>) -> anyhow::Result<Self> {
+        let procs = Processes::new("sentinel")?.with_tls(tls.clone());
+        let files = tls.as_deref();
         let primary = procs
-            .start("primary", false, |port, dir| Ok(data_args(port, dir, None)))
+            .start("primary", false, |port, dir| {
+                Ok(data_args(port, dir, None, files))
+            })
             .await?;
         let replica = procs
             .start("replica", false, |port, dir| {
-                Ok(data_args(port, dir, Some(primary)))
+                Ok(data_args(port, dir, Some(primary), files))
             })
             .await?;
         // Sentinels learn the replica from the primary's INFO, which they ask at once and then
@@ -51,14 +76,14 @@ impl RedisSentinel {
         wait_until(
             "the replica to sync with the primary",
             START_DEADLINE,
-            || replicating(primary, replica),
+            || replicating(files, primary, replica),
         )
         .await?;
         let mut sentinel_ports = Vec::new();
         for _ in 0..SENTINELS {
             let port = procs
                 .start("sentinel", false, |port, dir| {
-                    sentinel_args(port, dir, primary)
+                    sentinel_args(port, dir, primary, files)
                 })
                 .await?;
             sentinel_ports.push(port);
@@ -67,6 +92,7 @@ impl RedisSentinel {
             procs,
             data_ports: [primary, replica],
             sentinel_ports,
+            tls,
         };
         wait_until(
             "the sentinels to know the primary, its replica and each other",
@@ -77,15 +103,39 @@ impl RedisSentinel {
         Ok(sentinel)
     }
 
-    /// `redis+sentinel://127.0.0.1:S1,127.0.0.1:S2,127.0.0.1:S3/mymaster`
+    /// `redis+sentinel://127.0.0.1:S1,127.0.0.1:S2,127.0.0.1:S3/mymaster`; for
+    /// [`RedisSentinel::start_tls`] `rediss+sentinel://…/mymaster#insecure` (TLS to the
+    /// sentinels and to the primary, certificates not verified: the test CA is in no trust
+    /// store).
     pub fn url(&self) -> String {
-        let hosts = self
-            .sentinel_ports
+        match self.tls {
+            None => format!("redis+sentinel://{}/{MASTER_NAME}", self.hosts()),
+            Some(_) => format!("rediss+sentinel://{}/{MASTER_NAME}#insecure", self.hosts()),
+        }
+    }
+
+    /// For [`RedisSentinel::start_tls`]: `rediss+sentinel://…/mymaster`, which verifies the
+    /// certificates of the sentinels and of the primary (a client must trust
+    /// [`TlsFiles::ca_file`], e.g. through `SSL_CERT_FILE`, which the redis crate's rustls roots
+    /// are loaded from). `None` for a plain setup.
+    pub fn verified_url(&self) -> Option<String> {
+        self.tls
+            .as_ref()
+            .map(|_| format!("rediss+sentinel://{}/{MASTER_NAME}", self.hosts()))
+    }
+
+    /// The CA and certificates of a setup started with [`RedisSentinel::start_tls`].
+    pub fn tls_files(&self) -> Option<&TlsFiles> {
+        self.tls.as_deref()
+    }
+
+    /// `127.0.0.1:S1,127.0.0.1:S2,127.0.0.1:S3`
+    fn hosts(&self) -> String {
+        self.sentinel_ports
             .iter()
             .map(|port| format!("127.0.0.1:{port}"))
             .collect::<Vec<_>>()
-            .join(",");
-        format!("redis+sentinel://{hosts}/{MASTER_NAME}")
+            .join(",")
     }
 
     pub fn sentinel_ports(&self) -> Vec<u16> {
@@ -96,7 +146,7 @@ impl RedisSentinel {
     pub async fn primary_port(&self) -> anyhow::Result<u16> {
         let mut errors = Vec::new();
         for sentinel in &self.sentinel_ports {
-            match primary_named_by(*sentinel).await {
+            match primary_named_by(self.tls.as_deref(), *sentinel).await {
                 Ok(port) => return Ok(port),
                 Err(e) => errors.push(format!("{e:#}")),
             }
@@ -104,9 +154,14 @@ impl RedisSentinel {
         bail!("no sentinel names the primary: {}", errors.join("; "))
     }
 
-    /// `redis://127.0.0.1:PORT` of the current primary.
+    /// `redis://127.0.0.1:PORT` of the current primary (`rediss://127.0.0.1:PORT/#insecure`
+    /// for [`RedisSentinel::start_tls`]).
     pub async fn primary_url(&self) -> anyhow::Result<String> {
-        Ok(format!("redis://127.0.0.1:{}", self.primary_port().await?))
+        let port = self.primary_port().await?;
+        Ok(match self.tls {
+            None => format!("redis://127.0.0.1:{port}"),
+            Some(_) => format!("rediss://127.0.0.1:{port}/#insecure"),
+        })
     }
 
     /// SIGKILLs the current primary (as a crash would: no save) and returns its port.
@@ -139,25 +194,27 @@ impl RedisSentinel {
         wait_until(
             &format!("127.0.0.1:{port} to replicate 127.0.0.1:{primary}"),
             FAILOVER_DEADLINE,
-            || replicating(primary, port),
+            || replicating(self.tls.as_deref(), primary, port),
         )
         .await?;
         Ok(())
     }
 
     async fn settled(&self, primary: u16, replica: u16) -> Result<(), String> {
-        replicating(primary, replica).await?;
+        replicating(self.tls.as_deref(), primary, replica).await?;
         for sentinel in &self.sentinel_ports {
-            let replies = pipeline(
-                *sentinel,
-                &[
-                    &["SENTINEL", "get-master-addr-by-name", MASTER_NAME],
-                    &["SENTINEL", "master", MASTER_NAME],
-                    &["SENTINEL", "replicas", MASTER_NAME],
-                ],
-            )
-            .await
-            .map_err(|e| format!("{e:#}"))?;
+            let replies = self
+                .procs
+                .pipeline(
+                    *sentinel,
+                    &[
+                        &["SENTINEL", "get-master-addr-by-name", MASTER_NAME],
+                        &["SENTINEL", "master", MASTER_NAME],
+                        &["SENTINEL", "replicas", MASTER_NAME],
+                    ],
+                )
+                .await
+                .map_err(|e| format!("{e:#}"))?;
             let [addr, master, replicas]: [Reply; 3] = replies
                 .try_into()
                 .map_err(|_| "expected 3 replies".to_owned())?;
@@ -204,7 +261,7 @@ impl RedisSentinel {
             if !self.sentinel_ports.contains(&sentinel) {
                 continue;
             }
-            let named = primary_named_by(sentinel)
+            let named = primary_named_by(self.tls.as_deref(), sentinel)
                 .await
                 .map_err(|e| format!("{e:#}"))?;
             match agreed {
@@ -220,7 +277,7 @@ impl RedisSentinel {
             }
         }
         let primary = agreed.ok_or("no sentinel alive")?;
-        match role(primary).await {
+        match role_over(self.tls.as_deref(), primary).await {
             Ok(role) if role == "master" => Ok(primary),
             Ok(role) => Err(format!("127.0.0.1:{primary} answers ROLE {role}")),
             Err(e) => Err(format!("{e:#}")),
@@ -229,10 +286,22 @@ impl RedisSentinel {
 }
 
 /// A primary or (with `replica_of`) a replica, AOF fsynced on every write, no RDB snapshots.
-fn data_args(port: u16, dir: &Path, replica_of: Option<u16>) -> Vec<OsString> {
-    let mut args: Vec<OsString> = ["--port", &port.to_string(), "--bind", "127.0.0.1", "--dir"]
-        .map(OsString::from)
-        .into();
+/// With `tls`, it serves TLS only, on `port`, and replicates over TLS.
+fn data_args(
+    port: u16,
+    dir: &Path,
+    replica_of: Option<u16>,
+    tls: Option<&TlsFiles>,
+) -> Vec<OsString> {
+    let mut args: Vec<OsString> = match tls {
+        None => vec!["--port".into(), port.to_string().into()],
+        Some(tls) => {
+            let mut args = tls.server_args(port);
+            args.extend(["--tls-replication", "yes"].map(OsString::from));
+            args
+        }
+    };
+    args.extend(["--bind", "127.0.0.1", "--dir"].map(OsString::from));
     args.push(dir.into());
     args.extend(DURABLE_DATA_ARGS.map(OsString::from));
     if let Some(primary) = replica_of {
@@ -242,15 +311,36 @@ fn data_args(port: u16, dir: &Path, replica_of: Option<u16>) -> Vec<OsString> {
 }
 
 /// Writes `dir/sentinel.conf` (Sentinel rewrites it, so each has its own) and returns
-/// `[CONF, --sentinel]`.
-fn sentinel_args(port: u16, dir: &Path, primary: u16) -> anyhow::Result<Vec<OsString>> {
+/// `[CONF, --sentinel]`. With `tls`, the sentinel serves TLS only, on `port`, and speaks TLS to
+/// the data nodes and the other sentinels (`tls-replication yes`), trusting the test CA.
+fn sentinel_args(
+    port: u16,
+    dir: &Path,
+    primary: u16,
+    tls: Option<&TlsFiles>,
+) -> anyhow::Result<Vec<OsString>> {
     let conf = dir.join("sentinel.conf");
     let down_after = DOWN_AFTER.as_millis();
     let failover_timeout = FAILOVER_TIMEOUT.as_millis();
+    let listen = match tls {
+        None => format!("port {port}\n"),
+        Some(tls) => format!(
+            "port 0\n\
+             tls-port {port}\n\
+             tls-cert-file {cert}\n\
+             tls-key-file {key}\n\
+             tls-ca-cert-file {ca}\n\
+             tls-auth-clients no\n\
+             tls-replication yes\n",
+            cert = tls.cert_file().display(),
+            key = tls.key_file().display(),
+            ca = tls.ca_file().display(),
+        ),
+    };
     std::fs::write(
         &conf,
         format!(
-            "port {port}\n\
+            "{listen}\
              bind 127.0.0.1\n\
              dir {dir}\n\
              sentinel monitor {MASTER_NAME} 127.0.0.1 {primary} 2\n\
@@ -264,9 +354,9 @@ fn sentinel_args(port: u16, dir: &Path, primary: u16) -> anyhow::Result<Vec<OsSt
 }
 
 /// `Ok` once the primary has the replica online and the replica's link is up.
-async fn replicating(primary: u16, replica: u16) -> Result<(), String> {
+async fn replicating(tls: Option<&TlsFiles>, primary: u16, replica: u16) -> Result<(), String> {
     let info = |port| async move {
-        pipeline(port, &[&["INFO", "replication"]])
+        pipeline_over(tls, port, &[&["INFO", "replication"]])
             .await
             .and_then(|mut replies| replies.pop().context("no reply")?.into_text())
             .map_err(|e| format!("{e:#}"))
@@ -288,8 +378,9 @@ async fn replicating(primary: u16, replica: u16) -> Result<(), String> {
 }
 
 /// The port a sentinel names for [`MASTER_NAME`].
-async fn primary_named_by(sentinel: u16) -> anyhow::Result<u16> {
-    let reply = pipeline(
+async fn primary_named_by(tls: Option<&TlsFiles>, sentinel: u16) -> anyhow::Result<u16> {
+    let reply = pipeline_over(
+        tls,
         sentinel,
         &[&["SENTINEL", "get-master-addr-by-name", MASTER_NAME]],
     )

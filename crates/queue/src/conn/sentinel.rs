@@ -48,7 +48,12 @@ impl Following {
         let mut node =
             SentinelNodeConnectionInfo::default().set_redis_connection_info(target.node.clone());
         if target.tls {
-            node = node.set_tls_mode(redis::TlsMode::Secure);
+            // The data nodes as the sentinels: verified, unless the URL ends in #insecure.
+            node = node.set_tls_mode(if target.insecure {
+                redis::TlsMode::Insecure
+            } else {
+                redis::TlsMode::Secure
+            });
         }
         let sentinel = SentinelClient::build(
             target.sentinels.clone(),

@@ -49,6 +49,10 @@ pub(crate) struct SentinelTarget {
     /// Credentials and database of the data nodes (not the sentinels).
     pub(crate) node: RedisConnectionInfo,
     pub(crate) tls: bool,
+    /// `rediss+sentinel://…#insecure`: TLS without verifying the certificates of the sentinels
+    /// and the data nodes (the redis crate's `rediss://…/#insecure`, for a private CA in no
+    /// trust store).
+    pub(crate) insecure: bool,
 }
 
 /// A setting that cannot work, named with the rule it breaks.
@@ -137,8 +141,26 @@ fn parse_node(url: &str) -> Result<ConnectionInfo, TargetError> {
     })
 }
 
-/// `[user:pass@]host:port[,host:port…]/service_name[?db=N&sentinel_username=U&sentinel_password=P]`
+/// `[user:pass@]host:port[,host:port…]/service_name[?db=N&sentinel_username=U&sentinel_password=P][#insecure]`
 fn parse_sentinel(rest: &str, tls: bool) -> Result<SentinelTarget, TargetError> {
+    // The fragment first: left in, it would end up in the service name (or a parameter).
+    let (rest, fragment) = rest.split_once('#').unwrap_or((rest, ""));
+    let insecure = match fragment {
+        "" => false,
+        "insecure" if tls => true,
+        "insecure" => {
+            return Err(invalid(
+                "queue.redis_url",
+                "#insecure (TLS without verifying certificates) needs a rediss+sentinel:// URL",
+            ));
+        }
+        _ => {
+            return Err(invalid(
+                "queue.redis_url",
+                "only #insecure is supported as URL fragment",
+            ));
+        }
+    };
     let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
     let (authority, service) = rest.split_once('/').ok_or_else(|| {
         invalid(
@@ -190,12 +212,13 @@ fn parse_sentinel(rest: &str, tls: bool) -> Result<SentinelTarget, TargetError> 
         );
     }
     let scheme = if tls { "rediss" } else { "redis" };
+    let fragment = if insecure { "/#insecure" } else { "" };
     let sentinels = hosts
         .split(',')
         .map(str::trim)
         .filter(|host| !host.is_empty())
         .map(|host| {
-            format!("{scheme}://{sentinel_userinfo}{host}")
+            format!("{scheme}://{sentinel_userinfo}{host}{fragment}")
                 .as_str()
                 .into_connection_info()
                 .map_err(|_| {
@@ -224,6 +247,7 @@ fn parse_sentinel(rest: &str, tls: bool) -> Result<SentinelTarget, TargetError> 
         service: service.to_owned(),
         node,
         tls,
+        insecure,
     })
 }
 
@@ -316,6 +340,49 @@ mod tests {
             panic!("not sentinel")
         };
         assert!(target.tls && is_tls(&target.sentinels[0]));
+        assert!(!target.insecure);
+        assert!(matches!(
+            target.sentinels[0].addr(),
+            ConnectionAddr::TcpTls {
+                insecure: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn insecure_sentinel_urls() {
+        let Target::Sentinel(target) = Target::parse(
+            "rediss+sentinel://h:1,h:2/svc?db=3#insecure",
+            RedisMode::Auto,
+        )
+        .unwrap() else {
+            panic!("not sentinel")
+        };
+        assert_eq!(target.service, "svc");
+        assert_eq!(target.node.db(), 3);
+        assert!(target.tls && target.insecure);
+        for sentinel in &target.sentinels {
+            assert!(
+                matches!(
+                    sentinel.addr(),
+                    ConnectionAddr::TcpTls { insecure: true, .. }
+                ),
+                "{sentinel:?}"
+            );
+        }
+        let Target::Sentinel(target) =
+            Target::parse("rediss+sentinel://h:1/svc#insecure", RedisMode::Sentinel).unwrap()
+        else {
+            panic!("not sentinel")
+        };
+        assert_eq!(target.service, "svc");
+        assert!(target.insecure);
+        let error =
+            Target::parse("redis+sentinel://h:1/svc#insecure", RedisMode::Auto).unwrap_err();
+        assert!(error.rule.contains("rediss+sentinel://"), "{error}");
+        let error = Target::parse("rediss+sentinel://h:1/svc#other", RedisMode::Auto).unwrap_err();
+        assert!(error.rule.contains("#insecure"), "{error}");
     }
 
     #[test]

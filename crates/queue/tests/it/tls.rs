@@ -1,10 +1,16 @@
-//! The queue over TLS (`rediss://`): a TLS-only `redis-server` and a TLS-only 3+3 Cluster
-//! (cluster bus and replication over TLS too), certificates from a throwaway CA. The URLs end
-//! in `#insecure` (the redis crate's switch to skip verification: the test CA is in no trust
-//! store); that certificates are verified otherwise is checked through the CLI, whose process
-//! can be given the test CA (`crates/cli/tests/produce.rs`).
+//! The queue over TLS (`rediss://`): a TLS-only `redis-server`, a TLS-only 3+3 Cluster
+//! (cluster bus and replication over TLS too) and a TLS-only Sentinel setup
+//! (`rediss+sentinel://`: sentinels, data nodes, replication and the sentinels' own links all
+//! TLS), certificates from a throwaway CA. The URLs end in `#insecure` (the redis crate's
+//! switch to skip verification: the test CA is in no trust store); that certificates are
+//! verified otherwise is checked through a process given the test CA (`SSL_CERT_FILE`): the
+//! CLI (`crates/cli/tests/produce.rs`), and this test binary for Sentinel.
 
+use std::process::Stdio;
+
+use klingq_queue::QueueError;
 use klingq_testkit::cluster::RedisCluster;
+use klingq_testkit::sentinel::RedisSentinel;
 
 use super::*;
 
@@ -72,4 +78,131 @@ async fn the_queue_works_over_tls_on_a_cluster() {
     assert!(topology.tls, "{topology}");
     assert_eq!(topology.primaries.len(), 3, "{topology}");
     batch_completes(&queue, 20).await;
+}
+
+/// Where the child run of [`a_verified_sentinel_url_connects_when_the_ca_is_trusted`] finds the
+/// verified `rediss+sentinel://` URL.
+const VERIFIED_SENTINEL_URL_VAR: &str = "KLINGQ_TEST_VERIFIED_SENTINEL_URL";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_follows_a_sentinel_failover_over_tls() {
+    let sentinel = RedisSentinel::start_tls().await.unwrap();
+    let url = sentinel.url();
+    assert!(
+        url.starts_with("rediss+sentinel://127.0.0.1:") && url.ends_with("/mymaster#insecure"),
+        "{url}"
+    );
+
+    // Certificates are verified unless the URL says #insecure: the test CA is trusted nowhere
+    // in this process, so the handshake with the sentinels fails, and says so.
+    let mut untrusted = tls_config(sentinel.verified_url().unwrap(), "tls-sentinel-untrusted");
+    untrusted.command_timeout_ms = 2_000;
+    let refused = tokio::time::timeout(Duration::from_secs(30), Queue::connect(untrusted))
+        .await
+        .expect("connecting with an untrusted CA hung");
+    match refused {
+        Err(error @ QueueError::Unavailable { kind: "tls", .. }) => {
+            assert!(
+                error.to_string().contains("TLS handshake failed"),
+                "{error}"
+            );
+        }
+        Err(other) => panic!("not a TLS failure: {other:?}"),
+        Ok(_) => panic!("connected through sentinels whose certificate nobody trusts"),
+    }
+
+    // Every port speaks TLS only: a job that runs proves TLS to the sentinels (asked for the
+    // primary) and to the primary (the shared and the blocking connections).
+    let queue = Queue::connect(QueueConfig {
+        // Short leases: a job whose settle was lost with the old primary is handed on soon.
+        lease_timeout_secs: 5,
+        reclaim_interval_secs: 1,
+        // Acknowledged means on the replica too (replication over TLS).
+        min_replicas_ack: 1,
+        ..tls_config(url, "tls-sentinel")
+    })
+    .await
+    .unwrap();
+    let topology = queue.topology().await;
+    assert_eq!(topology.mode, "sentinel", "{topology}");
+    assert!(topology.tls, "{topology}");
+    assert_eq!(topology.service.as_deref(), Some("mymaster"), "{topology}");
+    let first = sentinel.primary_port().await.unwrap();
+    assert_eq!(topology.primaries, [format!("127.0.0.1:{first}")]);
+
+    // The primary is killed mid-batch: the queue asks the sentinels again, over TLS, and
+    // follows the promoted replica, over TLS; no job is lost.
+    let (ids, _) = super::topology::batch_survives(&queue, 100, || async {
+        let old = sentinel.kill_primary().await.unwrap();
+        assert_eq!(old, first);
+        let new = sentinel.wait_failover(old).await.unwrap();
+        assert_ne!(old, new);
+    })
+    .await;
+    assert_eq!(ids.len(), 100);
+    let now = sentinel.primary_port().await.unwrap();
+    assert_ne!(now, first);
+    assert_eq!(
+        queue.topology().await.primaries,
+        [format!("127.0.0.1:{now}")],
+        "the queue follows the new primary"
+    );
+    let errors: u64 = queue.redis_errors().iter().map(|(_, n)| n).sum();
+    assert!(
+        errors > 0,
+        "the failover was not seen: {:?}",
+        queue.redis_errors()
+    );
+
+    // A verified URL works where the test CA is trusted: this test binary again, as a child
+    // process given the CA through SSL_CERT_FILE (the redis crate's rustls roots read it; set
+    // here it would race every other test's TLS handshakes).
+    let output = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "tls::a_verified_sentinel_url_connects_when_the_ca_is_trusted",
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(VERIFIED_SENTINEL_URL_VAR, sentinel.verified_url().unwrap())
+        .env("SSL_CERT_FILE", sentinel.tls_files().unwrap().ca_file())
+        .env_remove("SSL_CERT_DIR")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(120), output)
+        .await
+        .expect("the verified child run hung")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    eprintln!("DEBUG child: {stdout} {}", String::from_utf8_lossy(&output.stderr));
+    eprintln!("DEBUG errors: {:?}", queue.redis_errors());
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "the verified child run failed ({}): {stdout}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Run only as the child of [`the_queue_follows_a_sentinel_failover_over_tls`], which trusts
+/// the test CA through `SSL_CERT_FILE`: a `rediss+sentinel://` URL without `#insecure`
+/// (verified connections to the sentinels and to the primary) runs a job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by the_queue_follows_a_sentinel_failover_over_tls, with the test CA trusted"]
+async fn a_verified_sentinel_url_connects_when_the_ca_is_trusted() {
+    let Ok(url) = std::env::var(VERIFIED_SENTINEL_URL_VAR) else {
+        eprintln!("{VERIFIED_SENTINEL_URL_VAR} is not set: nothing to check on its own");
+        return;
+    };
+    assert!(!url.contains('#'), "{url}");
+    let queue = Queue::connect(tls_config(url, "tls-sentinel-verified"))
+        .await
+        .unwrap();
+    let topology = queue.topology().await;
+    assert_eq!(topology.mode, "sentinel", "{topology}");
+    assert!(topology.tls, "{topology}");
+    batch_completes(&queue, 5).await;
 }
