@@ -801,3 +801,46 @@ async fn rediss_verifies_the_server_certificate() {
     assert!(line.starts_with("# redis: not reachable: "), "{line}");
     assert!(line.contains("TLS"), "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_sentinel_verifies_the_certificates_of_sentinels_and_primary() {
+    let cli = Cli::new("cli-tls-sentinel").await;
+    let sentinel = klingq_testkit::sentinel::RedisSentinel::start_tls()
+        .await
+        .unwrap();
+    let url = sentinel.verified_url().unwrap();
+    assert!(
+        url.starts_with("rediss+sentinel://") && !url.contains('#'),
+        "{url}"
+    );
+    let ca = sentinel.tls_files().unwrap().ca_file();
+    // Trusting the test CA: the sentinels name the primary and the CLI connects to it, both
+    // over verified TLS (every port of the setup speaks TLS only).
+    let output = cli
+        .command(&["config", "show"])
+        .env("KLINGQ_REDIS_URL", &url)
+        .env("SSL_CERT_FILE", &ca)
+        .env_remove("SSL_CERT_DIR")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text.lines().find(|l| l.starts_with("# redis: ")).unwrap();
+    let primary = sentinel.primary_port().await.unwrap();
+    assert_eq!(
+        line,
+        format!("# redis: sentinel (service mymaster), primaries [127.0.0.1:{primary}], TLS")
+    );
+    // Trusting only an empty store: refused, and the line says it was TLS.
+    let empty = cli.file("empty-ca.pem", "");
+    let output = cli
+        .command(&["config", "show"])
+        .env("KLINGQ_REDIS_URL", &url)
+        .env("SSL_CERT_FILE", &empty)
+        .env_remove("SSL_CERT_DIR")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text.lines().find(|l| l.starts_with("# redis: ")).unwrap();
+    assert!(line.starts_with("# redis: not reachable: "), "{line}");
+    assert!(line.contains("TLS"), "{line}");
+}

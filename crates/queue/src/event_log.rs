@@ -53,6 +53,19 @@ impl EventCursor {
         }
     }
 
+    /// Hands out `events` (in order) from this position: each gets the cursor right after
+    /// it.
+    fn advance_over(&mut self, events: Vec<Read>) -> Vec<StoredEvent> {
+        events
+            .into_iter()
+            .map(|(p, id, mut event)| {
+                self.0[p] = id;
+                event.cursor = self.to_string();
+                event
+            })
+            .collect()
+    }
+
     fn id(&self, p: usize) -> String {
         let (ms, seq) = self.0[p];
         format!("{ms}-{seq}")
@@ -117,14 +130,7 @@ impl Queue {
             self.wait_for_events(&position, block).await?;
             events = self.read_after(&position, count).await?;
         }
-        Ok(events
-            .into_iter()
-            .map(|(p, id, mut event)| {
-                position.0[p] = id;
-                event.cursor = position.to_string();
-                event
-            })
-            .collect())
+        Ok(position.advance_over(events))
     }
 
     /// Up to `count` events after `position`, oldest first over every partition.
@@ -235,14 +241,7 @@ impl Queue {
                 None => newest_read[p].unwrap_or((0, 0)),
             };
         }
-        Ok(events
-            .into_iter()
-            .map(|(p, id, mut event)| {
-                position.0[p] = id;
-                event.cursor = position.to_string();
-                event
-            })
-            .collect())
+        Ok(position.advance_over(events))
     }
 
     /// The position after the newest event (the start when there is none).

@@ -593,9 +593,10 @@ schema!(
             "id",
             ObjectBuilder::new()
                 .schema_type(Type::String)
-                .pattern(Some("^[0-9]+-[0-9]+$"))
+                .pattern(Some("^[0-9]+-[0-9]+(,[0-9]+-[0-9]+)*$"))
                 .description(Some(
-                    "The stream cursor; send it back as `Last-Event-ID` to resume after it.",
+                    "The stream cursor (one stream id per partition, comma-separated, when \
+                     `queue.partitions` > 1); send it back as `Last-Event-ID` to resume after it.",
                 )),
         )
         .property(
