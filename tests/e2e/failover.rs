@@ -14,8 +14,8 @@ use klingq_testkit::sentinel::RedisSentinel;
 use klingq_testkit::wait_for;
 
 use crate::pipeline::{
-    Env, InProcessWorker, assert_all_succeeded_once, assert_paid_once_and_stored, enqueue, env_on,
-    env_partitioned, wait_terminal,
+    Env, InProcessWorker, assert_all_succeeded_once, assert_paid_once_and_stored, enqueue_batch,
+    env_on, env_partitioned, wait_terminal,
 };
 
 const JOBS: usize = 16;
@@ -32,8 +32,9 @@ fn sim_config() -> SimConfig {
     }
 }
 
-/// Runs a batch with the worker in this process while `fail_over` kills the primary.
-async fn survives_a_failover<F, Fut>(env: Env, min_replicas_ack: u32, fail_over: F)
+/// Runs the batch `batch` with the worker in this process while `fail_over` kills the
+/// primary; the batch completes with every job in it.
+async fn survives_a_failover<F, Fut>(env: Env, min_replicas_ack: u32, batch: &str, fail_over: F)
 where
     F: FnOnce() -> Fut,
     Fut: Future<Output = ()>,
@@ -45,7 +46,7 @@ where
             .try_init();
     }
     let prompts: Vec<String> = (0..JOBS).map(|n| format!("failover scene {n}")).collect();
-    let ids = enqueue(&env, &prompts).await;
+    let ids = enqueue_batch(&env, &prompts, batch).await;
     let mut settings = env.services.worker_settings();
     settings.queue.min_replicas_ack = min_replicas_ack;
     let worker = InProcessWorker::start_with(settings).await;
@@ -81,6 +82,9 @@ where
     }
     let records = wait_terminal(&env.queue, &ids, Duration::from_secs(5)).await;
     worker.stop().await;
+    let record = env.queue.batch(batch).await.unwrap().expect("the batch");
+    assert!(record.done, "{record:?}");
+    assert_eq!(record.total, JOBS as u64);
     if min_replicas_ack > 0 {
         // Every checkpoint was on a replica before the job went on: none was lost.
         assert_all_succeeded_once(&env, &records).await;
@@ -102,8 +106,7 @@ async fn six_partitions_on_three_shards_primary_killed_every_job_succeeds_and_pa
 }
 
 /// The cluster failover run with the namespace over `partitions` partitions, entered through
-/// a node that owns none of its slots; the primary killed owns partition 0 (the global keys:
-/// the shared provider limit, budgets) and some of the jobs.
+/// a node that owns none of its slots; the primary killed owns the batch's partition.
 async fn cluster_failover(partitions: u32) {
     let cluster = RedisCluster::start().await.unwrap();
     let (mut env, _) = env_partitioned(
@@ -136,10 +139,23 @@ async fn cluster_failover(partitions: u32) {
         .into_iter()
         .find(|url| !owners.contains(&port_of(url)))
         .expect("a node owning none of the slots");
+    // The batch lives in one partition. With several, one on another shard than partition
+    // 0: the global keys (the shared provider limit, budgets) stay on a shard that keeps
+    // running while the batch's shard fails over (the chaos run kills partition 0's).
+    let global_owner = cluster.owner_of_slot(slots[0]).await.unwrap();
+    let mut batch_partition = 0;
+    for (p, slot) in slots.iter().enumerate().skip(1) {
+        if cluster.owner_of_slot(*slot).await.unwrap() != global_owner {
+            batch_partition = p;
+            break;
+        }
+    }
+    assert_eq!(batch_partition == 0, partitions == 1);
+    let batch = layout.id_in(batch_partition).to_string();
+    let slot = slots[layout.of(&batch)];
     // Acknowledged means on a replica: the killed primary comes back (as an orchestrator
     // restarts it) and replicates its successor, so new writes can be confirmed again.
-    let slot = slots[0];
-    survives_a_failover(env, 1, || async {
+    survives_a_failover(env, 1, &batch, || async {
         let old = cluster.kill_primary_of_slot(slot).await.unwrap();
         cluster.wait_failover(slot, old).await.unwrap();
         cluster.restart_node(old).await.unwrap();
@@ -153,7 +169,8 @@ async fn sentinel_failover_mid_batch_every_job_succeeds_and_pays_once() {
     let (env, _) = env_on(sentinel.url(), "failover-sentinel", sim_config(), false).await;
     // Replication stays asynchronous (the default): reconciliation by `client_ref` is what
     // keeps a checkpoint lost with the old primary from paying twice.
-    survives_a_failover(env, 0, || async {
+    let batch = env.queue.new_batch_id(None);
+    survives_a_failover(env, 0, &batch, || async {
         let old = sentinel.kill_primary().await.unwrap();
         sentinel.wait_failover(old).await.unwrap();
     })

@@ -96,6 +96,25 @@ fn job(prompt: &str) -> NewJob {
     new_job
 }
 
+/// Enqueues one job per prompt as the batch `batch` (opened and sealed here).
+pub(crate) async fn enqueue_batch(env: &Env, prompts: &[String], batch: &str) -> Vec<String> {
+    env.queue
+        .open_batch(batch, &serde_json::json!({"source": "e2e"}), 0)
+        .await
+        .unwrap();
+    let jobs: Vec<NewJob> = prompts.iter().map(|p| job(p)).collect();
+    let ids = env
+        .queue
+        .enqueue_many(&jobs, Some(batch))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    env.queue.seal_batch(batch).await.unwrap();
+    ids
+}
+
 pub(crate) async fn enqueue(env: &Env, prompts: &[String]) -> Vec<String> {
     let jobs: Vec<NewJob> = prompts.iter().map(|p| job(p)).collect();
     env.queue
