@@ -765,6 +765,29 @@ async fn config_show_says_which_redis_mode_and_nodes_were_found() {
     assert!(!text.contains("hunter2"), "{text}");
 }
 
+/// The `# redis:` line of `klingq config show` against `url`, with only the CA file `ca`
+/// trusted (rustls reads SSL_CERT_FILE).
+fn redis_line_trusting(cli: &Cli, url: &str, ca: &std::path::Path) -> String {
+    let output = cli
+        .command(&["config", "show"])
+        .env("KLINGQ_REDIS_URL", url)
+        .env("SSL_CERT_FILE", ca)
+        .env_remove("SSL_CERT_DIR")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text.lines().find(|l| l.starts_with("# redis: ")).unwrap();
+    line.to_owned()
+}
+
+/// With only an empty trust store, `url`'s certificate is refused, and the line says so.
+fn refused_without_trust(cli: &Cli, url: &str) {
+    let empty = cli.file("empty-ca.pem", "");
+    let line = redis_line_trusting(cli, url, std::path::Path::new(&empty));
+    assert!(line.starts_with("# redis: not reachable: "), "{line}");
+    assert!(line.contains("TLS"), "{line}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rediss_verifies_the_server_certificate() {
     let cli = Cli::new("cli-tls").await;
@@ -772,34 +795,13 @@ async fn rediss_verifies_the_server_certificate() {
         .await
         .unwrap();
     let url = server.verified_url().unwrap();
-    let ca = server.tls_files().unwrap().ca_file();
-    // Trusting the test CA (rustls reads SSL_CERT_FILE): connected, over TLS.
-    let output = cli
-        .command(&["config", "show"])
-        .env("KLINGQ_REDIS_URL", &url)
-        .env("SSL_CERT_FILE", &ca)
-        .env_remove("SSL_CERT_DIR")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
-    let line = text.lines().find(|l| l.starts_with("# redis: ")).unwrap();
+    // Trusting the test CA: connected, over TLS.
+    let line = redis_line_trusting(&cli, &url, server.tls_files().unwrap().ca_file().as_ref());
     assert!(
         line.starts_with("# redis: standalone") && line.ends_with(", TLS"),
         "{line}"
     );
-    // Trusting only an empty store: the certificate is refused, and the line says so.
-    let empty = cli.file("empty-ca.pem", "");
-    let output = cli
-        .command(&["config", "show"])
-        .env("KLINGQ_REDIS_URL", &url)
-        .env("SSL_CERT_FILE", &empty)
-        .env_remove("SSL_CERT_DIR")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
-    let line = text.lines().find(|l| l.starts_with("# redis: ")).unwrap();
-    assert!(line.starts_with("# redis: not reachable: "), "{line}");
-    assert!(line.contains("TLS"), "{line}");
+    refused_without_trust(&cli, &url);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -813,34 +815,13 @@ async fn rediss_sentinel_verifies_the_certificates_of_sentinels_and_primary() {
         url.starts_with("rediss+sentinel://") && !url.contains('#'),
         "{url}"
     );
-    let ca = sentinel.tls_files().unwrap().ca_file();
     // Trusting the test CA: the sentinels name the primary and the CLI connects to it, both
     // over verified TLS (every port of the setup speaks TLS only).
-    let output = cli
-        .command(&["config", "show"])
-        .env("KLINGQ_REDIS_URL", &url)
-        .env("SSL_CERT_FILE", &ca)
-        .env_remove("SSL_CERT_DIR")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
-    let line = text.lines().find(|l| l.starts_with("# redis: ")).unwrap();
+    let line = redis_line_trusting(&cli, &url, sentinel.tls_files().unwrap().ca_file().as_ref());
     let primary = sentinel.primary_port().await.unwrap();
     assert_eq!(
         line,
         format!("# redis: sentinel (service mymaster), primaries [127.0.0.1:{primary}], TLS")
     );
-    // Trusting only an empty store: refused, and the line says it was TLS.
-    let empty = cli.file("empty-ca.pem", "");
-    let output = cli
-        .command(&["config", "show"])
-        .env("KLINGQ_REDIS_URL", &url)
-        .env("SSL_CERT_FILE", &empty)
-        .env_remove("SSL_CERT_DIR")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
-    let line = text.lines().find(|l| l.starts_with("# redis: ")).unwrap();
-    assert!(line.starts_with("# redis: not reachable: "), "{line}");
-    assert!(line.contains("TLS"), "{line}");
+    refused_without_trust(&cli, &url);
 }
