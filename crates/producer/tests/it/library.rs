@@ -1,12 +1,15 @@
 //! The library: validation before writes, partial batches, idempotency, cancel, batch counts,
 //! dead letters and events.
 
-use klingq_core::{JobState, ValidationErrors, VideoDuration};
+use klingq_core::{CostModel, JobState, ValidationErrors, VideoDuration};
 use klingq_producer::{
-    BatchCheck, BatchOptions, MAX_ERROR_DETAILS, ProducerError, RedriveTarget, batch_error_details,
+    BatchCheck, BatchOptions, MAX_ERROR_DETAILS, Producer, ProducerError, RedriveTarget,
+    batch_error_details,
 };
+use klingq_queue::QueueConfig;
+use klingq_testkit::redis::{require_shared_redis, unique_namespace};
 
-use crate::{TestWorker, enqueue_poison, generating_spec, producer, spec, wait_state};
+use crate::{TestWorker, config, enqueue_poison, generating_spec, producer, spec, wait_state};
 
 fn bad(path: &str, rule: &str) -> ValidationErrors {
     let mut errors = ValidationErrors::default();
@@ -507,4 +510,41 @@ async fn job_views_carry_the_request_metadata_and_times() {
         &time::format_description::well_known::Rfc3339,
     )
     .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_retried_without_a_batch_key_finds_its_jobs_keys_over_partitions() {
+    require_shared_redis().await.unwrap();
+    let producer = Producer::connect(
+        QueueConfig {
+            partitions: 4,
+            ..config(&unique_namespace("idem-parts"))
+        },
+        CostModel::default(),
+    )
+    .await
+    .unwrap();
+    // Per-job keys, no batch key: the retry is placed by its first job's key, where the
+    // first submission's jobs and keys are.
+    let jobs = || {
+        (0..5)
+            .map(|n| {
+                let mut job = spec(n);
+                job.idempotency_key = Some(format!("order-{n}"));
+                Ok(job)
+            })
+            .collect::<Vec<_>>()
+    };
+    let first = producer
+        .enqueue_batch(jobs(), BatchOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((first.total, first.deduplicated), (5, 0));
+    let retry = producer
+        .enqueue_batch(jobs(), BatchOptions::default())
+        .await
+        .unwrap();
+    assert_ne!(retry.id, first.id);
+    assert_eq!((retry.total, retry.deduplicated), (0, 5));
+    assert_eq!(producer.queue().job_ids(0, 100).await.unwrap().len(), 5);
 }
