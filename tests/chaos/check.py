@@ -157,9 +157,12 @@ def main():
         "batch_completed_webhooks": len(batch_completed),
         "sim_runs": len(runs),
         "sim_faults": stats.get("faults_injected", {}),
+        "sim_callbacks": stats.get("callbacks", {}),
         **extra,
     }
     failures = []
+    if not stats.get("callbacks", {}).get("delivered"):
+        failures.append("no provider callback was delivered: the run did not exercise them")
     if lost:
         failures.append(f"{lost} jobs lost or not terminal")
     if duplicate_charges:

@@ -256,6 +256,11 @@ if [ "$redis_mode" != standalone ]; then
     export KLINGQ_REDIS_MIN_REPLICAS_ACK=1
 fi
 export KLINGQ_PROVIDER_BASE_URL="http://127.0.0.1:$sim_port"
+# Runflow's callbacks go to the API, which wakes parked generations; some are lost, some come
+# twice or late (the simulator's faults below).
+callback_secret="whsec_chaos_$(date +%s)"
+export KLINGQ_PROVIDER_CALLBACK_SECRET="$callback_secret"
+export KLINGQ_PROVIDER_CALLBACK_URL="http://127.0.0.1:$api_port/v1/provider/callbacks/runflow"
 export RUNFLOW_API_KEY="chaos-key"
 export KLINGQ_S3_ENDPOINT="http://127.0.0.1:$proxy_port"
 export KLINGQ_S3_BUCKET="chaos"
@@ -284,6 +289,8 @@ export RUST_LOG="${RUST_LOG:-info}"
 "$bin" sim --port "$sim_port" --time-scale 0.02 --video-bytes-per-second 20000 \
     --balance-usd 100000000 --tail-probability 0 --retry-after-secs 1 \
     --fail-429 0.10 --fail-5xx 0.05 --lost-response 0.02 --download-reset 0.02 --moderation 0.01 \
+    --callback-secret "$callback_secret" --callback-drop 0.2 --callback-duplicate 0.1 \
+    --callback-delay-ms 300 \
     >"$out/sim.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$sim_port/v1/health" >/dev/null && break; sleep 0.1; done

@@ -1,5 +1,6 @@
 //! End-to-end tests: real processes against real services.
 
+mod callbacks;
 mod failover;
 mod pipeline;
 mod queue_processes;

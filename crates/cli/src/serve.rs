@@ -32,8 +32,9 @@ pub(crate) async fn run(args: ServeArgs, settings: Settings) -> anyhow::Result<(
     Ok(())
 }
 
-/// The API's state with everything `klingq serve` adds to the producer's routes: `/metrics`,
-/// and the worker's default limits for `GET /v1/stats`.
+/// The API's state with everything `klingq serve` adds to the producer's routes: `/metrics`
+/// (with the API's own Runflow callback counters), and the worker's default limits for
+/// `GET /v1/stats`. `config.callback_secrets` comes from `provider.callback_secret`.
 pub(crate) fn api_state(producer: Producer, config: klingq_producer::ApiConfig) -> ApiState {
     api_state_for(producer, config, &klingq_worker::WorkerConfig::default())
 }
@@ -44,28 +45,33 @@ pub(crate) fn api_state_for(
     config: klingq_producer::ApiConfig,
     worker: &klingq_worker::WorkerConfig,
 ) -> ApiState {
-    let metrics = axum::Router::new()
-        .route("/metrics", axum::routing::get(metrics))
-        .with_state(producer.queue().clone());
+    let queue = producer.queue().clone();
     let limits = StatsLimits {
         provider_limit: klingq_worker::pipeline::PROVIDER_LIMIT.to_owned(),
         provider_max: worker.provider_concurrency,
         daily_budget_usd: worker.daily_budget_usd,
     };
-    ApiState::new(producer, config)
-        .with_stats_limits(limits)
-        .with_public_routes(metrics)
+    let state = ApiState::new(producer, config).with_stats_limits(limits);
+    let metrics = axum::Router::new()
+        .route("/metrics", axum::routing::get(metrics))
+        .with_state((queue, state.callback_metrics()));
+    state.with_public_routes(metrics)
 }
 
-/// Queue depth, jobs finished, spend and webhook deliveries, read from Redis.
+/// Queue depth, jobs finished, spend and webhook deliveries, read from Redis, and the Runflow
+/// callbacks this process answered.
 async fn metrics(
-    axum::extract::State(queue): axum::extract::State<klingq_queue::Queue>,
+    axum::extract::State((queue, callbacks)): axum::extract::State<(
+        klingq_queue::Queue,
+        klingq_producer::ProviderCallbackMetrics,
+    )>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     let mut out = String::new();
     let webhooks = queue.for_queue(klingq_events::DELIVERY_QUEUE);
     let rendered = klingq_queue::render_metrics(&queue, Some(&webhooks), &mut out).await;
     klingq_queue::render_redis_errors(&queue, &mut out);
+    callbacks.render(&mut out);
     match rendered {
         Ok(()) => (
             [(

@@ -225,11 +225,53 @@ pub(crate) const SETTINGS: &[Setting] = &[
         "\"https://example.com/runflow-callback\"",
         "Optional `callback_url` sent on creates; polling stays the source of truth.",
     ),
+    secret(
+        "provider.callback_secret",
+        "KLINGQ_PROVIDER_CALLBACK_SECRET",
+        "Secret Runflow signs its run callbacks with (`whsec_…`, as issued; the whole string is the HMAC-SHA256 key), checked by `klingq serve` on `POST /v1/provider/callbacks/runflow` (no bearer token: the signature authenticates it). Several, space-separated, during a rotation: any one verifying is enough. Unset: the route answers 404. Never logged.",
+    ),
     setting(
         "provider.deadline",
         "KLINGQ_PROVIDER_DEADLINE_SECS",
         "1800",
         "Longest wait for one run's video, in seconds.",
+    ),
+    // Polls of a parked generation, timed from the learned generation times.
+    setting(
+        "provider.poll_floor_ms",
+        "KLINGQ_PROVIDER_POLL_FLOOR_MS",
+        "1000",
+        "Shortest wait between two polls of one run (at least 100), so thousands of runs near their finish stay within the provider's rate limits.",
+    ),
+    setting(
+        "provider.poll_max_interval_secs",
+        "KLINGQ_PROVIDER_POLL_MAX_INTERVAL_SECS",
+        "60",
+        "Longest wait between two polls of one run: the latest a lost callback is noticed.",
+    ),
+    setting(
+        "provider.poll_jitter",
+        "KLINGQ_PROVIDER_POLL_JITTER",
+        "0.1",
+        "Each wait is shortened by a random share up to this (0 to <1), so runs created together do not poll together.",
+    ),
+    setting(
+        "provider.poll_min_samples",
+        "KLINGQ_PROVIDER_POLL_MIN_SAMPLES",
+        "5",
+        "Finished runs of a kind (model and clip length) needed before their times decide the polls.",
+    ),
+    setting(
+        "provider.poll_step",
+        "KLINGQ_PROVIDER_POLL_STEP",
+        "0.1",
+        "Share of the runs still going expected to finish between two polls (0 to 1): sparse polls long before the expected finish, dense around it.",
+    ),
+    setting(
+        "provider.poll_cold_fraction",
+        "KLINGQ_PROVIDER_POLL_COLD_FRACTION",
+        "0.1",
+        "Before enough runs are learned (or past all of them), wait this share of the run's age (0 to 1).",
     ),
     // Object storage.
     setting(
@@ -615,9 +657,25 @@ pub(crate) fn load_with(
     file: Option<&Path>,
     env: impl Fn(&str) -> Option<String>,
 ) -> anyhow::Result<Settings> {
-    Value::Table(merged_table(file, env)?)
+    let mut table = merged_table(file, env)?;
+    move_callback_secret(&mut table);
+    Value::Table(table)
         .try_into()
         .context("invalid configuration")
+}
+
+/// `provider.callback_secret` is read by the API (`klingq serve` checks Runflow's callbacks),
+/// not by the provider client: it moves to the API's `callback_secrets` before the tables
+/// become config structs (`[provider]` is the provider crate's `ProviderConfig`, which refuses
+/// unknown fields).
+fn move_callback_secret(table: &mut Table) {
+    let secret = table
+        .get_mut("provider")
+        .and_then(Value::as_table_mut)
+        .and_then(|provider| provider.remove("callback_secret"));
+    if let Some(secret) = secret {
+        set(table, "api.callback_secrets", secret);
+    }
 }
 
 /// Defaults, then the file, then the environment, as one TOML table.
@@ -850,6 +908,36 @@ mod tests {
         assert_eq!(settings.provider.api_key.expose(), "rf_live_secret");
         assert_eq!(settings.provider.mode, klingq_provider::Mode::Sync);
         assert_eq!(settings.worker.concurrency, 8);
+    }
+
+    #[test]
+    fn the_callback_secret_reaches_the_api_not_the_provider_client() {
+        let settings = load_with(None, |name| {
+            (name == "KLINGQ_PROVIDER_CALLBACK_SECRET").then(|| "whsec_old whsec_new".into())
+        })
+        .unwrap();
+        let secrets: Vec<&str> = settings
+            .api
+            .callback_secrets
+            .iter()
+            .map(|secret| secret.expose())
+            .collect();
+        assert_eq!(secrets, ["whsec_old", "whsec_new"]);
+        assert!(!format!("{settings:?}").contains("whsec_"));
+        let dir = std::env::temp_dir().join(format!("klingq-callback-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("callback.toml");
+        std::fs::write(&file, "[provider]\ncallback_secret = \"whsec_file\"\n").unwrap();
+        let settings = load_with(Some(&file), |_| None).unwrap();
+        assert_eq!(settings.api.callback_secrets.len(), 1);
+        assert_eq!(settings.api.callback_secrets[0].expose(), "whsec_file");
+        assert!(
+            load_with(None, |_| None)
+                .unwrap()
+                .api
+                .callback_secrets
+                .is_empty()
+        );
     }
 
     #[test]

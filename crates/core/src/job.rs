@@ -324,6 +324,16 @@ pub struct ProviderCheckpoint {
     /// Set when the run finished successfully: from here on the job never polls or creates.
     #[serde(default)]
     pub finished: bool,
+    /// Reads that found the run succeeded but naming no video yet.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub empty_reads: u32,
+    /// Consecutive reads that found no such run (it may not be visible at once).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub not_found: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The re-hosted video.

@@ -25,6 +25,12 @@ pub struct ApiConfig {
     /// Most `GET /v1/events` streams open at once; each holds one Redis connection. Beyond it
     /// the API answers 503 with `Retry-After`.
     pub max_event_streams: usize,
+    /// Secrets Runflow signs its per-run callbacks with (`whsec_…`, each used whole as the
+    /// HMAC-SHA256 key); any one verifying is enough, so a rotation lists the old and the new.
+    /// Empty: `POST /v1/provider/callbacks/runflow` answers 404 `callbacks_not_configured`.
+    /// Filled from the `provider.callback_secret` setting.
+    #[serde(deserialize_with = "callback_secrets")]
+    pub callback_secrets: Vec<Secret>,
 }
 
 impl Default for ApiConfig {
@@ -37,6 +43,7 @@ impl Default for ApiConfig {
             max_batch_jobs: 200_000,
             events_stream_max_secs: 300,
             max_event_streams: 64,
+            callback_secrets: Vec::new(),
         }
     }
 }
@@ -61,6 +68,26 @@ fn tokens<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Secret>, D::
         .collect())
 }
 
+/// Callback secrets as a list, or as one whitespace-separated string (as
+/// `KLINGQ_PROVIDER_CALLBACK_SECRET` gives them during a rotation).
+fn callback_secrets<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Secret>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Secrets {
+        List(Vec<String>),
+        Text(String),
+    }
+    let list = match Secrets::deserialize(deserializer)? {
+        Secrets::List(list) => list,
+        Secrets::Text(text) => vec![text],
+    };
+    Ok(list
+        .iter()
+        .flat_map(|secrets| secrets.split_whitespace())
+        .map(Secret::new)
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,6 +101,26 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<ApiConfig>("{}").unwrap(),
             ApiConfig::default()
+        );
+    }
+
+    #[test]
+    fn callback_secrets_read_from_a_list_or_a_space_separated_string() {
+        let from_text: ApiConfig =
+            serde_json::from_str(r#"{"callback_secrets": " whsec_old  whsec_new "}"#).unwrap();
+        let from_list: ApiConfig =
+            serde_json::from_str(r#"{"callback_secrets": ["whsec_old", "", "whsec_new"]}"#)
+                .unwrap();
+        assert_eq!(
+            from_text.callback_secrets,
+            vec![Secret::new("whsec_old"), Secret::new("whsec_new")]
+        );
+        assert_eq!(from_text, from_list);
+        assert!(!format!("{from_text:?}").contains("whsec_"));
+        assert!(
+            !serde_json::to_string(&from_text)
+                .unwrap()
+                .contains("whsec_")
         );
     }
 }

@@ -20,7 +20,10 @@ pub mod ops;
 mod producer;
 pub mod view;
 
-pub use api::{ApiDoc, ApiState, ServeError, router, serve};
+pub use api::{
+    ApiDoc, ApiState, CALLBACK_OUTCOMES, MAX_CALLBACK_BODY_BYTES, ProviderCallbackMetrics,
+    ServeError, router, serve,
+};
 pub use config::ApiConfig;
 pub use error::{BatchErrors, CappedErrors, MAX_ERROR_DETAILS, ProducerError};
 pub use ops::StatsLimits;

@@ -23,7 +23,8 @@ use crate::classify::{
 };
 use crate::config::{Mode, ProviderConfig};
 use crate::error::{ErrorClass, ErrorDetail, Operation, ProviderError};
-use crate::provider::VideoProvider;
+use crate::poll_plan::PollPolicy;
+use crate::provider::{ReadLimits, VideoProvider};
 use crate::retry::{PollCadence, scaled, with_retries};
 use crate::run::{Run, RunStatus, VideoOutput, extract_video, parse_run, parse_run_list};
 use crate::stats::{CallOutcome, CallRecord, ProviderStats};
@@ -699,6 +700,7 @@ fn sync_only_run(client_ref: &str, answer: &Value, video: VideoOutput) -> Run {
         created_at: None,
         started_at: None,
         completed_at: None,
+        completed_at_ms: None,
         duration_ms: None,
         adopted: false,
     });
@@ -787,6 +789,21 @@ fn check_client_ref(client_ref: &str) -> Result<(), ProviderError> {
 impl VideoProvider for RunflowClient {
     fn mode(&self) -> Mode {
         self.config.mode
+    }
+
+    fn model(&self) -> &str {
+        self.model_path()
+    }
+
+    fn poll_policy(&self) -> PollPolicy {
+        self.config.poll_policy()
+    }
+
+    fn read_limits(&self) -> ReadLimits {
+        ReadLimits {
+            not_found_retries: self.config.retry.not_found_retries,
+            output_rereads: self.config.retry.output_rereads,
+        }
     }
 
     fn create_run<'a>(

@@ -9,6 +9,8 @@ use std::time::Duration;
 use klingq_core::Secret;
 use serde::{Deserialize, Serialize};
 
+use crate::poll_plan::{PolicyFieldNames, PollPolicy};
+
 /// The model this client is built for; other Runflow video models with the same schema work too.
 pub const DEFAULT_MODEL: &str = "kuaishou/kling-video/v3/pro/image-to-video";
 /// Runflow's public API.
@@ -56,7 +58,24 @@ pub struct ProviderConfig {
     pub callback_url: Option<String>,
     pub timeouts: Timeouts,
     pub retry: RetryConfig,
+    /// The client's own wait loop (sync mode, video URL refreshes); parked runs are timed by
+    /// the `poll_*` fields below instead.
     pub poll: PollConfig,
+    /// The shortest wait between two polls of one parked run, in milliseconds (at least 100);
+    /// keeps one run's polls within the provider's rate limits.
+    pub poll_floor_ms: u64,
+    /// The longest wait between two polls of one parked run, in seconds.
+    pub poll_max_interval_secs: u64,
+    /// Each wait between polls is shortened by a random share of up to this much (0..1).
+    pub poll_jitter: f64,
+    /// Finished runs of a kind needed before their learned generation times are trusted.
+    pub poll_min_samples: u64,
+    /// The share of the remaining runs (by learned generation time) between two polls, 0..1
+    /// exclusive: smaller means more polls and less lag.
+    pub poll_step: f64,
+    /// Without trusted generation times, wait this fraction of the run's age (above 0, at
+    /// most 1).
+    pub poll_cold_fraction: f64,
     /// After a create whose outcome is unknown found no run by `client_ref`, how long to wait
     /// before listing again and, only then, creating again. `None` means twice the first poll
     /// interval.
@@ -78,11 +97,26 @@ impl Default for ProviderConfig {
             timeouts: Timeouts::default(),
             retry: RetryConfig::default(),
             poll: PollConfig::default(),
+            poll_floor_ms: 1_000,
+            poll_max_interval_secs: 60,
+            poll_jitter: 0.1,
+            poll_min_samples: 5,
+            poll_step: 0.1,
+            poll_cold_fraction: 0.1,
             reconcile_grace: None,
             deadline: Duration::from_secs(30 * 60),
         }
     }
 }
+
+/// The settings [`ProviderConfig::poll_policy`] is built from, as validation errors name them.
+const POLL_POLICY_FIELDS: PolicyFieldNames = PolicyFieldNames {
+    floor: "provider.poll_floor_ms",
+    max_interval: "provider.poll_max_interval_secs",
+    jitter: "provider.poll_jitter",
+    step: "provider.poll_step",
+    cold_fraction: "provider.poll_cold_fraction",
+};
 
 impl ProviderConfig {
     /// The defaults with this API key.
@@ -94,6 +128,8 @@ impl ProviderConfig {
     }
 
     /// Settings for tests against a fast simulator: millisecond polls, grace and backoff.
+    /// Parked runs are polled at the smallest floor validation accepts (100 ms) and at least
+    /// once a second.
     pub fn for_tests(base_url: impl Into<String>, api_key: impl Into<Secret>) -> Self {
         Self {
             base_url: base_url.into(),
@@ -108,9 +144,23 @@ impl ProviderConfig {
                 max_interval: Duration::from_millis(20),
                 ..PollConfig::default()
             },
+            poll_floor_ms: 100,
+            poll_max_interval_secs: 1,
             reconcile_grace: Some(Duration::from_millis(20)),
             deadline: Duration::from_secs(30),
             ..Self::default()
+        }
+    }
+
+    /// How parked runs are polled, from the flat `poll_*` fields.
+    pub fn poll_policy(&self) -> PollPolicy {
+        PollPolicy {
+            floor: Duration::from_millis(self.poll_floor_ms),
+            max_interval: Duration::from_secs(self.poll_max_interval_secs),
+            jitter: self.poll_jitter,
+            min_samples: self.poll_min_samples,
+            step: self.poll_step,
+            cold_fraction: self.poll_cold_fraction,
         }
     }
 
@@ -147,6 +197,7 @@ impl ProviderConfig {
         if self.poll.max_interval < self.poll.initial_interval {
             return Err("poll.max_interval must be at least poll.initial_interval".to_owned());
         }
+        self.poll_policy().validate_as(&POLL_POLICY_FIELDS)?;
         Ok(())
     }
 }
@@ -378,5 +429,85 @@ mod tests {
                 .is_err()
         );
         assert!(serde_json::from_value::<ProviderConfig>(json!({"bogus": 1})).is_err());
+    }
+
+    #[test]
+    fn poll_policy_fields_default_deserialize_and_validate() {
+        let config = ProviderConfig::new("k");
+        assert_eq!(config.poll_policy(), PollPolicy::default());
+        let config: ProviderConfig = serde_json::from_value(json!({
+            "api_key": "k",
+            "poll_floor_ms": 250,
+            "poll_max_interval_secs": 30,
+            "poll_jitter": 0.0,
+            "poll_min_samples": 20,
+            "poll_step": 0.05,
+            "poll_cold_fraction": 0.2,
+        }))
+        .unwrap();
+        let policy = config.poll_policy();
+        assert_eq!(policy.floor, Duration::from_millis(250));
+        assert_eq!(policy.max_interval, Duration::from_secs(30));
+        assert_eq!(policy.jitter, 0.0);
+        assert_eq!(policy.min_samples, 20);
+        assert_eq!(policy.step, 0.05);
+        assert_eq!(policy.cold_fraction, 0.2);
+        assert_eq!(
+            config.poll,
+            PollConfig::default(),
+            "the poll table is apart"
+        );
+        assert!(config.validate().is_ok());
+        // The table form is not a thing: the fields are flat.
+        assert!(
+            serde_json::from_value::<ProviderConfig>(json!({"poll": {"floor_ms": 5}})).is_err()
+        );
+
+        let cases = [
+            (
+                json!({"poll_floor_ms": 99}),
+                "provider.poll_floor_ms must be at least 100 ms",
+            ),
+            (
+                json!({"poll_floor_ms": 2_000, "poll_max_interval_secs": 1}),
+                "provider.poll_max_interval_secs must be at least provider.poll_floor_ms",
+            ),
+            (
+                json!({"poll_jitter": 1.0}),
+                "provider.poll_jitter must be within 0..1",
+            ),
+            (
+                json!({"poll_step": 0.0}),
+                "provider.poll_step must be between 0 and 1",
+            ),
+            (
+                json!({"poll_step": 1.0}),
+                "provider.poll_step must be between 0 and 1",
+            ),
+            (
+                json!({"poll_cold_fraction": 0.0}),
+                "provider.poll_cold_fraction must be above 0",
+            ),
+            (
+                json!({"poll_cold_fraction": 1.01}),
+                "provider.poll_cold_fraction must be above 0",
+            ),
+        ];
+        for (mut fields, message) in cases {
+            fields["api_key"] = json!("k");
+            let config: ProviderConfig = serde_json::from_value(fields.clone()).unwrap();
+            let error = config.validate().unwrap_err();
+            assert!(error.starts_with(message), "{fields}: {error}");
+        }
+        assert!(serde_json::from_value::<ProviderConfig>(json!({"poll_floor_ms": -1})).is_err());
+    }
+
+    #[test]
+    fn test_settings_validate_and_poll_fast() {
+        let config = ProviderConfig::for_tests("http://127.0.0.1:9", "k");
+        assert_eq!(config.validate(), Ok(()));
+        let policy = config.poll_policy();
+        assert_eq!(policy.floor, PollPolicy::MIN_FLOOR);
+        assert_eq!(policy.max_interval, Duration::from_secs(1));
     }
 }

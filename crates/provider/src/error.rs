@@ -333,7 +333,8 @@ impl ProviderError {
         }
     }
 
-    pub(crate) fn with_attempts(mut self, attempts: u32) -> Self {
+    /// The error with the number of attempts it took recorded in its detail.
+    pub fn with_attempts(mut self, attempts: u32) -> Self {
         if let Some(detail) = self.detail_mut() {
             detail.attempts = detail.attempts.max(attempts);
         }

@@ -9,6 +9,8 @@
 //! - [`ProviderError`] (`error.rs`) and its one classifier (`classify.rs`): permanent, transient,
 //!   account, submit outcome unknown, generation failed, needs reconciliation.
 //! - `retry.rs`: `Retry-After`, full-jitter backoff (backon) and the poll cadence.
+//! - [`next_poll`] (`poll_plan.rs`): when to poll a parked run next, from the learned
+//!   generation times ([`GenTimeHistogram`]) and the [`PollPolicy`]; pure, no I/O.
 //! - [`Run`] (`run.rs`): runs read from every JSON shape the sources show.
 //! - [`ProviderStats`] (`stats.rs`): call counters by operation and outcome.
 //!
@@ -22,6 +24,7 @@ mod classify;
 mod client;
 mod config;
 mod error;
+mod poll_plan;
 mod provider;
 mod retry;
 mod run;
@@ -32,7 +35,8 @@ pub use config::{
     DEFAULT_BASE_URL, DEFAULT_MODEL, Mode, PollConfig, ProviderConfig, RetryConfig, Timeouts,
 };
 pub use error::{ErrorClass, ErrorDetail, Operation, ProviderError, RunFailureKind};
-pub use provider::VideoProvider;
+pub use poll_plan::{GenTimeHistogram, PollPolicy, next_poll, next_poll_with};
+pub use provider::{ReadLimits, VideoProvider};
 pub use retry::parse_retry_after;
 pub use run::{Run, RunFailure, RunStatus, VideoOutput};
 pub use stats::{CallObserver, CallOutcome, CallRecord, ProviderStats, ReconcileCounts};

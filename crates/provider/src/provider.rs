@@ -7,7 +7,17 @@ use tokio::time::Instant;
 
 use crate::config::Mode;
 use crate::error::ProviderError;
+use crate::poll_plan::PollPolicy;
 use crate::run::{Run, VideoOutput};
+
+/// How many odd reads one poll of a run tolerates before they are an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimits {
+    /// Consecutive 404s of a run we hold (it may not be visible right after its create).
+    pub not_found_retries: u32,
+    /// Extra reads of a succeeded run that names no video yet.
+    pub output_rereads: u32,
+}
 
 /// A paid video-generation API.
 ///
@@ -22,6 +32,21 @@ use crate::run::{Run, VideoOutput};
 pub trait VideoProvider: Send + Sync {
     /// How this provider creates runs; the pipeline picks `create_run` or `run_sync` by it.
     fn mode(&self) -> Mode;
+
+    /// The model runs are created with (generation times are learned per model).
+    fn model(&self) -> &str;
+
+    /// How a parked run's polls are timed (async mode).
+    fn poll_policy(&self) -> PollPolicy;
+
+    /// How many odd reads one poll tolerates (async mode, one read per delivery).
+    fn read_limits(&self) -> ReadLimits;
+
+    /// The error a run that ended without success is (failed, cancelled, moderated), for a
+    /// caller that read the run itself with [`VideoProvider::get_run`].
+    fn run_end_error(&self, run: &Run) -> ProviderError {
+        crate::classify::classify_run_end(run)
+    }
 
     /// Creates a run (async mode) with `client_ref` = `job_id` and `metadata {job_id, attempt}`.
     /// Transient failures are retried within the retry budget; an unknown outcome is reconciled

@@ -142,7 +142,12 @@ pub struct Run {
     pub failure: Option<RunFailure>,
     pub created_at: Option<OffsetDateTime>,
     pub started_at: Option<OffsetDateTime>,
+    /// `completed_at` (the SDK's `finished_at`), RFC 3339 with `Z` or an offset.
     pub completed_at: Option<OffsetDateTime>,
+    /// [`Run::completed_at`] in milliseconds since the Unix epoch.
+    pub completed_at_ms: Option<u64>,
+    /// The provider's `duration_ms`: creation to completion. Derived from `created_at` and
+    /// `completed_at` when the run does not carry it.
     pub duration_ms: Option<u64>,
     /// Set when this run was found by `client_ref` after a create whose outcome was unknown,
     /// instead of being returned by the create itself.
@@ -172,6 +177,12 @@ pub(crate) fn parse_run(value: &Value) -> Option<Run> {
     let status = string_field(value, "status_code").or_else(|| string_field(value, "status"))?;
     let status = RunStatus::parse(&status);
     let failure = parse_failure(value);
+    let created_at = timestamp(value, "created_at");
+    let completed_at = timestamp(value, "completed_at").or_else(|| timestamp(value, "finished_at"));
+    let duration_ms = object
+        .get("duration_ms")
+        .and_then(duration_millis)
+        .or_else(|| millis_between(created_at?, completed_at?));
     Some(Run {
         id,
         status,
@@ -184,10 +195,11 @@ pub(crate) fn parse_run(value: &Value) -> Option<Run> {
         video: extract_video(value),
         cost_usd: object.get("cost").and_then(number_or_string),
         failure,
-        created_at: timestamp(value, "created_at"),
+        created_at,
         started_at: timestamp(value, "started_at"),
-        completed_at: timestamp(value, "completed_at").or_else(|| timestamp(value, "finished_at")),
-        duration_ms: object.get("duration_ms").and_then(Value::as_u64),
+        completed_at,
+        completed_at_ms: completed_at.and_then(unix_millis),
+        duration_ms,
         adopted: false,
     })
 }
@@ -320,7 +332,26 @@ fn number_u64(value: &Value) -> Option<u64> {
 }
 
 fn timestamp(value: &Value, key: &str) -> Option<OffsetDateTime> {
-    OffsetDateTime::parse(value.get(key)?.as_str()?, &Rfc3339).ok()
+    OffsetDateTime::parse(value.get(key)?.as_str()?.trim(), &Rfc3339).ok()
+}
+
+/// A millisecond count: an integer, a non-negative finite number (rounded) or a numeric string.
+fn duration_millis(value: &Value) -> Option<u64> {
+    number_u64(value).or_else(|| {
+        number_or_string(value)
+            .filter(|ms| *ms >= 0.0 && *ms < u64::MAX as f64)
+            .map(|ms| ms.round() as u64)
+    })
+}
+
+/// Milliseconds since the Unix epoch; `None` before it.
+pub(crate) fn unix_millis(at: OffsetDateTime) -> Option<u64> {
+    u64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
+/// Milliseconds from `start` to `end`; `None` when `end` is before `start`.
+fn millis_between(start: OffsetDateTime, end: OffsetDateTime) -> Option<u64> {
+    u64::try_from((end - start).whole_milliseconds()).ok()
 }
 
 #[cfg(test)]
@@ -392,6 +423,7 @@ mod tests {
         assert_eq!(run.video.unwrap().file_size, Some(5));
         assert!(run.created_at.is_some() && run.completed_at.is_some());
         assert_eq!(run.duration_ms, Some(102_345));
+        assert_eq!(run.completed_at_ms, Some(1_778_061_702_000));
         assert!(!run.adopted);
         assert_eq!(
             parse_run(&json!({"id": "r", "cost": 1.4, "status_code": "queued"}))
@@ -400,6 +432,72 @@ mod tests {
             Some(1.4)
         );
         assert!(parse_run(&json!({"status_code": "queued"})).is_none());
+    }
+
+    #[test]
+    fn reads_completion_in_either_spelling() {
+        // 2026-05-06T10:01:42.500Z
+        let completed_ms = 1_778_061_702_500;
+        for run in [
+            json!({"id": "r", "status_code": "succeeded", "duration_ms": 102_500,
+                "created_at": "2026-05-06T10:00:00Z", "completed_at": "2026-05-06T10:01:42.500Z"}),
+            json!({"id": "r", "status_code": "succeeded", "duration_ms": 102_500,
+                "created_at": "2026-05-06T10:00:00Z", "finished_at": "2026-05-06T10:01:42.500+00:00"}),
+            json!({"id": "r", "status_code": "succeeded", "duration_ms": 102_500,
+                "completed_at": "2026-05-06T12:01:42.500+02:00"}),
+            json!({"id": "r", "status_code": "succeeded", "duration_ms": 102_500,
+                "completed_at": "not a time", "finished_at": "2026-05-06T10:01:42.500Z"}),
+        ] {
+            let parsed = parse_run(&run).unwrap();
+            assert_eq!(parsed.completed_at_ms, Some(completed_ms), "{run}");
+            assert_eq!(parsed.duration_ms, Some(102_500), "{run}");
+        }
+        let going = parse_run(&json!({"id": "r", "status_code": "running",
+            "created_at": "2026-05-06T10:00:00Z", "completed_at": null, "duration_ms": null}))
+        .unwrap();
+        assert_eq!((going.completed_at_ms, going.duration_ms), (None, None));
+    }
+
+    #[test]
+    fn derives_the_duration_when_missing() {
+        let derived = |created: &str, completed: &str| {
+            parse_run(&json!({"id": "r", "status_code": "succeeded",
+                "created_at": created, "completed_at": completed}))
+            .unwrap()
+            .duration_ms
+        };
+        assert_eq!(
+            derived("2026-05-06T10:00:00.000+00:00", "2026-05-06T10:03:01.250Z"),
+            Some(181_250)
+        );
+        // Offsets are honoured; the SDK's spelling too.
+        assert_eq!(
+            derived("2026-05-06T11:00:00+01:00", "2026-05-06T10:00:40Z"),
+            Some(40_000)
+        );
+        let finished = parse_run(&json!({"id": "r", "status_code": "succeeded",
+            "created_at": "2026-05-06T10:00:00Z", "finished_at": "2026-05-06T10:00:05Z"}))
+        .unwrap();
+        assert_eq!(finished.duration_ms, Some(5_000));
+        // Completion before creation (clock trouble) derives nothing.
+        assert_eq!(
+            derived("2026-05-06T10:00:05Z", "2026-05-06T10:00:00Z"),
+            None
+        );
+        // The provider's own value wins over the derivation, in any numeric form.
+        for given in [json!(7_000), json!(7_000.0), json!("7000")] {
+            let run = parse_run(&json!({"id": "r", "status_code": "succeeded",
+                "created_at": "2026-05-06T10:00:00Z", "completed_at": "2026-05-06T10:00:40Z",
+                "duration_ms": given}))
+            .unwrap();
+            assert_eq!(run.duration_ms, Some(7_000), "{given}");
+        }
+        // Nothing to derive from.
+        let bare = parse_run(&json!({"id": "r", "status_code": "succeeded",
+            "completed_at": "2026-05-06T10:00:40Z"}))
+        .unwrap();
+        assert_eq!(bare.duration_ms, None);
+        assert!(bare.completed_at_ms.is_some());
     }
 
     #[test]

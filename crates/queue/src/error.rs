@@ -109,6 +109,12 @@ pub enum JobFailure {
     /// Wait for `after` without counting an attempt: a budget, a credit pause, a shutdown.
     #[error("deferred for {after:?}: {reason}")]
     Defer { after: Duration, reason: String },
+    /// The job waits for something outside (its provider run) without holding a worker: it
+    /// keeps its state (a generation stays `generating`) and waits in the delayed set,
+    /// counted as parked, without counting an attempt; it is taken up again after `after`,
+    /// or at once when [`crate::Queue::wake`] wakes it.
+    #[error("parked for {after:?}: {reason}")]
+    Park { after: Duration, reason: String },
     /// End the job as `failed`, for a permanent reason.
     #[error("failed: {} ({}): {}", .0.step, .0.code, .0.message)]
     Fail(JobError),

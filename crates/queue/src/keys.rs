@@ -97,6 +97,27 @@ impl Keys {
         format!("{}:limit:{name}:cap", self.prefix)
     }
 
+    /// Sorted set of the jobs waiting for a slot of a shared limit (score: when they first
+    /// waited); a release wakes the first. Written by `slot_acquire.lua` and
+    /// `slot_release.lua` (keep the three in step).
+    pub fn limit_waiters(&self, name: &str) -> String {
+        format!("{}:limit:{name}:waiters", self.prefix)
+    }
+
+    /// Hash of one provider run: `job` (the job it belongs to) and `cb` (the status its last
+    /// callback reported). Global (partition 0): a callback names only the run. Written by
+    /// `run_bind.lua` and `run_callback.lua` (keep the three in step).
+    pub fn run(&self, run_id: &str) -> String {
+        format!("{}:run:{run_id}", self.prefix)
+    }
+
+    /// Hash of how long finished runs of one kind (`name`: model and clip duration) took:
+    /// bucket to count, and `n`, the samples. Global (partition 0). Written by
+    /// `gen_time_record.lua` (keep the two in step).
+    pub fn gen_times(&self, name: &str) -> String {
+        format!("{}:gentime:{name}", self.prefix)
+    }
+
     /// Estimated spend reserved on one UTC day, in micro-dollars.
     pub fn daily_budget(&self, day: time::Date) -> String {
         format!("{}:budget:day:{}", self.prefix, day_stamp(day))

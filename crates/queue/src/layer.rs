@@ -164,6 +164,9 @@ async fn settle_result<R: Outcome>(
         Settle::Defer { .. } => {
             shared.stats.deferred.fetch_add(1, Ordering::Relaxed);
         }
+        Settle::Park { .. } => {
+            shared.stats.parked.fetch_add(1, Ordering::Relaxed);
+        }
         _ => {}
     }
     settle(shared, delivery, action).await;
@@ -204,6 +207,10 @@ fn classify(
                 error: error.clone(),
             }),
             JobFailure::Defer { after, reason } => Some(Settle::Defer {
+                delay: *after,
+                reason: reason.clone(),
+            }),
+            JobFailure::Park { after, reason } => Some(Settle::Park {
                 delay: *after,
                 reason: reason.clone(),
             }),

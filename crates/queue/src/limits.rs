@@ -43,11 +43,37 @@ impl Queue {
         lease: Duration,
         max: u64,
     ) -> Result<SlotStatus, QueueError> {
+        self.acquire_slot_as(name, holder, lease, max, false).await
+    }
+
+    /// Takes or renews `holder`'s slot like [`Queue::acquire_slot`]; a holder turned away
+    /// (a job id) joins the limit's waiters, and the next release wakes the first of them
+    /// ([`Queue::wake`]), so a job waiting in the delayed set takes a freed slot at once
+    /// instead of at its next try.
+    pub async fn acquire_slot_or_wait(
+        &self,
+        name: &str,
+        holder: &str,
+        lease: Duration,
+        max: u64,
+    ) -> Result<SlotStatus, QueueError> {
+        self.acquire_slot_as(name, holder, lease, max, true).await
+    }
+
+    async fn acquire_slot_as(
+        &self,
+        name: &str,
+        holder: &str,
+        lease: Duration,
+        max: u64,
+        wait: bool,
+    ) -> Result<SlotStatus, QueueError> {
         let mut cmd = self.script_cmd(&scripts::SLOT_ACQUIRE);
         cmd.arg(name)
             .arg(holder)
             .arg(lease.as_millis() as u64)
-            .arg(max.max(1));
+            .arg(max.max(1))
+            .arg(if wait { "1" } else { "0" });
         let (acquired, in_use, cap): (i64, u64, u64) = self.run_script(cmd).await?;
         Ok(SlotStatus {
             acquired: acquired == 1,
@@ -77,10 +103,9 @@ impl Queue {
         Ok(())
     }
 
-    /// Gives a slot back.
+    /// Gives a slot back, and wakes the first waiter for it.
     pub async fn release_slot(&self, name: &str, holder: &str) -> Result<(), QueueError> {
-        let key = self.keys().limit(name);
-        let _: i64 = self.query(redis::cmd("ZREM").arg(key).arg(holder)).await?;
+        self.release_slot_fenced_as(name, holder, 0).await?;
         Ok(())
     }
 
@@ -93,10 +118,47 @@ impl Queue {
         holder: &str,
         fence_ms: u64,
     ) -> Result<bool, QueueError> {
+        self.release_slot_fenced_as(name, holder, fence_ms.max(1))
+            .await
+    }
+
+    async fn release_slot_fenced_as(
+        &self,
+        name: &str,
+        holder: &str,
+        fence_ms: u64,
+    ) -> Result<bool, QueueError> {
         let mut cmd = self.script_cmd(&scripts::SLOT_RELEASE);
-        cmd.arg(name).arg(holder).arg(fence_ms.max(1));
-        let removed: i64 = self.run_script(cmd).await?;
+        cmd.arg(name).arg(holder).arg(fence_ms);
+        let (removed, waiter): (i64, String) = self.run_script(cmd).await?;
+        if !waiter.is_empty() {
+            self.wake_waiters(name, waiter).await;
+        }
         Ok(removed == 1)
+    }
+
+    /// Wakes a waiter for a freed slot; one that is gone (cancelled, finished) hands the
+    /// wake on to the next, a few times at most. Best effort: a waiter that is not woken
+    /// still tries again at the end of its wait.
+    async fn wake_waiters(&self, name: &str, mut waiter: String) {
+        const MAX_HANDOFFS: usize = 8;
+        for _ in 0..MAX_HANDOFFS {
+            match self.wake(&waiter, "a provider slot was freed").await {
+                Ok(crate::WakeOutcome::Gone) => {}
+                Ok(_) => return,
+                Err(error) => {
+                    tracing::debug!(%error, waiter, "waking a slot waiter failed; it tries again on its own");
+                    return;
+                }
+            }
+            let next: Result<Vec<String>, QueueError> = self
+                .query(redis::cmd("ZPOPMIN").arg(self.keys().limit_waiters(name)))
+                .await;
+            match next {
+                Ok(popped) if !popped.is_empty() => waiter = popped[0].clone(),
+                _ => return,
+            }
+        }
     }
 
     /// Lowers the shared cap after the provider throttled us; returns the new cap.

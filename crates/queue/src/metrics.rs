@@ -47,6 +47,19 @@ pub async fn render_metrics(
     }
     header(
         out,
+        "klingq_jobs_parked",
+        "gauge",
+        "Generations waiting in Redis for their provider run, holding no worker slot.",
+    );
+    for stat in &stats {
+        let _ = writeln!(
+            out,
+            "klingq_jobs_parked{{queue=\"{}\"}} {}",
+            stat.queue, stat.parked
+        );
+    }
+    header(
+        out,
         "klingq_queue_oldest_waiting_seconds",
         "gauge",
         "Age of the oldest job waiting for a worker.",

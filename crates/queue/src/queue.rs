@@ -985,8 +985,12 @@ impl Queue {
             let mut pipe = redis::pipe();
             pipe.cmd("ZCARD").arg(keys.delayed(queue));
             pipe.cmd("ZCARD").arg(keys.dead(queue));
-            let (scheduled, dead): (u64, u64) = self.query_pipe(&pipe).await?;
-            stats.scheduled += scheduled;
+            pipe.cmd("HGET").arg(keys.stats(queue)).arg("parked");
+            let (delayed, dead, parked): (u64, u64, Option<i64>) = self.query_pipe(&pipe).await?;
+            // Parked jobs wait in the delayed set (or, woken, on a ready stream).
+            let parked = parked.unwrap_or(0).max(0) as u64;
+            stats.scheduled += delayed.saturating_sub(parked);
+            stats.parked += parked;
             stats.dead += dead;
         }
         Ok(stats)

@@ -158,8 +158,13 @@ pub struct QueueStats {
     pub waiting: u64,
     /// Delivered to a worker and not settled.
     pub in_flight: u64,
-    /// Waiting for a time (not-before, retry backoff, budget).
+    /// Waiting for a time (not-before, retry backoff, budget, a provider slot); parked
+    /// generations are counted in `parked`, not here.
     pub scheduled: u64,
+    /// Generations waiting in Redis for their provider run, holding no worker: due at their
+    /// next poll, or at once when the run's callback arrives.
+    #[serde(default)]
+    pub parked: u64,
     pub dead: u64,
     /// Age of the oldest waiting job, in ms (0 when none waits).
     pub oldest_waiting_ms: u64,

@@ -34,9 +34,13 @@ script!(SLOT_RELEASE, "lua/slot_release.lua");
 script!(BUDGET_RESERVE, "lua/budget_reserve.lua");
 script!(BUDGET_DAY, "lua/budget_day.lua");
 script!(WEBHOOK_ATTEMPT, "lua/webhook_attempt.lua");
+script!(RUN_BIND, "lua/run_bind.lua");
+script!(RUN_CALLBACK, "lua/run_callback.lua");
+script!(WAKE, "lua/wake.lua");
+script!(GEN_TIME_RECORD, "lua/gen_time_record.lua");
 
 /// Every script, for loading them all at connect time (avoids a NOSCRIPT round trip later).
-pub(crate) fn all() -> [&'static Script; 17] {
+pub(crate) fn all() -> [&'static Script; 21] {
     [
         &ENQUEUE,
         &BATCH_OPEN,
@@ -55,5 +59,9 @@ pub(crate) fn all() -> [&'static Script; 17] {
         &BUDGET_RESERVE,
         &BUDGET_DAY,
         &WEBHOOK_ATTEMPT,
+        &RUN_BIND,
+        &RUN_CALLBACK,
+        &WAKE,
+        &GEN_TIME_RECORD,
     ]
 }

@@ -101,6 +101,8 @@ pub struct WorkerStats {
     pub failed: AtomicUsize,
     pub retried: AtomicUsize,
     pub deferred: AtomicUsize,
+    /// Jobs that gave their slot back to wait for their provider run in Redis.
+    pub parked: AtomicUsize,
     pub dead: AtomicUsize,
     pub leases_lost: AtomicUsize,
     pub redis_errors: AtomicUsize,
@@ -150,6 +152,10 @@ pub(crate) enum Settle {
         delay: Duration,
         reason: String,
     },
+    Park {
+        delay: Duration,
+        reason: String,
+    },
 }
 
 /// Settles a delivery, retrying Redis errors for up to a lease; then forgets the entry.
@@ -183,6 +189,7 @@ pub(crate) async fn settle(shared: &Shared, delivery: &Delivery, settle: Settle)
             error,
         } => ("retry", "", delay, reason, error, None, 0),
         Settle::Defer { delay, reason } => ("defer", "", delay, reason, None, None, 0),
+        Settle::Park { delay, reason } => ("park", "", delay, reason, None, None, 0),
     };
     args.extend([
         action.to_owned(),

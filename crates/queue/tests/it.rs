@@ -1102,3 +1102,6 @@ mod tls;
 
 #[path = "it/partitions.rs"]
 mod partitions;
+
+#[path = "it/parking.rs"]
+mod parking;

@@ -13,11 +13,47 @@ const BUCKETS: [f64; 12] = [
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
 ];
 
+/// Upper bounds of the finish lag histogram, in seconds.
+const LAG_BUCKETS: [f64; 12] = [
+    0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0,
+];
+
 #[derive(Debug, Default)]
 struct Histogram {
     counts: [u64; BUCKETS.len()],
     count: u64,
     sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, bounds: &[f64], seconds: f64) {
+        for (bound, count) in bounds.iter().zip(self.counts.iter_mut()) {
+            if seconds <= *bound {
+                *count += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str, bounds: &[f64]) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (bound, count) in bounds.iter().zip(self.counts.iter()) {
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {count}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+            self.count
+        );
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{braces} {}", self.count);
+    }
 }
 
 /// Counters of one worker process.
@@ -26,6 +62,7 @@ pub struct PipelineMetrics {
     finished: Mutex<BTreeMap<&'static str, u64>>,
     retries: Mutex<BTreeMap<String, u64>>,
     steps: Mutex<BTreeMap<String, Histogram>>,
+    finish_lag: Mutex<Histogram>,
     adopted: AtomicU64,
     unknown_outcomes: AtomicU64,
     credit_pauses: AtomicU64,
@@ -39,6 +76,7 @@ impl PipelineMetrics {
             Err(JobFailure::Fail(_)) => "failed",
             Err(JobFailure::Retry { .. }) => "retried",
             Err(JobFailure::Defer { .. }) => "deferred",
+            Err(JobFailure::Park { .. }) => "parked",
             Err(JobFailure::Cancelled) => "cancelled",
             Err(JobFailure::LeaseLost) => "lease_lost",
         };
@@ -60,16 +98,17 @@ impl PipelineMetrics {
     }
 
     pub(crate) fn step_duration(&self, step: &str, elapsed: Duration) {
-        let seconds = elapsed.as_secs_f64();
         let mut steps = self.steps.lock().expect("metrics poisoned");
         let histogram = steps.entry(step.to_owned()).or_default();
-        for (bound, count) in BUCKETS.iter().zip(histogram.counts.iter_mut()) {
-            if seconds <= *bound {
-                *count += 1;
-            }
-        }
-        histogram.count += 1;
-        histogram.sum += seconds;
+        histogram.observe(&BUCKETS, elapsed.as_secs_f64());
+    }
+
+    /// Time from a run's completion at the provider to the job learning of it.
+    pub(crate) fn finish_lag(&self, lag: Duration) {
+        self.finish_lag
+            .lock()
+            .expect("metrics poisoned")
+            .observe(&LAG_BUCKETS, lag.as_secs_f64());
     }
 
     pub(crate) fn adopted(&self) {
@@ -120,28 +159,24 @@ impl PipelineMetrics {
         );
         let _ = writeln!(out, "# TYPE klingq_step_duration_seconds histogram");
         for (step, histogram) in self.steps.lock().expect("metrics poisoned").iter() {
-            for (bound, count) in BUCKETS.iter().zip(histogram.counts.iter()) {
-                let _ = writeln!(
-                    out,
-                    "klingq_step_duration_seconds_bucket{{step=\"{step}\",le=\"{bound}\"}} {count}"
-                );
-            }
-            let _ = writeln!(
+            histogram.render(
                 out,
-                "klingq_step_duration_seconds_bucket{{step=\"{step}\",le=\"+Inf\"}} {}",
-                histogram.count
-            );
-            let _ = writeln!(
-                out,
-                "klingq_step_duration_seconds_sum{{step=\"{step}\"}} {}",
-                histogram.sum
-            );
-            let _ = writeln!(
-                out,
-                "klingq_step_duration_seconds_count{{step=\"{step}\"}} {}",
-                histogram.count
+                "klingq_step_duration_seconds",
+                &format!("step=\"{step}\""),
+                &BUCKETS,
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP klingq_provider_finish_lag_seconds Time from a run's completion at the provider to the job learning of it (a callback or a poll)."
+        );
+        let _ = writeln!(out, "# TYPE klingq_provider_finish_lag_seconds histogram");
+        self.finish_lag.lock().expect("metrics poisoned").render(
+            out,
+            "klingq_provider_finish_lag_seconds",
+            "",
+            &LAG_BUCKETS,
+        );
         for (name, help, value) in [
             (
                 "klingq_provider_runs_adopted_total",

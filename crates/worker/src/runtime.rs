@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use crate::config::WorkerConfig;
 use crate::metrics::PipelineMetrics;
-use crate::pipeline::{PROVIDER_LIMIT, Pipeline, handle_job};
+use crate::pipeline::{GenTimes, PROVIDER_LIMIT, Pipeline, handle_job};
 use crate::slots::SlotReleaser;
 
 /// Everything a worker process needs to know.
@@ -62,10 +62,11 @@ impl Worker {
         let pipeline = Arc::new(Pipeline {
             provider,
             provider_stats,
-            store,
+            store: Arc::new(store),
             config: settings.worker.clone(),
             metrics: Arc::new(PipelineMetrics::default()),
             slots: SlotReleaser::new(queue.clone(), PROVIDER_LIMIT, settings.worker.limit_lease()),
+            gen_times: GenTimes::default(),
         });
         Ok(Self {
             queue,

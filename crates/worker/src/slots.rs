@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use klingq_core::job::now_ms;
-use klingq_queue::Queue;
+
+use crate::pipeline::Coordination;
 
 /// Clock difference between this host and Redis that a fence tolerates.
 const FENCE_TOLERANCE_MS: u64 = 1_000;
@@ -31,7 +32,8 @@ pub struct SlotReleaser {
 }
 
 struct Inner {
-    queue: Queue,
+    /// The queue's shared coordination (the `Queue` in production).
+    queue: Box<dyn Coordination>,
     limit: &'static str,
     lease: Duration,
     /// Releases being retried: holder → fence.
@@ -43,11 +45,12 @@ struct Inner {
 }
 
 impl SlotReleaser {
-    /// Releases slots of `limit`, whose slots expire by themselves after `lease`.
-    pub fn new(queue: Queue, limit: &'static str, lease: Duration) -> Self {
+    /// Releases slots of `limit` through `queue` (a `Queue`), whose slots expire by themselves
+    /// after `lease`.
+    pub fn new(queue: impl Coordination + 'static, limit: &'static str, lease: Duration) -> Self {
         Self {
             inner: Arc::new(Inner {
-                queue,
+                queue: Box::new(queue),
                 limit,
                 lease,
                 pending: Mutex::new(HashMap::new()),

@@ -2,14 +2,18 @@
 //! shutdown signal. Routes and their behaviour are documented by the OpenAPI document
 //! ([`ApiDoc`], served at `/openapi.json`).
 //!
-//! Every route but `/healthz`, `/readyz` and `/openapi.json` needs `Authorization: Bearer
-//! <token>` when tokens are configured; without tokens, [`serve`] only listens on loopback.
+//! Every route but `/healthz`, `/readyz`, `/openapi.json` and Runflow's callback route needs
+//! `Authorization: Bearer <token>` when tokens are configured; without tokens, [`serve`] only
+//! listens on loopback. `POST /v1/provider/callbacks/runflow` ([`callbacks`]) is exempt on
+//! purpose: Runflow cannot send a token, and the route authenticates each callback by its
+//! `Runflow-Signature` instead.
 //! The dashboard (`/` and `/dashboard/*`) is public: it is static, and its data calls carry the
 //! token. More routes (e.g. metrics) join through [`ApiState::with_public_routes`] and
 //! [`ApiState::with_protected_routes`].
 
 mod auth;
 mod batch_body;
+mod callbacks;
 mod error;
 mod handlers;
 mod openapi;
@@ -24,6 +28,7 @@ use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use callbacks::{CALLBACK_OUTCOMES, MAX_CALLBACK_BODY_BYTES, ProviderCallbackMetrics};
 pub use openapi::ApiDoc;
 
 use crate::config::ApiConfig;
@@ -43,6 +48,10 @@ pub(crate) struct Shared {
     /// One permit per open `GET /v1/events` stream (`api.max_event_streams`); each holds a
     /// Redis connection for its blocking reads.
     pub(crate) event_streams: Arc<tokio::sync::Semaphore>,
+    /// `provider.callback_secret`, keyed: verifies Runflow's callbacks.
+    pub(crate) callback_keys: callbacks::CallbackKeys,
+    /// `klingq_provider_callbacks_total`, by outcome.
+    pub(crate) callback_metrics: ProviderCallbackMetrics,
 }
 
 pub(crate) type AppState = Arc<Shared>;
@@ -60,6 +69,7 @@ impl std::fmt::Debug for ApiState {
         f.debug_struct("ApiState")
             .field("producer", &self.shared.producer)
             .field("tokens", &self.shared.token_digests.len())
+            .field("callback_keys", &self.shared.callback_keys)
             .finish()
     }
 }
@@ -74,6 +84,7 @@ impl ApiState {
             .collect();
         let producer = producer.with_max_batch_jobs(config.max_batch_jobs);
         let event_streams = Arc::new(tokio::sync::Semaphore::new(config.max_event_streams));
+        let callback_keys = callbacks::CallbackKeys::new(&config.callback_secrets);
         Self {
             shared: Arc::new(Shared {
                 producer,
@@ -82,6 +93,8 @@ impl ApiState {
                 shutdown: CancellationToken::new(),
                 limits: StatsLimits::default(),
                 event_streams,
+                callback_keys,
+                callback_metrics: ProviderCallbackMetrics::default(),
             }),
             public_routes: Router::new(),
             protected_routes: Router::new(),
@@ -99,6 +112,8 @@ impl ApiState {
             shutdown: shared.shutdown.clone(),
             limits,
             event_streams: shared.event_streams.clone(),
+            callback_keys: shared.callback_keys.clone(),
+            callback_metrics: shared.callback_metrics.clone(),
         });
         self
     }
@@ -117,6 +132,12 @@ impl ApiState {
 
     pub fn producer(&self) -> &Producer {
         &self.shared.producer
+    }
+
+    /// The counters of Runflow's callbacks (`klingq_provider_callbacks_total`), for the
+    /// process's `/metrics`.
+    pub fn callback_metrics(&self) -> ProviderCallbackMetrics {
+        self.shared.callback_metrics.clone()
     }
 
     /// Whether requests need a bearer token.
@@ -175,6 +196,14 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
         .route("/openapi.json", get(handlers::openapi_json))
+        // No bearer token: Runflow cannot send one. Each callback is authenticated by its
+        // signature (see `callbacks`); the body limit is applied while reading, and a body
+        // over it is answered (and counted) by the handler.
+        .route(
+            callbacks::CALLBACK_PATH,
+            post(callbacks::runflow_callback)
+                .layer(DefaultBodyLimit::max(callbacks::MAX_CALLBACK_BODY_BYTES)),
+        )
         .with_state(app)
         .merge(crate::dashboard::routes())
         .merge(state.public_routes);

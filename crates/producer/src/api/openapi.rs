@@ -18,7 +18,8 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::{ComponentsBuilder, RefOr};
 use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 
-use crate::api::{handlers, ops};
+use crate::api::callbacks::{CallbackReceived, RunflowCallback, RunflowEvent, RunflowStatus};
+use crate::api::{callbacks, handlers, ops};
 use crate::ops::{
     BatchListPage, EndpointEnabled, EndpointHealth, EndpointList, JobListItem, JobListPage,
     ProviderLimitView, QueueDepth, SpendView, StatsView,
@@ -40,7 +41,8 @@ use klingq_events::{
         title = "klingq",
         description = "Batch video generation queue for Kling v3 Pro image-to-video. Submit jobs \
             and batches, follow them, cancel them, re-drive dead letters and stream completion \
-            events. Every route but the health checks and this document needs \
+            events. Every route but the health checks, this document and Runflow's signed \
+            callbacks (`POST /v1/provider/callbacks/runflow`) needs \
             `Authorization: Bearer <token>`. Errors are `{\"error\": {\"code\", \"message\", \
             \"details\"}}`; validation errors (422) list every violated rule with its path."
     ),
@@ -63,6 +65,7 @@ use klingq_events::{
         ops::replay_delivery,
         ops::list_endpoints,
         ops::enable_endpoint,
+        callbacks::runflow_callback,
         handlers::healthz,
         handlers::readyz,
         handlers::openapi_json,
@@ -114,6 +117,10 @@ use klingq_events::{
         AttemptOutcome,
         ReplayOutcome,
         ReplayMode,
+        RunflowCallback,
+        RunflowEvent,
+        RunflowStatus,
+        CallbackReceived,
     )),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
@@ -124,6 +131,7 @@ use klingq_events::{
         (name = "events", description = "Completion events as Server-Sent Events."),
         (name = "operations", description = "Queue depth, outcomes, spend and limits."),
         (name = "webhooks", description = "Webhook deliveries, replays and endpoint health."),
+        (name = "provider", description = "Runflow's signed run callbacks; authenticated by their `Runflow-Signature`, not a bearer token."),
         (name = "health", description = "Liveness, readiness and this document; no authentication."),
     )
 )]
@@ -169,8 +177,10 @@ fn fix_link_keys(document: &mut serde_json::Value) {
     }
 }
 
-/// Adds the bearer security scheme, and makes optional header parameters plain strings
-/// (utoipa writes an `Option` header as nullable, but a header is absent, never null).
+/// Adds the bearer security scheme, makes optional header parameters plain strings
+/// (utoipa writes an `Option` header as nullable, but a header is absent, never null), and
+/// states that Runflow's callback route takes no bearer token (`security: []`: it is
+/// authenticated by its signature).
 struct BearerAuth;
 
 impl Modify for BearerAuth {
@@ -182,6 +192,14 @@ impl Modify for BearerAuth {
             "bearer",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
         );
+        if let Some(callback) = openapi
+            .paths
+            .paths
+            .get_mut(callbacks::CALLBACK_PATH)
+            .and_then(|item| item.post.as_mut())
+        {
+            callback.security = Some(Vec::new());
+        }
         for item in openapi.paths.paths.values_mut() {
             let operations = [
                 &mut item.get,

@@ -1,7 +1,9 @@
 //! The producer against a real Redis: the library (`library`) and the HTTP API over real HTTP
-//! (`api`), and the operator routes and dashboard (`ops`). Each test uses its own namespace of the shared Redis.
+//! (`api`), Runflow's signed callbacks (`callbacks`), and the operator routes and dashboard
+//! (`ops`). Each test uses its own namespace of the shared Redis.
 
 mod api;
+mod callbacks;
 mod kinds;
 mod library;
 mod ops;

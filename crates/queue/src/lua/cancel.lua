@@ -13,6 +13,7 @@ if f[3] then
   redis.call('XDEL', stream, f[3])
 end
 redis.call('ZREM', P .. ':q:' .. f[2] .. ':delayed', id)
+unpark(jk, f[2])
 finish(jk, id, { state = f[1], q = f[2], batch = f[5] }, 'cancelled', reason, err, event_id,
   event_type, event, 0)
 return { 'cancelled', f[1] }

@@ -106,13 +106,25 @@ local function set_state(jk, new_state, fields, old, batch)
   return old
 end
 
--- Puts a job on its ready stream and records the entry.
-local function make_ready(jk, id, reason)
-  local f = redis.call('HMGET', jk, 'q', 'prio', 'state', 'batch')
+-- Puts a job on its ready stream and records the entry. A parked job (settle.lua's `park`)
+-- leaves the parked count and keeps its state (a generation stays `generating`: it is only
+-- due for its next poll), as does one made ready with `keep`.
+local function make_ready(jk, id, reason, keep)
+  local f = redis.call('HMGET', jk, 'q', 'prio', 'state', 'batch', 'parked')
   local entry = redis.call('XADD', readykey(f[1], f[2]), '*', 'id', id)
-  redis.call('HDEL', jk, 'run_at_ms')
-  set_state(jk, 'queued', { 'entry', entry, 'reason', reason or '' }, f[3] or false, f[4] or false)
+  redis.call('HDEL', jk, 'run_at_ms', 'worker', 'parked')
+  if f[5] then redis.call('HINCRBY', P .. ':q:' .. f[1] .. ':stats', 'parked', -1) end
+  local state = 'queued'
+  if (keep or f[5]) and f[3] then state = f[3] end
+  set_state(jk, state, { 'entry', entry, 'reason', reason or '' }, f[3] or false, f[4] or false)
   return entry
+end
+
+-- Takes a parked job out of the parked count (it is cancelled where it waits).
+local function unpark(jk, q)
+  if redis.call('HDEL', jk, 'parked') == 1 then
+    redis.call('HINCRBY', P .. ':q:' .. q .. ':stats', 'parked', -1)
+  end
 end
 
 -- Ends a job: terminal state, error, charge, dead-letter index, event, retention.
@@ -122,7 +134,7 @@ local function finish(jk, id, job, state, reason, err, event_id, event_type, eve
     redis.call('HINCRBY', jk, 'charged_micros', charged)
     if job.batch then redis.call('HINCRBY', P .. ':batch:' .. job.batch, 'charged_micros', charged) end
   end
-  redis.call('HDEL', jk, 'entry', 'worker', 'run_at_ms')
+  redis.call('HDEL', jk, 'entry', 'worker', 'run_at_ms', 'wake')
   local fields = { 'finished_ms', NOW, 'reason', reason }
   if err ~= '' then
     fields[#fields + 1] = 'error'

@@ -1,5 +1,7 @@
--- Settles deliveries after their handlers: finish, retry or defer (via the delayed set), or
--- release (back to ready). Only the consumer holding an entry may settle it. Settles arrive
+-- Settles deliveries after their handlers: finish, retry, defer or park (via the delayed
+-- set), or release (back to ready). A parked job (its provider run generating) keeps its
+-- state and is counted in the queue's `parked` stat until a worker takes it up again. A job
+-- woken while a worker held it (wake.lua's flag) is made ready at once by a defer or park. Only the consumer holding an entry may settle it. Settles arrive
 -- in groups of 13 values from ARGV[4]: stream, entry, consumer, id, action, state, delay_ms,
 -- reason, error JSON, event id, event type, event JSON, charged micros. Returns per group
 -- 'ok', 'gone' (already settled or cancelled) or 'lost' (another consumer holds it).
@@ -13,24 +15,38 @@ local function settle_one(i)
   redis.call('XACK', stream, GROUP, entry)
   redis.call('XDEL', stream, entry)
   local jk = jobkey(id)
-  local f = redis.call('HMGET', jk, 'state', 'q', 'batch')
+  local f = redis.call('HMGET', jk, 'state', 'q', 'batch', 'wake')
   local job = { state = f[1], q = f[2], batch = f[3] }
   if not job.state or TERMINAL[job.state] then return 'gone' end
   if action == 'finish' then
     finish(jk, id, job, state, reason, err, event_id, event_type, event, charged)
+  elseif action == 'park' then
+    redis.call('HINCRBY', jk, 'attempts', -1)
+    redis.call('HDEL', jk, 'entry', 'worker', 'wake')
+    if f[4] then
+      make_ready(jk, id, reason, true)
+    else
+      redis.call('HINCRBY', P .. ':q:' .. job.q .. ':stats', 'parked', 1)
+      redis.call('ZADD', P .. ':q:' .. job.q .. ':delayed', NOW + delay, id)
+      redis.call('HSET', jk, 'parked', 1, 'run_at_ms', NOW + delay, 'reason', reason, 'updated_ms', NOW)
+    end
   elseif action == 'retry' or action == 'defer' then
     if action == 'defer' then redis.call('HINCRBY', jk, 'attempts', -1) end
-    redis.call('HDEL', jk, 'entry', 'worker')
-    redis.call('ZADD', P .. ':q:' .. job.q .. ':delayed', NOW + delay, id)
+    redis.call('HDEL', jk, 'entry', 'worker', 'wake')
     local fields = { 'run_at_ms', NOW + delay, 'reason', reason }
     if err ~= '' then
       fields[#fields + 1] = 'error'
       fields[#fields + 1] = err
     end
+    if action == 'defer' and f[4] then
+      make_ready(jk, id, reason)
+      return 'ok'
+    end
+    redis.call('ZADD', P .. ':q:' .. job.q .. ':delayed', NOW + delay, id)
     set_state(jk, 'scheduled', fields, job.state, job.batch)
   elseif action == 'release' then
     redis.call('HINCRBY', jk, 'attempts', -1)
-    redis.call('HDEL', jk, 'worker')
+    redis.call('HDEL', jk, 'worker', 'wake')
     make_ready(jk, id, reason)
   end
   return 'ok'

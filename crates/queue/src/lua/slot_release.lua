@@ -1,12 +1,15 @@
 -- Gives a slot of a shared limit back, unless the holder took it again since the release was
--- asked for. ARGV: limit name, holder, fence (ms since the epoch; 0: release unconditionally).
--- A slot whose expiry lies past the fence was taken or renewed after the release was asked
--- for (a later attempt of the same job), so a release retried after an outage leaves it be.
--- Returns 1 when a slot was removed.
+-- asked for, and hands it on: the first waiter (slot_acquire.lua) leaves the waiters and is
+-- returned, for the caller to wake. ARGV: limit name, holder, fence (ms since the epoch; 0:
+-- release unconditionally). A slot whose expiry lies past the fence was taken or renewed
+-- after the release was asked for (a later attempt of the same job), so a release retried
+-- after an outage leaves it be. Returns {1 when a slot was removed, waiter or ''}.
 local name, holder, fence = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local zk = P .. ':limit:' .. name
 if fence > 0 then
   local expiry = redis.call('ZSCORE', zk, holder)
-  if not expiry or tonumber(expiry) > fence then return 0 end
+  if not expiry or tonumber(expiry) > fence then return { 0, '' } end
 end
-return redis.call('ZREM', zk, holder)
+if redis.call('ZREM', zk, holder) == 0 then return { 0, '' } end
+local first = redis.call('ZPOPMIN', P .. ':limit:' .. name .. ':waiters')
+return { 1, first[1] or '' }
