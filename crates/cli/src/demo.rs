@@ -122,6 +122,14 @@ pub(crate) async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Resul
         }
     };
 
+    // The API's address comes first: the simulator's callbacks go to it.
+    let listener = match tokio::net::TcpListener::bind(&args.bind).await {
+        Ok(listener) => listener,
+        Err(_) => tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+    };
+    let api_url = format!("http://{}", listener.local_addr()?);
+    let mut callback_secrets = Vec::new();
+
     // The provider and the store: simulated, or real when configured.
     let mut _sim = None;
     let mut _s3 = None;
@@ -139,17 +147,22 @@ pub(crate) async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Resul
             )
         );
     } else {
+        // Signed callbacks, as Runflow sends them, wake the parked generations.
+        let callback_secret = format!("whsec_demo_{}", klingq_core::JobId::new());
         let sim = klingq_sim::start_local(klingq_sim::SimConfig {
             time_scale: 0.02,
             tail_probability: 0.0,
             video_bytes_per_second: 100_000,
+            callback_secret: Some(callback_secret.clone()),
             ..klingq_sim::SimConfig::default()
         })
         .await
         .context("starting the simulator")?;
+        callback_secrets.push(klingq_core::Secret::new(callback_secret));
         let s3 = crate::embedded_s3::start(&args.data_dir).await?;
         let mut provider = klingq_provider::ProviderConfig::for_tests(sim.base_url(), "demo-key");
         provider.deadline = Duration::from_secs(120);
+        provider.callback_url = Some(format!("{api_url}/v1/provider/callbacks/runflow"));
         settings.provider = provider;
         settings.storage.endpoint = Some(s3.endpoint.clone());
         settings.storage.force_path_style = true;
@@ -197,17 +210,15 @@ pub(crate) async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Resul
         webhooks,
         stopped(),
     ));
-    let listener = match tokio::net::TcpListener::bind(&args.bind).await {
-        Ok(listener) => listener,
-        Err(_) => tokio::net::TcpListener::bind("127.0.0.1:0").await?,
-    };
-    let api_url = format!("http://{}", listener.local_addr()?);
     let cost = CostModel {
         usd_per_second: settings.worker.usd_per_second,
     };
     let producer = Producer::new(queue.clone(), cost);
     let mut api_config = settings.api.clone();
     api_config.tokens.clear();
+    if !callback_secrets.is_empty() {
+        api_config.callback_secrets = callback_secrets;
+    }
     let state = crate::serve::api_state_for(producer.clone(), api_config, &settings.worker);
     let api_task = tokio::spawn(klingq_producer::serve(listener, state, stopped()));
     println!("dashboard and API: {api_url}/  (metrics: {api_url}/metrics)");

@@ -31,7 +31,7 @@ pub(crate) async fn charges(State(sim): State<SharedSim>) -> Response {
     Json(sim.charges()).into_response()
 }
 
-/// `GET /__sim/stats`: request counters per endpoint and fault counters.
+/// `GET /__sim/stats`: request counters per endpoint, fault counters and callback counters.
 pub(crate) async fn stats(State(sim): State<SharedSim>) -> Response {
     Json(sim.stats()).into_response()
 }

@@ -15,6 +15,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
+use crate::callbacks;
 use crate::config::OutputShape;
 use crate::error::{ApiError, FieldError, html_error};
 use crate::faults::{FaultKind, FaultToken, parse_header_tokens, parse_prompt_tokens};
@@ -44,6 +45,40 @@ fn rfc3339(at: OffsetDateTime) -> Value {
     at.format(&Rfc3339)
         .map(Value::String)
         .unwrap_or(Value::Null)
+}
+
+/// A callback timestamp: RFC 3339 with milliseconds and a `+00:00` offset (never `Z`), as
+/// Runflow freezes it so that the signed bytes stay stable.
+fn callback_timestamp(at: OffsetDateTime) -> Value {
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3][offset_hour sign:mandatory]:[offset_minute]"
+    );
+    at.to_offset(time::UtcOffset::UTC)
+        .format(format)
+        .map(Value::String)
+        .unwrap_or(Value::Null)
+}
+
+/// `(failure_code, failure_message, failure_stage_code)` of a run in this status.
+fn failure(status: Status, outcome: Outcome) -> Option<(&'static str, &'static str, &'static str)> {
+    match (status, outcome) {
+        (Status::Failed, Outcome::Moderation) => Some((
+            "CONTENT_POLICY_VIOLATION",
+            "The content was flagged by a content checker: prompt, start_image_url.",
+            "moderation",
+        )),
+        (Status::Failed, Outcome::OutputModeration) => Some((
+            "CONTENT_POLICY_VIOLATION",
+            "The generated video was flagged by a content checker.",
+            "execution",
+        )),
+        (Status::Failed, _) => Some((
+            "PROVIDER_TIMEOUT",
+            "The execution provider did not finish in time.",
+            "execution",
+        )),
+        _ => None,
+    }
 }
 
 /// Checks `Authorization: Bearer <token>` against the configured key (any non-empty token if unset).
@@ -144,29 +179,20 @@ impl<'a> RenderContext<'a> {
     /// The Run object of the documented async API (provider-api.md §1.4).
     pub(crate) fn run_json(&self, run: &Run) -> Value {
         let status = run.status_at(self.now);
-        let started_at = matches!(status, Status::Running | Status::Succeeded | Status::Failed)
-            .then(|| rfc3339(run.created_at + run.running_offset()));
-        let terminal_offset = run.terminal_offset().filter(|_| status.is_terminal());
-        let completed_at = terminal_offset.map(|offset| rfc3339(run.created_at + offset));
-        let duration_ms = terminal_offset.map(|offset| offset.as_millis() as u64);
-        let (failure_code, failure_message, failure_stage) = match (status, run.outcome) {
-            (Status::Failed, Outcome::Moderation) => (
-                Some("CONTENT_POLICY_VIOLATION"),
-                Some("The content was flagged by a content checker: prompt, start_image_url."),
-                Some("moderation"),
-            ),
-            (Status::Failed, Outcome::OutputModeration) => (
-                Some("CONTENT_POLICY_VIOLATION"),
-                Some("The generated video was flagged by a content checker."),
-                Some("execution"),
-            ),
-            (Status::Failed, _) => (
-                Some("PROVIDER_TIMEOUT"),
-                Some("The execution provider did not finish in time."),
-                Some("execution"),
-            ),
-            _ => (None, None, None),
+        let started = match status {
+            Status::Running | Status::Succeeded | Status::Failed => true,
+            Status::Canceled => run.started_before_cancel(),
+            Status::Queued | Status::Dispatching => false,
         };
+        let started_at = started.then(|| rfc3339(run.created_at + run.start_offset()));
+        // `completed_at - created_at == duration_ms` exactly, as in the callback envelope.
+        let end_offset = run.end_offset().filter(|_| status.is_terminal());
+        let completed_at = end_offset.map(|offset| rfc3339(run.created_at + offset));
+        let duration_ms = end_offset.map(|offset| offset.as_millis() as u64);
+        let failure = failure(status, run.outcome);
+        let failure_code = failure.map(|(code, _, _)| code);
+        let failure_message = failure.map(|(_, message, _)| message);
+        let failure_stage = failure.map(|(_, _, stage)| stage);
         let succeeded = status == Status::Succeeded;
         let cost = run.cost_micros();
         json!({
@@ -204,6 +230,32 @@ impl<'a> RenderContext<'a> {
             "failure_stage_code": failure_stage,
             "error": failure_code.map(|code| json!({"code": code, "message": failure_message})),
             "node_runs": [],
+        })
+    }
+
+    /// The callback event envelope of a terminal run (provider-api.md §1.5), frozen now.
+    pub(crate) fn callback_envelope(&self, run: &Run) -> Value {
+        let status = run.status_at(self.now);
+        let (event, output) = match status {
+            Status::Succeeded => ("run.completed", self.output(run)),
+            Status::Canceled => ("run.cancelled", Value::Null),
+            _ => (
+                "run.failed",
+                failure(status, run.outcome)
+                    .map(|(code, message, _)| json!({"code": code, "message": message}))
+                    .unwrap_or(Value::Null),
+            ),
+        };
+        let end_offset = run.end_offset().unwrap_or_default();
+        json!({
+            "event": event,
+            "run_id": run.id,
+            "status": status.code(),
+            "output": output,
+            "duration_ms": end_offset.as_millis() as u64,
+            "created_at": callback_timestamp(run.created_at),
+            "completed_at": callback_timestamp(run.created_at + end_offset),
+            "metadata": run.metadata,
         })
     }
 }
@@ -393,6 +445,7 @@ pub(crate) async fn create_run(
         Admission::Rejected(response) => response,
         Admission::Created { run_id, after } => {
             tracing::debug!(%run_id, ?after, "sim created run");
+            callbacks::schedule(&sim, run_id);
             let created = (StatusCode::CREATED, Json(body.unwrap_or(Value::Null)));
             match after {
                 AfterCreate::Respond => created.into_response(),
@@ -447,27 +500,32 @@ pub(crate) async fn run_sync(
     if let Some(echo) = echo_auth(&request.tokens, &headers) {
         return echo;
     }
-    let (admission, terminal) = {
+    let (admission, terminal, wake) = {
         let mut state = sim.lock();
         let admission = state.admit(request, Instant::now());
-        let terminal = match &admission {
-            Admission::Created { run_id, .. } => state.run(*run_id).and_then(Run::terminal_instant),
+        let run = match &admission {
+            Admission::Created { run_id, .. } => state.run(*run_id),
             Admission::Rejected(_) => None,
         };
-        (admission, terminal)
+        let terminal = run.and_then(Run::terminal_instant);
+        let wake = run.map(|run| run.wake.clone()).unwrap_or_default();
+        (admission, terminal, wake)
     };
     let (run_id, after) = match admission {
         Admission::Rejected(response) => return response,
         Admission::Created { run_id, after } => (run_id, after),
     };
-    let Some(terminal) = terminal else {
-        // A stuck run never answers; a lost response on it drops the connection at once.
-        if after == AfterCreate::Lost {
-            return drop_connection(connection).await;
-        }
-        return std::future::pending().await;
-    };
-    tokio::time::sleep_until(tokio::time::Instant::from_std(terminal)).await;
+    match terminal {
+        Some(terminal) => tokio::select! {
+            () = tokio::time::sleep_until(tokio::time::Instant::from_std(terminal)) => {}
+            // A cancellation (or a reset) ends the wait early.
+            () = wake.cancelled() => {}
+        },
+        // A stuck run never answers, unless cancelled; a lost response on it drops the
+        // connection at once.
+        None if after == AfterCreate::Lost => return drop_connection(connection).await,
+        None => wake.cancelled().await,
+    }
     if let AfterCreate::Slow(delay) = after {
         tokio::time::sleep(delay).await;
     }
@@ -479,6 +537,12 @@ pub(crate) async fn run_sync(
         let context = RenderContext::new(&sim, &state, now);
         match state.run(run_id) {
             None => ApiError::run_not_found().into_response(),
+            Some(run) if run.status_at(now) == Status::Canceled => ApiError::new(
+                StatusCode::CONFLICT,
+                "RUN_CANCELLED",
+                "The run was cancelled.",
+            )
+            .into_response(),
             Some(run) => match run.outcome {
                 Outcome::Succeed => {
                     Json(json!({"video": context.video_object(run)})).into_response()
@@ -700,6 +764,75 @@ pub(crate) async fn list_runs(
         .map(|run| context.run_json(run))
         .collect();
     Json(json!({"data": data, "limit": limit, "next_pq": null, "prev_pq": null})).into_response()
+}
+
+/// `POST /v1/admin/runs/{id}/cancellation` with an optional `{"reason": "..."}` (3–500 chars):
+/// the admin-only cancel (provider-api.md §1.8). 201 with the run on a real transition, 200 with
+/// the unchanged run when it was already terminal. The job goes on and is billed if it succeeds;
+/// the run's callback (`run.cancelled`) is sent at once.
+pub(crate) async fn cancel_run(
+    State(sim): State<SharedSim>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut state = sim.lock();
+    state.stats.cancellations += 1;
+    if let Err(error) = authorize(&state, &headers) {
+        return error.into_response();
+    }
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        let reason = match parse_json(&body) {
+            Ok(Value::Object(mut wrapper)) => wrapper.remove("reason"),
+            Ok(_) => {
+                let code = state.config.validation_error_code.clone();
+                return ApiError::validation(
+                    &code,
+                    vec![FieldError::new(vec![json!("body")], "must be an object")],
+                )
+                .into_response();
+            }
+            Err(error) => return error.into_response(),
+        };
+        let valid = match &reason {
+            None | Some(Value::Null) => true,
+            Some(Value::String(reason)) => (3..=500).contains(&reason.chars().count()),
+            Some(_) => false,
+        };
+        if !valid {
+            let code = state.config.validation_error_code.clone();
+            return ApiError::validation(
+                &code,
+                vec![FieldError::new(
+                    vec![json!("body"), json!("reason")],
+                    "reason must be a string of 3 to 500 characters",
+                )],
+            )
+            .into_response();
+        }
+    }
+    let now = Instant::now();
+    state.settle(now);
+    let Some(run_id) = Uuid::parse_str(&id)
+        .ok()
+        .filter(|run_id| state.run(*run_id).is_some())
+    else {
+        return ApiError::run_not_found().into_response();
+    };
+    let changed = state.cancel(run_id, now).unwrap_or(false);
+    if changed {
+        tracing::debug!(%run_id, "sim cancelled run");
+    }
+    let body = state
+        .run(run_id)
+        .map(|run| RenderContext::new(&sim, &state, now).run_json(run))
+        .unwrap_or(Value::Null);
+    let status = if changed {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(body)).into_response()
 }
 
 /// `GET /v1/runs/statuses`.

@@ -24,6 +24,15 @@ mod defaults {
     pub(super) const POLL_FAULT_COUNT: u32 = 2;
     pub(super) const DOWNLOAD_FAULT_COUNT: u32 = 1;
     pub(super) const SLOW_DOWNLOAD_BYTES_PER_SEC: u64 = 256 * 1024;
+    pub(super) const CALLBACK_DELAY_MS: u64 = 0;
+}
+
+/// The longest accepted `callback_delay_ms` (an hour), so a typo cannot park callbacks forever.
+const MAX_CALLBACK_DELAY_MS: u64 = 3_600_000;
+
+/// The command-line flag of a config field, for error messages: `fail_429` → `--fail-429`.
+fn flag(field: &str) -> String {
+    format!("--{}", field.replace('_', "-"))
 }
 
 /// Which output shapes a succeeded run carries on the async API.
@@ -55,8 +64,9 @@ pub enum RetryAfterMode {
 /// Everything that shapes the simulator's behaviour, changeable at runtime (`POST /__sim/config`).
 ///
 /// Times named `*_secs` in the latency model are simulated seconds and are multiplied by
-/// `time_scale`; `url_ttl_secs`, `slow_create_secs` and `retry_after_secs` are real seconds because
-/// they exercise real client timers. Fault rates are probabilities in `0..=1`, rolled per request.
+/// `time_scale`; `url_ttl_secs`, `slow_create_secs`, `retry_after_secs` and `callback_delay_ms`
+/// are real time because they exercise real client timers. Fault rates are probabilities in
+/// `0..=1`, rolled per request (the `callback_*` ones per callback, when it falls due).
 #[derive(Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct SimConfig {
@@ -193,6 +203,20 @@ pub struct SimConfig {
     /// Rate of downloads whose bytes are not an MP4.
     #[arg(long, default_value_t = 0.0)]
     pub download_not_mp4: f64,
+
+    /// Secret (`whsec_…`) that signs per-run callbacks (`Runflow-Signature`: hex HMAC-SHA256 of
+    /// the raw body keyed with this exact string). Without it callbacks carry no signature.
+    #[arg(long, env = "KLINGQ_SIM_CALLBACK_SECRET", hide_env_values = true)]
+    pub callback_secret: Option<String>,
+    /// Probability that a run's callback is never sent.
+    #[arg(long, default_value_t = 0.0)]
+    pub callback_drop: f64,
+    /// Probability that a run's callback is delivered twice (the second a moment after the first).
+    #[arg(long, default_value_t = 0.0)]
+    pub callback_duplicate: f64,
+    /// Extra real milliseconds between a run becoming terminal and its first callback attempt.
+    #[arg(long, default_value_t = defaults::CALLBACK_DELAY_MS)]
+    pub callback_delay_ms: u64,
 }
 
 impl Default for SimConfig {
@@ -242,6 +266,10 @@ impl Default for SimConfig {
             download_short: 0.0,
             download_wrong_type: 0.0,
             download_not_mp4: 0.0,
+            callback_secret: None,
+            callback_drop: 0.0,
+            callback_duplicate: 0.0,
+            callback_delay_ms: defaults::CALLBACK_DELAY_MS,
         }
     }
 }
@@ -281,11 +309,14 @@ impl SimConfig {
             ("download_wrong_type", self.download_wrong_type),
             ("download_not_mp4", self.download_not_mp4),
             ("tail_probability", self.tail_probability),
+            ("callback_drop", self.callback_drop),
+            ("callback_duplicate", self.callback_duplicate),
         ];
         for (name, rate) in rates {
             if !(0.0..=1.0).contains(&rate) {
                 return Err(SimError::InvalidConfig(format!(
-                    "{name} must be within 0..=1, got {rate}"
+                    "{name} ({}) must be a probability within 0..=1, got {rate}",
+                    flag(name)
                 )));
             }
         }
@@ -304,7 +335,8 @@ impl SimConfig {
         for (name, value) in non_negative {
             if !value.is_finite() || value < 0.0 {
                 return Err(SimError::InvalidConfig(format!(
-                    "{name} must be a finite non-negative number, got {value}"
+                    "{name} ({}) must be a finite non-negative number, got {value}",
+                    flag(name)
                 )));
             }
         }
@@ -317,6 +349,18 @@ impl SimConfig {
             return Err(SimError::InvalidConfig(
                 "slow_download_bytes_per_sec must be positive".to_owned(),
             ));
+        }
+        if self.callback_secret.as_deref().is_some_and(str::is_empty) {
+            return Err(SimError::InvalidConfig(
+                "callback_secret (--callback-secret) must not be empty; omit it to send unsigned callbacks"
+                    .to_owned(),
+            ));
+        }
+        if self.callback_delay_ms > MAX_CALLBACK_DELAY_MS {
+            return Err(SimError::InvalidConfig(format!(
+                "callback_delay_ms (--callback-delay-ms) must be at most {MAX_CALLBACK_DELAY_MS}, got {}",
+                self.callback_delay_ms
+            )));
         }
         if let Some(url) = &self.public_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
@@ -349,20 +393,23 @@ impl SimConfig {
         Ok(merged)
     }
 
-    /// The config as JSON with the API key redacted, for `GET /__sim/config` and logs.
+    /// The config as JSON with the API key and the callback secret redacted, for
+    /// `GET /__sim/config` and logs.
     pub(crate) fn redacted_json(&self) -> serde_json::Value {
         let mut value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
-        if let Some(key) = value.get_mut("api_key")
-            && !key.is_null()
-        {
-            *key = serde_json::Value::String("<redacted>".to_owned());
+        for field in ["api_key", "callback_secret"] {
+            if let Some(secret) = value.get_mut(field)
+                && !secret.is_null()
+            {
+                *secret = serde_json::Value::String("<redacted>".to_owned());
+            }
         }
         value
     }
 }
 
 impl std::fmt::Debug for SimConfig {
-    /// Prints the config as JSON with the API key redacted, so logging it never leaks the key.
+    /// Prints the config as JSON with the secrets redacted, so logging it never leaks them.
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(formatter, "SimConfig {}", self.redacted_json())
     }
@@ -471,6 +518,73 @@ mod tests {
         let printed = format!("{config:?}");
         assert!(!printed.contains("rf_live_secret"));
         assert!(printed.contains("<redacted>"));
+    }
+
+    #[test]
+    fn callback_flags_set_fields_and_the_secret_never_prints() {
+        let cli = Cli::try_parse_from([
+            "klingq-sim",
+            "--callback-secret",
+            "whsec_do_not_print",
+            "--callback-drop",
+            "0.25",
+            "--callback-duplicate",
+            "0.5",
+            "--callback-delay-ms",
+            "150",
+        ])
+        .unwrap();
+        let config = cli.args.config.clone();
+        assert_eq!(
+            config.callback_secret.as_deref(),
+            Some("whsec_do_not_print")
+        );
+        assert_eq!(config.callback_drop, 0.25);
+        assert_eq!(config.callback_duplicate, 0.5);
+        assert_eq!(config.callback_delay_ms, 150);
+        assert!(config.validate().is_ok());
+        assert!(!format!("{config:?}").contains("whsec_do_not_print"));
+        assert!(!format!("{:?}", cli.args).contains("whsec_do_not_print"));
+        assert_eq!(config.redacted_json()["callback_secret"], "<redacted>");
+    }
+
+    #[test]
+    fn callback_settings_are_validated_with_the_flag_named() {
+        let error = SimConfig {
+            callback_drop: 1.5,
+            ..SimConfig::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("--callback-drop"), "{error}");
+        assert!(error.contains("0..=1"), "{error}");
+        let error = SimConfig::default()
+            .merged(&serde_json::json!({"callback_duplicate": -0.1}))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--callback-duplicate"), "{error}");
+        let error = SimConfig {
+            callback_secret: Some(String::new()),
+            ..SimConfig::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("--callback-secret"), "{error}");
+        let error = SimConfig {
+            callback_delay_ms: 3_600_001,
+            ..SimConfig::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("--callback-delay-ms"), "{error}");
+        assert!(
+            SimConfig::default()
+                .merged(&serde_json::json!({"callback_delay_ms": -1}))
+                .is_err()
+        );
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub(crate) enum FaultKind {
     DownloadWrongType,
     DownloadNotMp4,
     DownloadSlow,
+    CallbackDrop,
+    CallbackDuplicate,
 }
 
 /// When a token takes effect, which decides what its optional count counts.
@@ -48,6 +50,8 @@ pub(crate) enum FaultScope {
     Poll,
     /// Disturbs the first downloads of the run.
     Download,
+    /// Disturbs the run's callback; counted per distinct prompt, unlimited by default.
+    Callback,
 }
 
 const ALL: &[(&str, FaultKind)] = &[
@@ -83,6 +87,8 @@ const ALL: &[(&str, FaultKind)] = &[
     ("download-wrong-type", FaultKind::DownloadWrongType),
     ("download-not-mp4", FaultKind::DownloadNotMp4),
     ("download-slow", FaultKind::DownloadSlow),
+    ("callback-drop", FaultKind::CallbackDrop),
+    ("callback-duplicate", FaultKind::CallbackDuplicate),
 ];
 
 impl FaultKind {
@@ -122,6 +128,7 @@ impl FaultKind {
             FlakyPoll | Poll5xx | PollReset | Poll404 => FaultScope::Poll,
             DownloadExpired | Download404 | Download5xx | DownloadReset | DownloadShort
             | DownloadWrongType | DownloadNotMp4 | DownloadSlow => FaultScope::Download,
+            CallbackDrop | CallbackDuplicate => FaultScope::Callback,
         }
     }
 }

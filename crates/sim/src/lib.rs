@@ -19,8 +19,9 @@
 //! Runflow API (all but health need `Authorization: Bearer <key>`, else 401 `UNAUTHORIZED`):
 //! - `POST /v1/models/{model...}/runs` with `{input, client_ref?, metadata?, callback_url?}` →
 //!   201 with a Run object (`status_code: "queued"`, UUIDv7 `id`).
-//! - `GET /v1/runs/{id}`: the Run; status moves `queued → dispatching → running → succeeded|failed`,
-//!   computed from timestamps on every read; download URLs are re-signed on every read.
+//! - `GET /v1/runs/{id}`: the Run; status moves `queued → dispatching → running → succeeded|failed`
+//!   (or to `canceled` by the admin cancel), computed from timestamps on every read; download
+//!   URLs are re-signed on every read.
 //! - `GET /v1/runs?q=...&limit=...&sort_by=created_at:desc|asc` → `{data: [Run], limit, next_pq, prev_pq}`.
 //!   `q` terms are joined by ` AND `: `client_ref:"..."`, `status_code:...`, `model:...`, `id:...`,
 //!   `created_at>T`, `created_at<T` (RFC 3339 or `YYYY-MM-DD`).
@@ -29,11 +30,35 @@
 //!   created first, the connection is held for the simulated latency, the charge is booked, then
 //!   `{"video": {url, content_type, file_name, file_size}}` is sent. Moderation → 422
 //!   `CONTENT_POLICY_VIOLATION`, provider timeout → 504 `PROVIDER_TIMEOUT`, stuck → never answers.
+//! - `POST /v1/admin/runs/{id}/cancellation` with an optional `{"reason"}` (3–500 chars): the
+//!   admin cancel (§1.8). 201 and the run, now `canceled`, on a real transition; 200 and the
+//!   unchanged run when it was already terminal. The job itself goes on: a success is still
+//!   billed (no refund); a held sync request answers 409 `RUN_CANCELLED`.
 //! - `GET /v1/runs/statuses`, `GET /v1/auth/me`, `GET /v1/health` (no auth),
 //!   `GET /v1/billing/balance` → `{balance_cents, currency: "USD"}`.
 //! - `GET /files/{run_id}.mp4?exp=&sig=`: the MP4, HMAC-signed (per-simulator secret) and expiring
 //!   after `url_ttl_secs`; `Range` (206, 416), `ETag`, exact `Content-Length`. Expired URLs get
 //!   403 S3-style XML `AccessDenied` / `Request has expired`; bad signatures 403 `SignatureDoesNotMatch`.
+//!
+//! Timestamps are reported with millisecond precision; `duration_ms` is exactly
+//! `completed_at - created_at`.
+//!
+//! # Callbacks
+//!
+//! A run created with a `callback_url` gets one POST when it becomes terminal (at its simulated
+//! end, in real time through `time_scale`, whether or not anyone polls; at once when cancelled):
+//! `{"event": "run.completed"|"run.failed"|"run.cancelled", "run_id", "status":
+//! "succeeded"|"failed"|"canceled", "output": <the run's output> | {code, message} | null,
+//! "duration_ms", "created_at", "completed_at", "metadata"}`, timestamps like
+//! `2026-05-06T10:00:00.000+00:00`. Headers: `Content-Type: application/json`,
+//! `Runflow-Request-Id: <uuid>` (the same across the retries of one delivery) and, when
+//! `callback_secret` is set, `Runflow-Signature: <lowercase hex HMAC-SHA256 of the raw body keyed
+//! with the secret string as given>`. Non-2xx, timeouts (5 s) and connection errors are retried
+//! after 250 ms, 500 ms and 1 s (four attempts), then given up; redirects are not followed.
+//! Faults: `callback_drop` / `[[sim:callback-drop]]` (never sent), `callback_duplicate` /
+//! `[[sim:callback-duplicate]]` (sent twice, with distinct request ids), `callback_delay_ms`
+//! (real delay before the first attempt). Counters: `GET /__sim/stats` → `callbacks`
+//! `{scheduled, delivered, failed, dropped, duplicated, retried}`.
 //!
 //! Errors use Runflow's envelope `{code, message, errors}`: malformed JSON → 400 `BAD_REQUEST`;
 //! validation → 422 `VALIDATION_ERROR` (configurable) with `errors: [{loc: ["input", "duration"], msg}]`.
@@ -68,6 +93,9 @@
 //! - `stuck`: stays `running` forever;
 //! - `no-url`: succeeds (and is billed) with `output: {}`.
 //!
+//! Callback faults disturb the run's callback; like outcome faults they apply to every run with
+//! that prompt unless COUNT is given: `callback-drop` (never sent), `callback-duplicate` (sent twice).
+//!
 //! Poll faults disturb the first COUNT (default `poll_fault_count` = 2) `GET /v1/runs/{id}` of the run:
 //! `poll-5xx` (502 HTML), `poll-reset` (connection closed without response), `poll-404`
 //! (404 `RUN_NOT_FOUND`), `flaky-poll` (alternating 503 JSON and reset).
@@ -89,6 +117,7 @@
 
 mod admin;
 mod api;
+mod callbacks;
 mod config;
 mod error;
 mod faults;
@@ -110,8 +139,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::config::{OutputShape, RetryAfterMode, SimArgs, SimConfig};
 pub use crate::error::SimError;
-pub use crate::state::{Charge, RunRecord, Stats};
+pub use crate::state::{CallbackStats, Charge, RunRecord, Stats};
 
+use crate::callbacks::Callbacks;
 use crate::state::Sim;
 
 /// The model the simulator is named after; any other model path behaves the same way.
@@ -147,7 +177,7 @@ impl SimHandle {
         self.sim.run_records()
     }
 
-    /// Request and fault counters.
+    /// Request, fault and callback counters.
     pub fn stats(&self) -> Stats {
         self.sim.stats()
     }
@@ -212,8 +242,10 @@ pub async fn start(config: SimConfig, listener: TcpListener) -> Result<SimHandle
     config.validate()?;
     let addr = listener.local_addr()?;
     let bound_url = format!("http://{addr}");
-    let sim = Arc::new(Sim::new(config, bound_url));
     let shutdown = CancellationToken::new();
+    let callbacks = Callbacks::new(shutdown.child_token())
+        .map_err(|error| SimError::Io(std::io::Error::other(error.without_url())))?;
+    let sim = Arc::new(Sim::new(config, bound_url, callbacks));
     let router = server::router(Arc::clone(&sim));
     let task = tokio::spawn(server::serve(listener, router, shutdown.clone()));
     Ok(SimHandle {

@@ -44,6 +44,7 @@ pub(crate) fn router(sim: Arc<Sim>) -> Router {
         .route("/v1/runs/{id}", get(api::get_run))
         .route("/v1/models/{*path}", post(api::create_run))
         .route("/v1/run/{*model}", post(api::run_sync))
+        .route("/v1/admin/runs/{id}/cancellation", post(api::cancel_run))
         .route("/files/{file}", get(files::download))
         .route("/__sim/runs", get(admin::runs))
         .route("/__sim/charges", get(admin::charges))

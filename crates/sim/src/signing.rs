@@ -1,4 +1,5 @@
-//! Presigned download URLs: HMAC-SHA256 over the run id and the expiry, with a per-simulator secret.
+//! Presigned download URLs (HMAC-SHA256 over the run id and the expiry, with a per-simulator
+//! secret) and the `Runflow-Signature` of callbacks.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -54,9 +55,34 @@ impl UrlSigner {
     }
 }
 
+/// The `Runflow-Signature` of a callback: lowercase hex HMAC-SHA256 over the raw body, keyed with
+/// the secret string's bytes exactly as issued (the whole `whsec_…`, no base64 decoding).
+pub(crate) fn callback_signature(secret: &str, body: &[u8]) -> String {
+    let mut mac =
+        HmacSha256::new_from_slice(secret.as_bytes()).expect("hmac accepts any key length");
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn callback_signatures_are_lowercase_hex_hmac_sha256() {
+        // The well-known vector: HMAC-SHA256("key", "The quick brown fox jumps over the lazy dog").
+        assert_eq!(
+            callback_signature("key", b"The quick brown fox jumps over the lazy dog"),
+            "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8"
+        );
+        let signature = callback_signature("whsec_abc", b"{}");
+        assert_eq!(signature.len(), 64);
+        assert!(
+            signature
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
+    }
 
     #[test]
     fn signatures_verify_only_for_the_same_id_and_expiry() {

@@ -1,4 +1,8 @@
 //! In-memory state: runs with lazily computed status, the billing ledger, counters and fault bookkeeping.
+//!
+//! A run's status is computed from its creation instant on every read; only a cancellation is
+//! stored. Callbacks are the one thing that cannot wait for a read: `callbacks.rs` runs a timer
+//! per run that fires at the computed terminal instant.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -10,8 +14,10 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::callbacks::Callbacks;
 use crate::config::{RetryAfterMode, SimConfig};
 use crate::error::{ApiError, html_error};
 use crate::faults::{FaultKind, FaultScope, FaultToken};
@@ -62,7 +68,8 @@ pub struct RunRecord {
     /// When the run was created.
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
-    /// When the run became terminal; `None` while it is not.
+    /// When the run became terminal (for a cancelled run, when it was cancelled); `None` while
+    /// it is not.
     #[serde(with = "time::serde::rfc3339::option")]
     pub completed_at: Option<OffsetDateTime>,
     /// Simulated seconds spent queued and dispatching.
@@ -81,6 +88,12 @@ pub struct RunRecord {
     pub polls: u64,
     /// Download requests for this run's video that passed the signature check.
     pub downloads: u64,
+    /// The `callback_url` given at creation, if any.
+    #[serde(default)]
+    pub callback_url: Option<String>,
+    /// Callback deliveries of this run answered with a 2xx (2 when duplicated and both landed).
+    #[serde(default)]
+    pub callbacks_delivered: u64,
 }
 
 /// Request counters per endpoint, so client tests can assert exact numbers of provider calls.
@@ -106,6 +119,32 @@ pub struct Stats {
     pub charges: u64,
     /// How many times each fault (by token name) was applied.
     pub faults_injected: BTreeMap<String, u64>,
+    /// `POST /v1/admin/runs/{id}/cancellation` requests, whatever their outcome.
+    #[serde(default)]
+    pub cancellations: u64,
+    /// Per-run callback deliveries.
+    #[serde(default)]
+    pub callbacks: CallbackStats,
+}
+
+/// Counters of per-run callbacks (`GET /__sim/stats` → `callbacks`).
+///
+/// Once every callback has settled: `delivered + failed == scheduled - dropped + duplicated`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CallbackStats {
+    /// Callbacks that fell due: one per run with a `callback_url` that became terminal.
+    pub scheduled: u64,
+    /// Deliveries answered with a 2xx (a duplicated callback counts twice).
+    pub delivered: u64,
+    /// Deliveries given up after the last attempt (non-2xx, timeout or connection error).
+    pub failed: u64,
+    /// Callbacks never sent because of the `callback-drop` fault.
+    pub dropped: u64,
+    /// Callbacks sent twice because of the `callback-duplicate` fault.
+    pub duplicated: u64,
+    /// Attempts after the first of a delivery (each retry counts once).
+    pub retried: u64,
 }
 
 /// Which API created a run.
@@ -134,6 +173,7 @@ pub(crate) enum Status {
     Running,
     Succeeded,
     Failed,
+    Canceled,
 }
 
 impl Status {
@@ -144,11 +184,12 @@ impl Status {
             Status::Running => "running",
             Status::Succeeded => "succeeded",
             Status::Failed => "failed",
+            Status::Canceled => "canceled",
         }
     }
 
     pub(crate) fn is_terminal(self) -> bool {
-        matches!(self, Status::Succeeded | Status::Failed)
+        matches!(self, Status::Succeeded | Status::Failed | Status::Canceled)
     }
 }
 
@@ -179,6 +220,21 @@ pub(crate) struct Run {
     charged: bool,
     polls: u64,
     downloads: u64,
+    /// Real offset from creation at which the run was cancelled, if it was.
+    cancelled_offset: Option<Duration>,
+    /// A `callback-drop` or `callback-duplicate` token that applies to this run's callback.
+    pub(crate) callback_fault: Option<FaultKind>,
+    /// Whether the callback fell due already (it is sent at most once, duplicates aside).
+    pub(crate) callback_fired: bool,
+    /// Cancelled when the run ends early (cancellation) or is forgotten (reset), to wake whoever
+    /// waits for its end: the callback timer and a held sync request.
+    pub(crate) wake: CancellationToken,
+    callbacks_delivered: u64,
+}
+
+/// Truncates to whole milliseconds, the precision of every timestamp the simulator reports.
+fn whole_millis(duration: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Run {
@@ -207,7 +263,18 @@ impl Run {
             .map(|offset| self.created_instant + offset)
     }
 
+    /// The status an API read at `now` reports: the job's, unless the run was cancelled by then.
     pub(crate) fn status_at(&self, now: Instant) -> Status {
+        match self.cancelled_offset {
+            Some(cancelled) if now.saturating_duration_since(self.created_instant) >= cancelled => {
+                Status::Canceled
+            }
+            _ => self.job_status_at(now),
+        }
+    }
+
+    /// The status of the underlying job, which a cancellation does not stop: billing follows it.
+    pub(crate) fn job_status_at(&self, now: Instant) -> Status {
         let elapsed = now.saturating_duration_since(self.created_instant);
         if let Some(terminal) = self.terminal_offset()
             && elapsed >= terminal
@@ -224,6 +291,41 @@ impl Run {
         } else {
             Status::Queued
         }
+    }
+
+    /// Offset from `created_at` to the reported `completed_at`, in whole milliseconds: the
+    /// cancellation if there was one, else the job's end; `None` for a stuck, uncancelled run.
+    pub(crate) fn end_offset(&self) -> Option<Duration> {
+        self.cancelled_offset
+            .or_else(|| self.terminal_offset())
+            .map(whole_millis)
+    }
+
+    /// Offset from `created_at` to the reported `started_at`, in whole milliseconds.
+    pub(crate) fn start_offset(&self) -> Duration {
+        whole_millis(self.running_offset())
+    }
+
+    /// Whether the run was running before it was cancelled (so it reports a `started_at`).
+    pub(crate) fn started_before_cancel(&self) -> bool {
+        self.cancelled_offset
+            .is_some_and(|cancelled| cancelled >= self.running_offset())
+    }
+
+    /// `completed_at` as reported at `now`: `None` while the run is not terminal.
+    pub(crate) fn completed_at(&self, now: Instant) -> Option<OffsetDateTime> {
+        if !self.status_at(now).is_terminal() {
+            return None;
+        }
+        self.end_offset().map(|offset| self.created_at + offset)
+    }
+
+    /// The real instant at which the callback timer should look at the run again: the
+    /// cancellation or the job's end; `None` when neither is ever due (stuck and uncancelled).
+    pub(crate) fn callback_instant(&self) -> Option<Instant> {
+        self.cancelled_offset
+            .or_else(|| self.terminal_offset())
+            .map(|offset| self.created_instant + offset)
     }
 
     pub(crate) fn cost_micros(&self) -> u64 {
@@ -299,6 +401,13 @@ pub(crate) struct State {
     balance_micros: i64,
     pub(crate) stats: Stats,
     token_hits: HashMap<(FaultKind, u64), u32>,
+}
+
+/// The current UTC time truncated to whole milliseconds, the precision the API reports.
+fn now_utc_millis() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(now.nanosecond() / 1_000_000 * 1_000_000)
+        .unwrap_or(now)
 }
 
 fn usd_to_micros(usd: f64) -> i64 {
@@ -436,6 +545,10 @@ impl State {
 
     /// Forgets every run, charge and counter, and restores the configured balance.
     pub(crate) fn reset(&mut self) {
+        // Wake the callback timers so they find their run gone and end.
+        for run in self.runs.values() {
+            run.wake.cancel();
+        }
         *self = Self::new(self.config.clone());
     }
 
@@ -475,7 +588,8 @@ impl State {
             let Some(run) = self.runs.get_mut(&run_id) else {
                 continue;
             };
-            if run.status_at(now) != Status::Succeeded {
+            // A cancellation does not stop the job, and billing follows the job (§1.8).
+            if run.job_status_at(now) != Status::Succeeded {
                 self.unsettled.push(run_id);
                 continue;
             }
@@ -484,7 +598,8 @@ impl State {
             }
             run.charged = true;
             let usd_micros = run.cost_micros();
-            let charged_at = run.created_at + run.terminal_offset().unwrap_or_default();
+            let charged_at =
+                run.created_at + whole_millis(run.terminal_offset().unwrap_or_default());
             let job_id = run
                 .metadata
                 .as_ref()
@@ -591,6 +706,7 @@ impl State {
         }
 
         let mut outcome_token = None;
+        let mut callback_fault = None;
         let mut poll_faults = Vec::new();
         let mut download_faults = Vec::new();
         for token in &request.tokens {
@@ -599,6 +715,11 @@ impl State {
                     if outcome_token.is_none() && self.consume(*token, key, None) =>
                 {
                     outcome_token = Some(token.kind);
+                }
+                FaultScope::Callback
+                    if callback_fault.is_none() && self.consume(*token, key, None) =>
+                {
+                    callback_fault = Some(token.kind);
                 }
                 FaultScope::Poll => {
                     poll_faults.push((token.kind, token.count.unwrap_or(config.poll_fault_count)));
@@ -641,7 +762,7 @@ impl State {
             metadata: request.metadata,
             callback_url: request.callback_url,
             request_id: format!("req_{}", Uuid::now_v7().simple()),
-            created_at: OffsetDateTime::now_utc(),
+            created_at: now_utc_millis(),
             created_instant: now,
             duration_secs: summary.duration_secs,
             generate_audio: summary.generate_audio,
@@ -661,6 +782,11 @@ impl State {
             charged: false,
             polls: 0,
             downloads: 0,
+            cancelled_offset: None,
+            callback_fault,
+            callback_fired: false,
+            wake: CancellationToken::new(),
+            callbacks_delivered: 0,
         };
         let outcome_name = match outcome {
             Outcome::Succeed => None,
@@ -685,6 +811,46 @@ impl State {
 
     pub(crate) fn run(&self, run_id: Uuid) -> Option<&Run> {
         self.runs.get(&run_id)
+    }
+
+    pub(crate) fn run_mut(&mut self, run_id: Uuid) -> Option<&mut Run> {
+        self.runs.get_mut(&run_id)
+    }
+
+    /// Cancels a run that is not terminal yet (the admin cancellation): `None` when the run
+    /// does not exist, `Some(false)` when it was already terminal and nothing changed.
+    /// The job itself goes on (and is billed if it succeeds); the callback timer is woken.
+    pub(crate) fn cancel(&mut self, run_id: Uuid, now: Instant) -> Option<bool> {
+        let run = self.runs.get_mut(&run_id)?;
+        if run.status_at(now).is_terminal() {
+            return Some(false);
+        }
+        run.cancelled_offset = Some(now.saturating_duration_since(run.created_instant));
+        run.wake.cancel();
+        Some(true)
+    }
+
+    /// Updates the callback counters, unless the run was forgotten by a reset meanwhile.
+    pub(crate) fn count_callback(&mut self, run_id: Uuid, update: impl FnOnce(&mut CallbackStats)) {
+        if self.runs.contains_key(&run_id) {
+            update(&mut self.stats.callbacks);
+        }
+    }
+
+    /// Counts a callback delivery answered with a 2xx, if the run still exists (not reset).
+    pub(crate) fn note_callback_delivered(&mut self, run_id: Uuid) {
+        if let Some(run) = self.runs.get_mut(&run_id) {
+            run.callbacks_delivered += 1;
+            self.stats.callbacks.delivered += 1;
+        }
+    }
+
+    /// Applies a callback fault to a run's record and the fault counters.
+    pub(crate) fn note_callback_fault(&mut self, run_id: Uuid, kind: FaultKind) {
+        if let Some(run) = self.runs.get_mut(&run_id) {
+            run.note_fault(kind.name());
+        }
+        self.count_fault(kind.name());
     }
 
     /// Runs in creation order.
@@ -805,9 +971,7 @@ impl State {
                     duration_secs: run.duration_secs,
                     generate_audio: run.generate_audio,
                     created_at: run.created_at,
-                    completed_at: status
-                        .is_terminal()
-                        .then(|| run.created_at + run.terminal_offset().unwrap_or_default()),
+                    completed_at: run.completed_at(now),
                     queued_secs: run.plan.queued_secs + run.plan.dispatching_secs,
                     running_secs: run.plan.running_secs,
                     video_size: run.video.size(),
@@ -820,6 +984,8 @@ impl State {
                     charged: run.charged,
                     polls: run.polls,
                     downloads: run.downloads,
+                    callback_url: run.callback_url.clone(),
+                    callbacks_delivered: run.callbacks_delivered,
                 }
             })
             .collect()
@@ -852,14 +1018,17 @@ pub(crate) struct Sim {
     pub(crate) signer: UrlSigner,
     /// `http://host:port` of the bound listener, used unless `public_url` is configured.
     pub(crate) bound_url: String,
+    /// The HTTP client and shutdown signal of callback deliveries.
+    pub(crate) callbacks: Callbacks,
 }
 
 impl Sim {
-    pub(crate) fn new(config: SimConfig, bound_url: String) -> Self {
+    pub(crate) fn new(config: SimConfig, bound_url: String, callbacks: Callbacks) -> Self {
         Self {
             state: Mutex::new(State::new(config)),
             signer: UrlSigner::random(),
             bound_url,
+            callbacks,
         }
     }
 

@@ -108,7 +108,11 @@ impl Harness {
                 return None;
             }
             let run: Value = response.json().await.ok()?;
-            matches!(run["status_code"].as_str(), Some("succeeded" | "failed")).then_some(run)
+            matches!(
+                run["status_code"].as_str(),
+                Some("succeeded" | "failed" | "canceled")
+            )
+            .then_some(run)
         })
         .await
     }
@@ -116,8 +120,9 @@ impl Harness {
     /// Waits until the admin view shows the run as terminal, without polling the Runflow API.
     pub(crate) async fn wait_record_terminal(&self, id: &str) -> RunRecord {
         eventually("a terminal run record", || async {
-            self.record(id)
-                .filter(|record| record.status == "succeeded" || record.status == "failed")
+            self.record(id).filter(|record| {
+                matches!(record.status.as_str(), "succeeded" | "failed" | "canceled")
+            })
         })
         .await
     }

@@ -2,6 +2,7 @@
 
 mod api;
 mod billing;
+mod callbacks;
 mod common;
 mod downloads;
 mod faults;
