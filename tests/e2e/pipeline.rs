@@ -639,6 +639,8 @@ async fn worker_metrics_parse_and_carry_every_named_metric() {
         "klingq_redis_errors_total{kind=\"moved\"}",
         "klingq_redis_errors_total{kind=\"clusterdown\"}",
         "klingq_redis_errors_total{kind=\"noprimary\"}",
+        "klingq_jobs_parked{queue=\"videos\"}",
+        "klingq_provider_finish_lag_seconds_count",
     ] {
         assert!(
             samples.iter().any(|(sample, _)| sample == name),
@@ -657,6 +659,9 @@ async fn worker_metrics_parse_and_carry_every_named_metric() {
         3.0
     );
     assert!((value("klingq_spend_usd_total{kind=\"charged\"}") - 2.1).abs() < 1e-9);
+    // Every finished run's completion was learned once, by a poll or a callback.
+    assert_eq!(value("klingq_provider_finish_lag_seconds_count"), 3.0);
+    assert_eq!(value("klingq_jobs_parked{queue=\"videos\"}"), 0.0);
     assert!(
         samples.iter().any(|(s, v)| s
             .starts_with("klingq_provider_requests_total{operation=\"create\"")
