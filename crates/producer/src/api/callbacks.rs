@@ -5,8 +5,8 @@
 //! raw body)>`. The route takes no bearer token (Runflow cannot send one): the signature is
 //! its authentication. In order:
 //!
-//! 1. no `provider.callback_secret` configured → 404 `callbacks_not_configured`;
-//! 2. the header is missing, repeated or not exactly 64 lowercase hex characters → 401;
+//! 1. the header is missing, repeated or not exactly 64 lowercase hex characters → 401;
+//! 2. no `provider.callback_secret` configured → 404 `callbacks_not_configured`;
 //! 3. the body is larger than [`MAX_CALLBACK_BODY_BYTES`] → 413 (reading stops at the limit);
 //! 4. no configured secret (the whole `whsec_…` string is the key) signs the raw body → 401,
 //!    compared in constant time; nothing is parsed before this;
@@ -474,17 +474,6 @@ async fn receive(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(ParsedCallback, CallbackOutcome), Refused> {
-    if app.callback_keys.is_empty() {
-        return Err(Refused::new(
-            "not_configured",
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "callbacks_not_configured",
-                "provider callbacks are not configured on this server: set \
-                 provider.callback_secret (KLINGQ_PROVIDER_CALLBACK_SECRET)",
-            ),
-        ));
-    }
     let bad_signature = |bad: BadSignature| {
         tracing::debug!(reason = bad.reason(), "provider callback signature refused");
         Refused::new(
@@ -498,6 +487,17 @@ async fn receive(
         return Err(bad_signature(BadSignature::Malformed));
     }
     let signature = CallbackKeys::parse_signature(header).map_err(bad_signature)?;
+    if app.callback_keys.is_empty() {
+        return Err(Refused::new(
+            "not_configured",
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "callbacks_not_configured",
+                "provider callbacks are not configured on this server: set \
+                 provider.callback_secret (KLINGQ_PROVIDER_CALLBACK_SECRET)",
+            ),
+        ));
+    }
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             Refused::new(
