@@ -162,7 +162,7 @@ pub(crate) async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Resul
         let s3 = crate::embedded_s3::start(&args.data_dir).await?;
         let mut provider = klingq_provider::ProviderConfig::for_tests(sim.base_url(), "demo-key");
         provider.deadline = Duration::from_secs(120);
-        provider.callback_url = Some(format!("{api_url}/v1/provider/callbacks/runflow"));
+        provider.callback_url = Some(format!("{api_url}{}", klingq_producer::CALLBACK_PATH));
         settings.provider = provider;
         settings.storage.endpoint = Some(s3.endpoint.clone());
         settings.storage.force_path_style = true;

@@ -21,8 +21,8 @@ mod producer;
 pub mod view;
 
 pub use api::{
-    ApiDoc, ApiState, CALLBACK_OUTCOMES, MAX_CALLBACK_BODY_BYTES, ProviderCallbackMetrics,
-    ServeError, router, serve,
+    ApiDoc, ApiState, CALLBACK_OUTCOMES, CALLBACK_PATH, MAX_CALLBACK_BODY_BYTES,
+    ProviderCallbackMetrics, ServeError, router, serve,
 };
 pub use config::ApiConfig;
 pub use error::{BatchErrors, CappedErrors, MAX_ERROR_DETAILS, ProducerError};

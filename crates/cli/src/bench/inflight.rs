@@ -29,8 +29,7 @@ const STEP_GENERATE: &str = "klingq_step_duration_seconds{step=\"generate\"}";
 
 /// Samples seeded into the histogram in the warm case.
 const WARM_SAMPLES: u64 = 200;
-/// The cap the worker keeps a histogram's samples under (`gen_times.rs`).
-const SAMPLE_CAP: u64 = 2_000;
+use klingq_worker::pipeline::SAMPLE_CAP;
 /// Goals from the issue, reported against (not asserted).
 const GOAL_PEAK_RSS_MIB: f64 = 96.0;
 const GOAL_COMMANDS_PER_S_PER_RUN: f64 = 0.2;

@@ -29,8 +29,7 @@ use super::{
 };
 use crate::settings::Settings;
 
-/// The route the simulator posts callbacks to (crates/producer/src/api/callbacks.rs).
-const CALLBACK_PATH: &str = "/v1/provider/callbacks/runflow";
+use klingq_producer::CALLBACK_PATH;
 /// The simulator's queued phase when `--queue-max-secs` is 0 (crates/sim/src/latency.rs).
 const SIM_MIN_QUEUED_SECS: f64 = 0.001;
 /// Goals from the issue, reported against (not asserted).

@@ -46,7 +46,7 @@ use crate::view::ErrorBody;
 type HmacSha256 = Hmac<Sha256>;
 
 /// The route Runflow posts callbacks to.
-pub(crate) const CALLBACK_PATH: &str = "/v1/provider/callbacks/runflow";
+pub const CALLBACK_PATH: &str = "/v1/provider/callbacks/runflow";
 /// Largest callback body accepted, in bytes (1 MiB).
 pub const MAX_CALLBACK_BODY_BYTES: usize = 1024 * 1024;
 /// The header carrying the body's signature.

@@ -28,7 +28,9 @@ use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use callbacks::{CALLBACK_OUTCOMES, MAX_CALLBACK_BODY_BYTES, ProviderCallbackMetrics};
+pub use callbacks::{
+    CALLBACK_OUTCOMES, CALLBACK_PATH, MAX_CALLBACK_BODY_BYTES, ProviderCallbackMetrics,
+};
 pub use openapi::ApiDoc;
 
 use crate::config::ApiConfig;

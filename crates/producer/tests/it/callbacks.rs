@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 
 use crate::{producer, spec};
 
-const PATH: &str = "/v1/provider/callbacks/runflow";
+const PATH: &str = klingq_producer::CALLBACK_PATH;
 const TOKEN: &str = "callback-test-token";
 const OLD_SECRET: &str = "whsec_b2xkIHNlY3JldCBvZiB0aGUgdGVzdHM";
 const NEW_SECRET: &str = "whsec_bmV3IHNlY3JldCBvZiB0aGUgdGVzdHM";

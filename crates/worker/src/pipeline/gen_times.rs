@@ -13,7 +13,7 @@ use super::Coordination;
 /// How often a process reads a kind's histogram again.
 const REFRESH: Duration = Duration::from_secs(10);
 /// Samples a histogram keeps before its counts are halved (older runs weigh less).
-const SAMPLE_CAP: u64 = 2_000;
+pub const SAMPLE_CAP: u64 = 2_000;
 
 /// A kind's histogram and when it was read (`None`: no run of the kind finished yet).
 type Cached = (Instant, Option<Arc<GenTimeHistogram>>);

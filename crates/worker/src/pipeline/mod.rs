@@ -46,7 +46,7 @@ use crate::config::WorkerConfig;
 use crate::metrics::PipelineMetrics;
 use crate::slots::SlotReleaser;
 
-pub use gen_times::GenTimes;
+pub use gen_times::{GenTimes, SAMPLE_CAP};
 pub use seams::{Coordination, JobHandle, ObjectStore};
 pub use step::Step;
 
