@@ -20,8 +20,22 @@ pub(crate) struct EventSubject<'a> {
     pub(crate) job_id: &'a str,
     pub(crate) batch_id: Option<&'a str>,
     pub(crate) redrives: u32,
-    /// The job's payload; its `metadata` field (if any) is echoed in the event.
-    pub(crate) payload: &'a Value,
+    /// The job's `metadata` (if any), echoed in the event.
+    pub(crate) metadata: Option<Value>,
+}
+
+/// The `metadata` field of a job's payload (JSON), read without decoding the rest: the
+/// handler decoded the payload already, and only this field goes into the event.
+pub(crate) fn metadata_of(payload: &str) -> Option<Value> {
+    #[derive(serde::Deserialize)]
+    struct Fields<'a> {
+        #[serde(borrow, default)]
+        metadata: Option<&'a serde_json::value::RawValue>,
+    }
+    let raw = serde_json::from_str::<Fields<'_>>(payload).ok()?.metadata?;
+    serde_json::from_str::<Value>(raw.get())
+        .ok()
+        .filter(|m| !m.is_null())
 }
 
 /// A built event: its stable id, type and compact JSON body.
@@ -44,11 +58,7 @@ pub(crate) fn build(
     let event_type = EventType::for_terminal_state(state)?;
     let job_id: JobId = subject.job_id.parse().ok()?;
     let batch_id = subject.batch_id.and_then(|b| b.parse().ok());
-    let metadata = subject
-        .payload
-        .get("metadata")
-        .filter(|m| !m.is_null())
-        .cloned();
+    let metadata = subject.metadata.clone();
     let event = CompletionEvent {
         id: job_event_id(&job_id, subject.redrives),
         event_type,

@@ -1,11 +1,109 @@
-//! Every Redis key klingq uses, in one place. All keys of one partition share its hash tag
-//! (`{ns}` for partition 0, see [`crate::Partitions`]), so multi-key scripts stay in one
-//! Redis Cluster slot.
+//! Every Redis key klingq uses, in one place: [`SHAPES`] is the one source of key shapes. The
+//! Rust side builds keys from it ([`Keys`]) and the Lua scripts get a function per shape
+//! (`K.job(id)`, `K.ready(queue, prio)`, …; [`lua_functions`]), so no script spells a key.
+//! All keys of one partition share its hash tag (`{ns}` for partition 0, see
+//! [`crate::Partitions`]), so multi-key scripts stay in one Redis Cluster slot.
 
 use klingq_core::Priority;
 
 /// The consumer group every worker of a queue joins.
 pub(crate) const GROUP: &str = "workers";
+
+/// One key shape: a name (the Lua function `K.<name>`) and its template after the prefix,
+/// where each `{}` is an argument.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shape {
+    pub(crate) name: &'static str,
+    pub(crate) template: &'static str,
+}
+
+macro_rules! shapes {
+    ($($(#[$doc:meta])* $konst:ident = $name:literal, $template:literal;)*) => {
+        $($(#[$doc])* pub(crate) const $konst: Shape = Shape { name: $name, template: $template };)*
+        /// Every key shape, for [`lua_functions`].
+        pub(crate) const SHAPES: &[Shape] = &[$($konst),*];
+    };
+}
+
+shapes! {
+    /// Hash of one job: payload, state, attempts, checkpoint, timestamps, error.
+    JOB = "job", "job:{}";
+    /// Ready stream of a queue at a priority; consumer group [`GROUP`].
+    READY = "ready", "q:{}:ready:{}";
+    /// Sorted set of job ids waiting for a time (score: due time in ms).
+    DELAYED = "delayed", "q:{}:delayed";
+    /// Sorted set of dead job ids (score: time of death in ms).
+    DEAD = "dead", "q:{}:dead";
+    /// Idempotency key to job id, with a TTL.
+    IDEMPOTENCY = "idempotency", "idem:{}:{}";
+    /// Hash of a batch's counters.
+    BATCH = "batch", "batch:{}";
+    /// List of a batch's job ids, in enqueue order.
+    BATCH_JOBS = "batch_jobs", "batch:{}:jobs";
+    /// Hash of a queue's counters (jobs finished per state, spend, parked jobs).
+    STATS = "stats", "q:{}:stats";
+    /// Stream of completion events.
+    EVENTS = "events", "events";
+    /// Sorted set of batch ids by creation time, for listing.
+    BATCHES = "batches", "batches";
+    /// Sorted set of job ids by creation time per queue, for listing and search.
+    JOBS_INDEX = "jobs_index", "q:{}:jobs";
+    /// Batch idempotency key to the first batch's id, with the idempotency TTL.
+    BATCH_IDEMPOTENCY = "batch_idempotency", "idem-batch:{}:{}";
+    /// Sorted set of the holders of a shared concurrency limit (score: lease expiry in ms).
+    LIMIT = "limit", "limit:{}";
+    /// Hash of a shared limit's adaptive cap (`cap`, `recover_at`, `period`).
+    LIMIT_CAP = "limit_cap", "limit:{}:cap";
+    /// Sorted set of the jobs waiting for a slot of a shared limit (score: when they first
+    /// waited); a release wakes the first.
+    LIMIT_WAITERS = "limit_waiters", "limit:{}:waiters";
+    /// Hash of one provider run: `job` (the job it belongs to) and `cb` (the status its last
+    /// callback reported). Global (partition 0): a callback names only the run.
+    RUN = "run", "run:{}";
+    /// Hash of how long finished runs of one kind (model and clip duration) took: bucket to
+    /// count, and `n`, the samples. Global (partition 0).
+    GEN_TIMES = "gen_times", "gentime:{}";
+    /// Estimated spend reserved on one UTC day (`YYYYMMDD`), in micro-dollars.
+    DAILY_BUDGET = "daily_budget", "budget:day:{}";
+    /// Hash of the jobs outside partition 0 whose daily reservation is in the day's total.
+    DAILY_BUDGET_JOBS = "daily_budget_jobs", "budget:day:{}:jobs";
+    /// A pause shared by every replica (e.g. out of provider credit), with a TTL.
+    PAUSE = "pause", "pause:{}";
+    /// The key every script names as `KEYS[1]`, so Redis Cluster routes it to the
+    /// namespace's slot. Nothing is stored under it.
+    ROUTE = "route", "route";
+    /// Hash of what the namespace was created with (`partitions`). Global: partition 0.
+    META = "meta", "meta";
+    /// List of one webhook delivery's attempt records, oldest first.
+    WEBHOOK_ATTEMPTS = "webhook_attempts", "webhooks:attempts:{}";
+    /// Hash of webhook endpoints disabled by `410 Gone`: endpoint id to its record.
+    WEBHOOKS_DISABLED = "webhooks_disabled", "webhooks:disabled";
+}
+
+/// The Lua functions of every shape, for the scripts' prelude: `K.job(id)` and so on, each
+/// joining the prefix `P` and its arguments as [`Keys`] does.
+pub(crate) fn lua_functions() -> String {
+    let mut lua = String::from("local K = {}\n");
+    for shape in SHAPES {
+        let parts: Vec<&str> = shape.template.split("{}").collect();
+        let args: Vec<String> = (1..parts.len()).map(|i| format!("a{i}")).collect();
+        let mut body = String::from("P .. ':'");
+        for (i, part) in parts.iter().enumerate() {
+            if !part.is_empty() {
+                body.push_str(&format!(" .. '{part}'"));
+            }
+            if i + 1 < parts.len() {
+                body.push_str(&format!(" .. a{}", i + 1));
+            }
+        }
+        lua.push_str(&format!(
+            "function K.{}({}) return {body} end\n",
+            shape.name,
+            args.join(", ")
+        ));
+    }
+    lua
+}
 
 /// Key names of one namespace.
 #[derive(Debug, Clone)]
@@ -26,132 +124,144 @@ impl Keys {
         &self.prefix
     }
 
-    /// Hash of one job: payload, state, attempts, checkpoint, timestamps, error.
+    /// The key of `shape` with `args` in its `{}`s.
+    fn key(&self, shape: Shape, args: &[&str]) -> String {
+        let mut key = String::with_capacity(self.prefix.len() + shape.template.len() + 40);
+        key.push_str(&self.prefix);
+        key.push(':');
+        let mut args = args.iter();
+        for (i, part) in shape.template.split("{}").enumerate() {
+            if i > 0 {
+                key.push_str(args.next().expect("an argument per {}"));
+            }
+            key.push_str(part);
+        }
+        debug_assert!(args.next().is_none(), "{}: too many arguments", shape.name);
+        key
+    }
+
+    /// See [`JOB`].
     pub fn job(&self, job_id: &str) -> String {
-        format!("{}:job:{job_id}", self.prefix)
+        self.key(JOB, &[job_id])
     }
 
-    /// Ready stream of a queue at a priority; consumer group [`GROUP`].
+    /// See [`READY`].
     pub fn ready(&self, queue: &str, priority: Priority) -> String {
-        format!("{}:q:{queue}:ready:{}", self.prefix, priority.as_str())
+        self.key(READY, &[queue, priority.as_str()])
     }
 
-    /// Sorted set of job ids waiting for a time (score: due time in ms).
+    /// See [`DELAYED`].
     pub fn delayed(&self, queue: &str) -> String {
-        format!("{}:q:{queue}:delayed", self.prefix)
+        self.key(DELAYED, &[queue])
     }
 
-    /// Sorted set of dead job ids (score: time of death in ms).
+    /// See [`DEAD`].
     pub fn dead(&self, queue: &str) -> String {
-        format!("{}:q:{queue}:dead", self.prefix)
+        self.key(DEAD, &[queue])
     }
 
-    /// Idempotency key to job id, with a TTL.
+    /// See [`IDEMPOTENCY`].
     pub fn idempotency(&self, queue: &str, key: &str) -> String {
-        format!("{}:idem:{queue}:{key}", self.prefix)
+        self.key(IDEMPOTENCY, &[queue, key])
     }
 
-    /// Hash of a batch's counters.
+    /// See [`BATCH`].
     pub fn batch(&self, batch_id: &str) -> String {
-        format!("{}:batch:{batch_id}", self.prefix)
+        self.key(BATCH, &[batch_id])
     }
 
-    /// List of a batch's job ids, in enqueue order.
+    /// See [`BATCH_JOBS`].
     pub fn batch_jobs(&self, batch_id: &str) -> String {
-        format!("{}:batch:{batch_id}:jobs", self.prefix)
+        self.key(BATCH_JOBS, &[batch_id])
     }
 
-    /// Hash of a queue's counters (jobs finished per state, spend).
+    /// See [`STATS`].
     pub fn stats(&self, queue: &str) -> String {
-        format!("{}:q:{queue}:stats", self.prefix)
+        self.key(STATS, &[queue])
     }
 
-    /// Stream of completion events.
+    /// See [`EVENTS`].
     pub fn events(&self) -> String {
-        format!("{}:events", self.prefix)
+        self.key(EVENTS, &[])
     }
 
-    /// Sorted set of batch ids by creation time, for listing.
+    /// See [`BATCHES`].
     pub fn batches(&self) -> String {
-        format!("{}:batches", self.prefix)
+        self.key(BATCHES, &[])
     }
 
-    /// Sorted set of job ids by creation time per queue, for listing and search.
+    /// See [`JOBS_INDEX`].
     pub fn jobs_index(&self, queue: &str) -> String {
-        format!("{}:q:{queue}:jobs", self.prefix)
+        self.key(JOBS_INDEX, &[queue])
     }
 
-    /// Batch idempotency key to the first batch's id, with the idempotency TTL. Written by
-    /// `batch_open.lua` (keep the two in step).
+    /// See [`BATCH_IDEMPOTENCY`].
     pub fn batch_idempotency(&self, queue: &str, key: &str) -> String {
-        format!("{}:idem-batch:{queue}:{key}", self.prefix)
+        self.key(BATCH_IDEMPOTENCY, &[queue, key])
     }
 
-    /// Sorted set of the holders of a shared concurrency limit (score: lease expiry in ms).
+    /// See [`LIMIT`].
     pub fn limit(&self, name: &str) -> String {
-        format!("{}:limit:{name}", self.prefix)
+        self.key(LIMIT, &[name])
     }
 
-    /// Hash of a shared limit's adaptive cap (`cap`, `recover_at`, `period`).
+    /// See [`LIMIT_CAP`].
     pub fn limit_cap(&self, name: &str) -> String {
-        format!("{}:limit:{name}:cap", self.prefix)
+        self.key(LIMIT_CAP, &[name])
     }
 
-    /// Sorted set of the jobs waiting for a slot of a shared limit (score: when they first
-    /// waited); a release wakes the first. Written by `slot_acquire.lua` and
-    /// `slot_release.lua` (keep the three in step).
+    /// See [`LIMIT_WAITERS`].
     pub fn limit_waiters(&self, name: &str) -> String {
-        format!("{}:limit:{name}:waiters", self.prefix)
+        self.key(LIMIT_WAITERS, &[name])
     }
 
-    /// Hash of one provider run: `job` (the job it belongs to) and `cb` (the status its last
-    /// callback reported). Global (partition 0): a callback names only the run. Written by
-    /// `run_bind.lua` and `run_callback.lua` (keep the three in step).
+    /// See [`RUN`].
     pub fn run(&self, run_id: &str) -> String {
-        format!("{}:run:{run_id}", self.prefix)
+        self.key(RUN, &[run_id])
     }
 
-    /// Hash of how long finished runs of one kind (`name`: model and clip duration) took:
-    /// bucket to count, and `n`, the samples. Global (partition 0). Written by
-    /// `gen_time_record.lua` (keep the two in step).
+    /// See [`GEN_TIMES`].
     pub fn gen_times(&self, name: &str) -> String {
-        format!("{}:gentime:{name}", self.prefix)
+        self.key(GEN_TIMES, &[name])
     }
 
-    /// Estimated spend reserved on one UTC day, in micro-dollars.
+    /// See [`DAILY_BUDGET`].
     pub fn daily_budget(&self, day: time::Date) -> String {
-        format!("{}:budget:day:{}", self.prefix, day_stamp(day))
+        self.key(DAILY_BUDGET, &[&day_stamp(day)])
     }
 
-    /// A pause shared by every replica (e.g. out of provider credit), with a TTL.
+    /// See [`DAILY_BUDGET_JOBS`].
+    pub fn daily_budget_jobs(&self, day: time::Date) -> String {
+        self.key(DAILY_BUDGET_JOBS, &[&day_stamp(day)])
+    }
+
+    /// See [`PAUSE`].
     pub fn pause(&self, name: &str) -> String {
-        format!("{}:pause:{name}", self.prefix)
+        self.key(PAUSE, &[name])
     }
 
-    /// The key every script names as `KEYS[1]`, so Redis Cluster routes it to the
-    /// namespace's slot. Nothing is stored under it.
+    /// See [`ROUTE`].
     pub fn route(&self) -> String {
-        format!("{}:route", self.prefix)
+        self.key(ROUTE, &[])
     }
 
-    /// Hash of what the namespace was created with (`partitions`). Global: partition 0.
+    /// See [`META`].
     pub fn meta(&self) -> String {
-        format!("{}:meta", self.prefix)
+        self.key(META, &[])
     }
 
-    /// List of one webhook delivery's attempt records, oldest first. Written by
-    /// `webhook_attempt.lua` (keep the two in step).
+    /// See [`WEBHOOK_ATTEMPTS`].
     pub fn webhook_attempts(&self, delivery_id: &str) -> String {
-        format!("{}:webhooks:attempts:{delivery_id}", self.prefix)
+        self.key(WEBHOOK_ATTEMPTS, &[delivery_id])
     }
 
-    /// Hash of webhook endpoints disabled by `410 Gone`: endpoint id to its record.
+    /// See [`WEBHOOKS_DISABLED`].
     pub fn webhooks_disabled(&self) -> String {
-        format!("{}:webhooks:disabled", self.prefix)
+        self.key(WEBHOOKS_DISABLED, &[])
     }
 }
 
-/// A UTC day as `YYYYMMDD`, as the daily budget key and `budget_reserve.lua` spell it.
+/// A UTC day as `YYYYMMDD`, as the daily budget keys spell it (scripts get it as an argument).
 pub(crate) fn day_stamp(day: time::Date) -> String {
     format!(
         "{:04}{:02}{:02}",
@@ -200,5 +310,51 @@ mod tests {
             "{klingq}:budget:day:20250307"
         );
         assert_eq!(keys.limit_cap("p"), format!("{}:cap", keys.limit("p")));
+        assert_eq!(
+            keys.daily_budget_jobs(time::macros::date!(2025 - 03 - 07)),
+            "{klingq}:budget:day:20250307:jobs"
+        );
+    }
+
+    /// Every key function the scripts get, run by a real Redis, builds the key Rust builds.
+    #[tokio::test]
+    async fn the_scripts_key_functions_build_the_keys_rust_builds() {
+        klingq_testkit::redis::require_shared_redis().await.unwrap();
+        let client = redis::Client::open(klingq_testkit::redis::redis_url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let keys = Keys::new("ns");
+        let args = ["first", "second"];
+        let mut calls = Vec::new();
+        let mut expected = Vec::new();
+        for shape in SHAPES {
+            let n = shape.template.matches("{}").count();
+            let quoted: Vec<String> = args[..n].iter().map(|a| format!("'{a}'")).collect();
+            calls.push(format!("K.{}({})", shape.name, quoted.join(", ")));
+            expected.push(keys.key(*shape, &args[..n]));
+        }
+        let script = format!(
+            "local P = ARGV[1]\n{}return {{ {} }}",
+            lua_functions(),
+            calls.join(", ")
+        );
+        let built: Vec<String> = redis::cmd("EVAL")
+            .arg(script)
+            .arg(0)
+            .arg(keys.prefix())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(built, expected);
+    }
+
+    #[test]
+    fn lua_functions_spell_each_shape_as_rust_does() {
+        let lua = lua_functions();
+        assert!(lua.contains("function K.job(a1) return P .. ':' .. 'job:' .. a1 end"));
+        assert!(lua.contains(
+            "function K.ready(a1, a2) return P .. ':' .. 'q:' .. a1 .. ':ready:' .. a2 end"
+        ));
+        assert!(lua.contains("function K.events() return P .. ':' .. 'events' end"));
+        assert_eq!(lua.lines().count(), SHAPES.len() + 1);
     }
 }

@@ -41,6 +41,8 @@ pub(crate) struct LeaseInner {
     pub(crate) delivery: Delivery,
     /// Set by the keeper when another consumer took the entry.
     pub(crate) lost: Arc<AtomicBool>,
+    /// A checkpoint to save with the settle ([`Lease::keep_checkpoint`]).
+    pub(crate) kept: std::sync::Mutex<Option<String>>,
 }
 
 /// A handler's hold on its job; extract it in a handler as an argument (`lease: Lease`).
@@ -132,8 +134,8 @@ impl Lease {
         self.inner.shared.is_shutting_down()
     }
 
-    /// Saves the job's state and checkpoint, renewing the lease. Call it before every side
-    /// effect: it fails if the job was cancelled or another worker holds it.
+    /// Saves the job's state and checkpoint. Call it before every side effect: it fails if
+    /// the job was cancelled or another worker holds it (the worker's keeper renews leases).
     pub async fn save<C: Serialize>(
         &self,
         state: JobState,
@@ -142,6 +144,24 @@ impl Lease {
     ) -> Result<(), LeaseError> {
         let checkpoint = serde_json::to_string(checkpoint)?;
         self.write(state, &checkpoint, reason).await
+    }
+
+    /// Keeps `checkpoint` to be saved with how this attempt ends (a retry, deferral, park or
+    /// failure), in the same write as the settle: for a handler that changed its checkpoint
+    /// and then fails. It fences nothing: call [`Lease::save`] before a side effect.
+    pub fn keep_checkpoint<C: Serialize>(&self, checkpoint: &C) -> Result<(), serde_json::Error> {
+        let checkpoint = serde_json::to_string(checkpoint)?;
+        *self.inner.kept.lock().expect("kept checkpoint poisoned") = Some(checkpoint);
+        Ok(())
+    }
+
+    /// The checkpoint kept for the settle, taken.
+    pub(crate) fn take_kept_checkpoint(&self) -> Option<String> {
+        self.inner
+            .kept
+            .lock()
+            .expect("kept checkpoint poisoned")
+            .take()
     }
 
     /// Sets the job's state (and reason) without changing its checkpoint.
@@ -160,16 +180,19 @@ impl Lease {
         }
         let delivery = &self.inner.delivery;
         let shared = &self.inner.shared;
-        let mut cmd = shared
-            .queue
-            .script_cmd_in(&scripts::CHECKPOINT, delivery.partition);
-        cmd.arg(&delivery.stream)
-            .arg(&delivery.entry)
-            .arg(&shared.consumer)
-            .arg(&delivery.job_id)
-            .arg(state.as_str())
-            .arg(checkpoint)
-            .arg(reason);
+        let cmd = shared.queue.call(
+            &scripts::CHECKPOINT,
+            delivery.partition,
+            &CheckpointHeader {
+                stream: &delivery.stream,
+                entry: &delivery.entry,
+                consumer: &shared.consumer,
+                id: &delivery.job_id,
+                state: state.as_str(),
+                checkpoint,
+                reason,
+            },
+        );
         // Retry for most of a lease: past that, another worker may take the job anyway.
         let budget = shared.queue.config().lease_timeout() / 2;
         let reply: String = shared
@@ -190,6 +213,19 @@ impl Lease {
             }
             _ => Err(LeaseError::Gone),
         }
+    }
+}
+
+crate::wire::record! {
+    /// `checkpoint.lua`'s header.
+    struct CheckpointHeader<'a> {
+        stream: &'a str,
+        entry: &'a str,
+        consumer: &'a str,
+        id: &'a str,
+        state: &'a str,
+        checkpoint: &'a str,
+        reason: &'a str,
     }
 }
 

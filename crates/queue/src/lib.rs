@@ -33,6 +33,7 @@ mod record;
 mod runs;
 mod scripts;
 mod webhook_records;
+mod wire;
 mod worker;
 
 pub use admin::CommandCounters;

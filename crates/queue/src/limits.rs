@@ -68,12 +68,17 @@ impl Queue {
         max: u64,
         wait: bool,
     ) -> Result<SlotStatus, QueueError> {
-        let mut cmd = self.script_cmd(&scripts::SLOT_ACQUIRE);
-        cmd.arg(name)
-            .arg(holder)
-            .arg(lease.as_millis() as u64)
-            .arg(max.max(1))
-            .arg(if wait { "1" } else { "0" });
+        let cmd = self.call(
+            &scripts::SLOT_ACQUIRE,
+            0,
+            &SlotAcquireHeader {
+                name,
+                holder,
+                lease_ms: lease.as_millis() as u64,
+                max: max.max(1),
+                wait,
+            },
+        );
         let (acquired, in_use, cap): (i64, u64, u64) = self.run_script(cmd).await?;
         Ok(SlotStatus {
             acquired: acquired == 1,
@@ -128,8 +133,15 @@ impl Queue {
         holder: &str,
         fence_ms: u64,
     ) -> Result<bool, QueueError> {
-        let mut cmd = self.script_cmd(&scripts::SLOT_RELEASE);
-        cmd.arg(name).arg(holder).arg(fence_ms);
+        let cmd = self.call(
+            &scripts::SLOT_RELEASE,
+            0,
+            &SlotReleaseHeader {
+                name,
+                holder,
+                fence: fence_ms,
+            },
+        );
         let (removed, waiter): (i64, String) = self.run_script(cmd).await?;
         if !waiter.is_empty() {
             self.wake_waiters(name, waiter).await;
@@ -168,10 +180,15 @@ impl Queue {
         max: u64,
         recovery_period: Duration,
     ) -> Result<u64, QueueError> {
-        let mut cmd = self.script_cmd(&scripts::SLOT_THROTTLE);
-        cmd.arg(name)
-            .arg(max.max(1))
-            .arg(recovery_period.as_millis().max(1) as u64);
+        let cmd = self.call(
+            &scripts::SLOT_THROTTLE,
+            0,
+            &SlotThrottleHeader {
+                name,
+                max: max.max(1),
+                period_ms: recovery_period.as_millis().max(1) as u64,
+            },
+        );
         self.run_script(cmd).await
     }
 
@@ -203,13 +220,17 @@ impl Queue {
         let day = day_stamp(time::OffsetDateTime::now_utc().date());
         let p = self.partitions().of(job_id);
         let in_job_partition = |mode: &str| {
-            let mut cmd = self.script_cmd_in(&scripts::BUDGET_RESERVE, p);
-            cmd.arg(job_id)
-                .arg(&day)
-                .arg(micros)
-                .arg(daily_limit_micros)
-                .arg(mode);
-            cmd
+            self.call(
+                &scripts::BUDGET_RESERVE,
+                p,
+                &BudgetHeader {
+                    id: job_id,
+                    day: &day,
+                    micros,
+                    daily: daily_limit_micros,
+                    mode,
+                },
+            )
         };
         let decide = |decision: &str, spent: u64, committed: u64| match decision {
             "daily" => BudgetDecision::OverDailyBudget {
@@ -254,12 +275,17 @@ impl Queue {
         daily_limit_micros: u64,
         op: &str,
     ) -> Result<(String, u64, u64), QueueError> {
-        let mut cmd = self.script_cmd(&scripts::BUDGET_DAY);
-        cmd.arg(job_id)
-            .arg(day)
-            .arg(micros)
-            .arg(daily_limit_micros)
-            .arg(op);
+        let cmd = self.call(
+            &scripts::BUDGET_DAY,
+            0,
+            &BudgetDayHeader {
+                id: job_id,
+                day,
+                micros,
+                daily: daily_limit_micros,
+                op,
+            },
+        );
         self.run_script(cmd).await
     }
 
@@ -303,5 +329,56 @@ impl Queue {
         let key = self.keys().pause(name);
         let _: i64 = self.query(redis::cmd("DEL").arg(key)).await?;
         Ok(())
+    }
+}
+
+crate::wire::record! {
+    /// `slot_acquire.lua`'s header.
+    struct SlotAcquireHeader<'a> {
+        name: &'a str,
+        holder: &'a str,
+        lease_ms: u64,
+        max: u64,
+        wait: bool,
+    }
+}
+
+crate::wire::record! {
+    /// `slot_release.lua`'s header.
+    struct SlotReleaseHeader<'a> {
+        name: &'a str,
+        holder: &'a str,
+        fence: u64,
+    }
+}
+
+crate::wire::record! {
+    /// `slot_throttle.lua`'s header.
+    struct SlotThrottleHeader<'a> {
+        name: &'a str,
+        max: u64,
+        period_ms: u64,
+    }
+}
+
+crate::wire::record! {
+    /// `budget_reserve.lua`'s header.
+    struct BudgetHeader<'a> {
+        id: &'a str,
+        day: &'a str,
+        micros: u64,
+        daily: u64,
+        mode: &'a str,
+    }
+}
+
+crate::wire::record! {
+    /// `budget_day.lua`'s header.
+    struct BudgetDayHeader<'a> {
+        id: &'a str,
+        day: &'a str,
+        micros: u64,
+        daily: u64,
+        op: &'a str,
     }
 }

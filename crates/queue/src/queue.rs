@@ -20,6 +20,7 @@ use crate::keys::{GROUP, Keys};
 use crate::partition::{MAX_PARTITIONS, Partitions};
 use crate::record::{BatchRecord, JobRecord, QueueStats};
 use crate::scripts;
+use crate::wire;
 
 /// A job to enqueue. The payload is the queue's argument type, already serialized.
 #[derive(Debug, Clone)]
@@ -309,11 +310,6 @@ impl Queue {
             .inspect_err(|error| self.record_error(error))
     }
 
-    /// An EVALSHA of `script` on the global keys (partition 0); see [`Queue::script_cmd_in`].
-    pub(crate) fn script_cmd(&self, script: &Script) -> Cmd {
-        self.script_cmd_in(script, 0)
-    }
-
     /// An EVALSHA of `script` in partition `p` with the prelude's arguments (prefix,
     /// retention, events length); the script's own arguments are appended by the caller.
     pub(crate) fn script_cmd_in(&self, script: &Script, p: usize) -> Cmd {
@@ -325,6 +321,26 @@ impl Queue {
             .arg(self.inner.parts.keys(p).prefix())
             .arg(config.retention_secs.max(1))
             .arg(config.events_max_len.max(1));
+        cmd
+    }
+
+    /// A script command in partition `p` carrying `header` (see [`crate::wire`]).
+    pub(crate) fn call<H: wire::Record>(&self, script: &Script, p: usize, header: &H) -> Cmd {
+        let mut cmd = self.script_cmd_in(script, p);
+        wire::write_header(&mut cmd, header);
+        cmd
+    }
+
+    /// A script command in partition `p` carrying `header` and `items` (see [`crate::wire`]).
+    pub(crate) fn call_items<'a, H: wire::Record, I: wire::Record + 'a>(
+        &self,
+        script: &Script,
+        p: usize,
+        header: &H,
+        items: impl IntoIterator<Item = &'a I>,
+    ) -> Cmd {
+        let mut cmd = self.script_cmd_in(script, p);
+        wire::write_call(&mut cmd, header, items);
         cmd
     }
 
@@ -395,21 +411,29 @@ impl Queue {
     /// with the id it is stored under.
     fn enqueue_cmd(&self, p: usize, batch: &str, jobs: &[(&NewJob, String)]) -> Cmd {
         let config = &self.inner.config;
-        let mut cmd = self.script_cmd_in(&scripts::ENQUEUE, p);
-        cmd.arg(&config.queue)
-            .arg(config.idempotency_ttl_secs.max(1))
-            .arg(batch);
-        for (job, id) in jobs {
-            cmd.arg(id)
-                .arg(&job.payload)
-                .arg(job.priority.as_str())
-                .arg(job.max_attempts.unwrap_or(config.max_attempts).max(1))
-                .arg(job.run_at_ms.unwrap_or(0))
-                .arg(job.idempotency_key.as_deref().unwrap_or(""))
-                .arg(job.estimated_micros)
-                .arg(job.trace.map(|t| t.to_string()).unwrap_or_default());
-        }
-        cmd
+        let items: Vec<EnqueueItem<'_>> = jobs
+            .iter()
+            .map(|(job, id)| EnqueueItem {
+                id,
+                payload: &job.payload,
+                prio: job.priority.as_str(),
+                max_attempts: job.max_attempts.unwrap_or(config.max_attempts).max(1),
+                run_at_ms: job.run_at_ms.unwrap_or(0),
+                idem: job.idempotency_key.as_deref(),
+                est_micros: job.estimated_micros,
+                trace: job.trace.map(|t| t.to_string()),
+            })
+            .collect();
+        self.call_items(
+            &scripts::ENQUEUE,
+            p,
+            &EnqueueHeader {
+                queue: &config.queue,
+                idem_ttl: config.idempotency_ttl_secs.max(1),
+                batch,
+            },
+            &items,
+        )
     }
 
     /// The partition a new job goes to: its batch's, its idempotency key's, or its id's.
@@ -580,21 +604,24 @@ impl Queue {
         idempotency_key: &str,
     ) -> Cmd {
         let config = &self.inner.config;
-        let mut cmd = self.script_cmd_in(&scripts::BATCH_OPEN, p);
-        cmd.arg(batch_id)
-            .arg(info.to_string())
-            .arg(budget_micros)
-            .arg(&config.queue)
-            .arg(idempotency_key)
-            .arg(config.idempotency_ttl_secs.max(1));
-        cmd
+        self.call(
+            &scripts::BATCH_OPEN,
+            p,
+            &BatchOpenHeader {
+                batch: batch_id,
+                info: info.to_string(),
+                budget_micros,
+                queue: &config.queue,
+                idem: idempotency_key,
+                idem_ttl: config.idempotency_ttl_secs.max(1),
+            },
+        )
     }
 
     /// Seals a batch once all its jobs are enqueued; it is done when they are all terminal.
     pub async fn seal_batch(&self, batch_id: &str) -> Result<u64, QueueError> {
         let p = self.inner.parts.of(batch_id);
-        let mut cmd = self.script_cmd_in(&scripts::BATCH_SEAL, p);
-        cmd.arg(batch_id);
+        let cmd = self.call(&scripts::BATCH_SEAL, p, &BatchHeader { batch: batch_id });
         let total: i64 = self.run_script(cmd).await?;
         if total < 0 {
             return Err(QueueError::BatchNotFound(batch_id.to_owned()));
@@ -801,11 +828,19 @@ impl Queue {
             Some(&error),
             EventExtras::default(),
         );
-        let mut cmd = self.script_cmd_in(&scripts::CANCEL, self.inner.parts.of(job_id));
-        cmd.arg(job_id)
-            .arg(reason)
-            .arg(serde_json::to_string(&error)?);
-        push_event_args(&mut cmd, event.as_ref());
+        let error = serde_json::to_string(&error)?;
+        let cmd = self.call(
+            &scripts::CANCEL,
+            self.inner.parts.of(job_id),
+            &CancelHeader {
+                id: job_id,
+                reason,
+                error: &error,
+                event_id: event.as_ref().map(|e| e.id.as_str()),
+                event_type: event.as_ref().map(|e| e.event_type),
+                event: event.as_ref().map(|e| e.body.as_str()),
+            },
+        );
         let (outcome, previous): (String, String) = self.run_script(cmd).await?;
         let previous = previous.parse::<JobState>().ok();
         match (outcome.as_str(), previous) {
@@ -836,7 +871,11 @@ impl Queue {
                 job_id: &record.id,
                 batch_id: record.batch_id.as_deref(),
                 redrives: record.redrives,
-                payload: &record.payload,
+                metadata: record
+                    .payload
+                    .get("metadata")
+                    .filter(|m| !m.is_null())
+                    .cloned(),
             },
             state,
             error,
@@ -872,8 +911,14 @@ impl Queue {
     /// Re-drives one dead or failed job: attempts reset, back to ready (resuming from its
     /// checkpoint), a new completion event later.
     pub async fn redrive(&self, job_id: &str) -> Result<RedriveOutcome, QueueError> {
-        let mut cmd = self.script_cmd_in(&scripts::REDRIVE, self.inner.parts.of(job_id));
-        cmd.arg(job_id).arg(&self.inner.config.queue);
+        let cmd = self.call(
+            &scripts::REDRIVE,
+            self.inner.parts.of(job_id),
+            &RedriveHeader {
+                id: job_id,
+                queue: &self.inner.config.queue,
+            },
+        );
         let previous: String = self.run_script(cmd).await?;
         match previous.as_str() {
             "" => Err(QueueError::NotFound(job_id.to_owned())),
@@ -910,8 +955,14 @@ impl Queue {
         let mut failure = None;
         for p in 0..self.inner.parts.len() {
             loop {
-                let mut cmd = self.script_cmd_in(&scripts::PROMOTE, p);
-                cmd.arg(&self.inner.config.queue).arg(limit);
+                let cmd = self.call(
+                    &scripts::PROMOTE,
+                    p,
+                    &PromoteHeader {
+                        queue: &self.inner.config.queue,
+                        limit: limit as u64,
+                    },
+                );
                 match self.run_script::<u64>(cmd).await {
                     Ok(moved) => {
                         n_moved += moved;
@@ -1034,12 +1085,74 @@ pub(crate) fn step_of(state: JobState) -> &'static str {
     }
 }
 
-/// Appends the event arguments scripts take: id, type, body (empty strings for none).
-pub(crate) fn push_event_args(cmd: &mut Cmd, event: Option<&completion::BuiltEvent>) {
-    match event {
-        Some(event) => cmd.arg(&event.id).arg(event.event_type).arg(&event.body),
-        None => cmd.arg("").arg("").arg(""),
-    };
+wire::record! {
+    /// `enqueue.lua`'s header.
+    struct EnqueueHeader<'a> {
+        queue: &'a str,
+        idem_ttl: u64,
+        batch: &'a str,
+    }
+}
+
+wire::record! {
+    /// One job of `enqueue.lua`.
+    struct EnqueueItem<'a> {
+        id: &'a str,
+        payload: &'a str,
+        prio: &'a str,
+        max_attempts: u32,
+        run_at_ms: u64,
+        idem: Option<&'a str>,
+        est_micros: u64,
+        trace: Option<String>,
+    }
+}
+
+wire::record! {
+    /// `batch_open.lua`'s header.
+    struct BatchOpenHeader<'a> {
+        batch: &'a str,
+        info: String,
+        budget_micros: u64,
+        queue: &'a str,
+        idem: &'a str,
+        idem_ttl: u64,
+    }
+}
+
+wire::record! {
+    /// `batch_seal.lua`'s header.
+    struct BatchHeader<'a> {
+        batch: &'a str,
+    }
+}
+
+wire::record! {
+    /// `cancel.lua`'s header.
+    struct CancelHeader<'a> {
+        id: &'a str,
+        reason: &'a str,
+        error: &'a str,
+        event_id: Option<&'a str>,
+        event_type: Option<&'a str>,
+        event: Option<&'a str>,
+    }
+}
+
+wire::record! {
+    /// `redrive.lua`'s header.
+    struct RedriveHeader<'a> {
+        id: &'a str,
+        queue: &'a str,
+    }
+}
+
+wire::record! {
+    /// `promote.lua`'s header.
+    struct PromoteHeader<'a> {
+        queue: &'a str,
+        limit: u64,
+    }
 }
 
 fn noscript() -> redis::ErrorKind {

@@ -65,8 +65,15 @@ impl Queue {
         run_id: &str,
         ttl: Duration,
     ) -> Result<Option<String>, QueueError> {
-        let mut cmd = self.script_cmd(&scripts::RUN_BIND);
-        cmd.arg(run_id).arg(job_id).arg(ttl.as_secs().max(1));
+        let cmd = self.call(
+            &scripts::RUN_BIND,
+            0,
+            &RunBindHeader {
+                run: run_id,
+                job: job_id,
+                ttl_secs: ttl.as_secs().max(1),
+            },
+        );
         let status: String = self.run_script(cmd).await?;
         Ok((!status.is_empty()).then_some(status))
     }
@@ -78,10 +85,15 @@ impl Queue {
         run_id: &str,
         status: &str,
     ) -> Result<CallbackOutcome, QueueError> {
-        let mut cmd = self.script_cmd(&scripts::RUN_CALLBACK);
-        cmd.arg(run_id)
-            .arg(status)
-            .arg(EARLY_CALLBACK_TTL.as_secs());
+        let cmd = self.call(
+            &scripts::RUN_CALLBACK,
+            0,
+            &RunCallbackHeader {
+                run: run_id,
+                status,
+                ttl_secs: EARLY_CALLBACK_TTL.as_secs(),
+            },
+        );
         let (job_id, duplicate): (String, i64) = self.run_script(cmd).await?;
         if job_id.is_empty() {
             return Ok(if duplicate == 1 {
@@ -110,8 +122,15 @@ impl Queue {
         bucket: &str,
         cap: u64,
     ) -> Result<(), QueueError> {
-        let mut cmd = self.script_cmd(&scripts::GEN_TIME_RECORD);
-        cmd.arg(name).arg(bucket).arg(cap.max(2));
+        let cmd = self.call(
+            &scripts::GEN_TIME_RECORD,
+            0,
+            &GenTimeHeader {
+                name,
+                bucket,
+                cap: cap.max(2),
+            },
+        );
         let _: i64 = self.run_script(cmd).await?;
         Ok(())
     }
@@ -127,8 +146,7 @@ impl Queue {
     /// Makes a job that waits in the delayed set ready now (see [`WakeOutcome`]).
     pub async fn wake(&self, job_id: &str, reason: &str) -> Result<WakeOutcome, QueueError> {
         let p = self.partitions().of(job_id);
-        let mut cmd = self.script_cmd_in(&scripts::WAKE, p);
-        cmd.arg(job_id).arg(reason);
+        let cmd = self.call(&scripts::WAKE, p, &WakeHeader { id: job_id, reason });
         let outcome: String = self.run_script(cmd).await?;
         Ok(match outcome.as_str() {
             "woken" => WakeOutcome::Woken,
@@ -136,5 +154,40 @@ impl Queue {
             "queued" => WakeOutcome::Queued,
             _ => WakeOutcome::Gone,
         })
+    }
+}
+
+crate::wire::record! {
+    /// `run_bind.lua`'s header.
+    struct RunBindHeader<'a> {
+        run: &'a str,
+        job: &'a str,
+        ttl_secs: u64,
+    }
+}
+
+crate::wire::record! {
+    /// `run_callback.lua`'s header.
+    struct RunCallbackHeader<'a> {
+        run: &'a str,
+        status: &'a str,
+        ttl_secs: u64,
+    }
+}
+
+crate::wire::record! {
+    /// `gen_time_record.lua`'s header.
+    struct GenTimeHeader<'a> {
+        name: &'a str,
+        bucket: &'a str,
+        cap: u64,
+    }
+}
+
+crate::wire::record! {
+    /// `wake.lua`'s header.
+    struct WakeHeader<'a> {
+        id: &'a str,
+        reason: &'a str,
     }
 }

@@ -1,19 +1,25 @@
-//! The Lua scripts that change several keys at once. Each is the shared prelude
-//! (`lua/prelude.lua`: key helpers, state changes with batch counters, events) plus a body.
+//! The Lua scripts that change several keys at once. Each is the key functions generated
+//! from [`crate::keys::SHAPES`], the shared prelude (`lua/prelude.lua`: the call's records,
+//! state changes with batch counters, events) and a body, run as a function after which the
+//! counters it changed are written.
 
 use std::sync::LazyLock;
 
 use redis::Script;
 
+/// The source of a script whose body is `body`.
+pub(crate) fn source(body: &str) -> String {
+    format!(
+        "local P = ARGV[1]\n{}{}\nlocal function main()\n{body}\nend\nlocal result = main()\nflush()\nreturn result\n",
+        crate::keys::lua_functions(),
+        include_str!("lua/prelude.lua"),
+    )
+}
+
 macro_rules! script {
     ($name:ident, $file:literal) => {
-        pub(crate) static $name: LazyLock<Script> = LazyLock::new(|| {
-            Script::new(concat!(
-                include_str!("lua/prelude.lua"),
-                "\n",
-                include_str!($file)
-            ))
-        });
+        pub(crate) static $name: LazyLock<Script> =
+            LazyLock::new(|| Script::new(&source(include_str!($file))));
     };
 }
 

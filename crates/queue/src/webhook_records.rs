@@ -17,8 +17,15 @@ impl Queue {
         record: &str,
         keep: usize,
     ) -> Result<(), QueueError> {
-        let mut cmd = self.script_cmd(&scripts::WEBHOOK_ATTEMPT);
-        cmd.arg(delivery_id).arg(record).arg(keep.max(1));
+        let cmd = self.call(
+            &scripts::WEBHOOK_ATTEMPT,
+            0,
+            &WebhookAttemptHeader {
+                delivery: delivery_id,
+                record,
+                kept: keep.max(1) as u64,
+            },
+        );
         let _: u64 = self.run_script(cmd).await?;
         Ok(())
     }
@@ -98,5 +105,14 @@ impl Queue {
             )
             .await?;
         Ok(removed > 0)
+    }
+}
+
+crate::wire::record! {
+    /// `webhook_attempt.lua`'s header.
+    struct WebhookAttemptHeader<'a> {
+        delivery: &'a str,
+        record: &'a str,
+        kept: u64,
     }
 }

@@ -1105,3 +1105,6 @@ mod partitions;
 
 #[path = "it/parking.rs"]
 mod parking;
+
+#[path = "it/cost.rs"]
+mod cost;

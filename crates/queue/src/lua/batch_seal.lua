@@ -1,8 +1,7 @@
 -- Seals a batch: no more jobs join it, and it is done once they are all terminal.
--- ARGV: batch id. Returns the batch's total.
-local batch = ARGV[4]
-local bk = P .. ':batch:' .. batch
+-- A: batch (id). Returns the batch's total.
+local bk = K.batch(A.batch)
 if redis.call('EXISTS', bk) == 0 then return -1 end
 redis.call('HSET', bk, 'sealed', 1)
-check_batch_done(batch)
+check_batch_done(A.batch)
 return tonumber(redis.call('HGET', bk, 'total'))

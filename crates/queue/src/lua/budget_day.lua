@@ -1,19 +1,19 @@
 -- The daily budget's side of a reservation for a job outside partition 0 (whose job and batch
 -- live in another slot): once per job and day, so a retried reservation counts once.
--- ARGV: job id, day (YYYYMMDD), micros, daily limit micros (0: none), 'reserve' or 'release'.
--- Returns {'ok'|'daily', spent today, 1 when this call reserved (else 0)}.
-local id, day, micros, daily, op = ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
-local dk = P .. ':budget:day:' .. day
-local jobs = dk .. ':jobs'
-if op == 'release' then
-  if redis.call('HDEL', jobs, id) == 1 then redis.call('DECRBY', dk, micros) end
+-- A: id, day (YYYYMMDD), micros, daily (limit in micros, 0: none), op ('reserve' or
+-- 'release'). Returns {'ok'|'daily', spent today, 1 when this call reserved (else 0)}.
+local micros, daily = tonumber(A.micros), tonumber(A.daily)
+local dk = K.daily_budget(A.day)
+local jobs = K.daily_budget_jobs(A.day)
+if A.op == 'release' then
+  if redis.call('HDEL', jobs, A.id) == 1 then redis.call('DECRBY', dk, micros) end
   return { 'ok', tonumber(redis.call('GET', dk) or 0), 0 }
 end
 local spent = tonumber(redis.call('GET', dk) or 0)
-if redis.call('HEXISTS', jobs, id) == 1 then return { 'ok', spent, 0 } end
+if redis.call('HEXISTS', jobs, A.id) == 1 then return { 'ok', spent, 0 } end
 if daily > 0 and spent + micros > daily then return { 'daily', spent, 0 } end
 spent = redis.call('INCRBY', dk, micros)
-redis.call('HSET', jobs, id, micros)
+redis.call('HSET', jobs, A.id, micros)
 -- Both keys expire three days after they were made (the total may have been made by a job of
 -- partition 0; NX: Redis 7).
 if spent == micros then redis.call('EXPIRE', dk, 3 * 86400) end

@@ -1,14 +1,14 @@
 -- Reserves a job's estimated cost against its batch's budget and (mode 'all') the daily
--- budget, once per job and life. ARGV: job id, day (YYYYMMDD), micros, daily limit micros
--- (0: none), mode: 'all' (the job lives in partition 0, with the daily budget), 'check' (only
+-- budget, once per job and life. A: id, day (YYYYMMDD), micros, daily (limit in micros, 0:
+-- none), mode: 'all' (the job lives in partition 0, with the daily budget), 'check' (only
 -- whether the job reserved already: 'already' or 'go') or 'partition' (the daily side was
 -- reserved by budget_day.lua in partition 0).
 -- Returns {'ok'|'daily'|'batch'|'already'|'go', spent today (mode 'all'), batch committed}.
-local id, day, micros, daily, mode = ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
+local micros, daily, mode = tonumber(A.micros), tonumber(A.daily), A.mode
 local all = mode == 'all'
-local jk = jobkey(id)
+local jk = K.job(A.id)
 local f = redis.call('HMGET', jk, 'reserved_micros', 'batch', 'q')
-local dk = P .. ':budget:day:' .. day
+local dk = K.daily_budget(A.day)
 if f[1] then
   if not all then return { 'already', 0, 0 } end
   return { 'ok', tonumber(redis.call('GET', dk) or 0), 0 }
@@ -21,7 +21,7 @@ if all then
 end
 local committed = 0
 if f[2] then
-  local bk = P .. ':batch:' .. f[2]
+  local bk = K.batch(f[2])
   local b = redis.call('HMGET', bk, 'budget_micros', 'committed_micros')
   local budget = tonumber(b[1] or 0)
   committed = tonumber(b[2] or 0)
@@ -30,8 +30,8 @@ if f[2] then
 end
 if all then
   spent = redis.call('INCRBY', dk, micros)
-  redis.call('EXPIRE', dk, 3 * 86400)
+  if spent == micros then redis.call('EXPIRE', dk, 3 * 86400) end
 end
 redis.call('HSET', jk, 'reserved_micros', micros)
-redis.call('HINCRBY', P .. ':q:' .. (f[3] or 'videos') .. ':stats', 'reserved_micros', micros)
+count(K.stats(f[3] or 'videos'), 'reserved_micros', micros)
 return { 'ok', spent, committed }

@@ -1,11 +1,11 @@
--- Counts one finished run in a generation-time histogram (partition 0): ARGV: histogram name
--- (model and clip duration), bucket field, cap. Past `cap` samples every count is halved, so
--- the histogram follows the provider as it speeds up or slows down. Key shape:
--- Keys::gen_times (keep the two in step). Returns the number of samples.
-local hk = P .. ':gentime:' .. ARGV[4]
-redis.call('HINCRBY', hk, ARGV[5], 1)
+-- Counts one finished run in a generation-time histogram (partition 0). A: name (model and
+-- clip duration), bucket (field), cap. Past `cap` samples every count is halved, so the
+-- histogram follows the provider as it speeds up or slows down. Returns the number of
+-- samples.
+local hk = K.gen_times(A.name)
+redis.call('HINCRBY', hk, A.bucket, 1)
 local n = redis.call('HINCRBY', hk, 'n', 1)
-if n > tonumber(ARGV[6]) then
+if n > tonumber(A.cap) then
   local all = redis.call('HGETALL', hk)
   local total = 0
   for i = 1, #all, 2 do

@@ -1,9 +1,10 @@
--- Shared prelude of every klingq queue script. Each script is this prelude followed by its body.
--- ARGV[1]: the hash-tagged key prefix `{ns}`; ARGV[2]: retention of finished records in
--- seconds; ARGV[3]: approximate maximum length of the events stream. A script's own arguments
--- start at ARGV[4]. Every key a script touches is under the prefix, so it lives in one
--- Cluster slot with KEYS[1], which routes the call.
-local P = ARGV[1]
+-- Shared prelude of every klingq queue script. Each script is the key functions generated
+-- from keys.rs (`K.job(id)`, …), this prelude and its body, run as `main()`; counters the
+-- body changed are written once each when it returns (flush).
+-- ARGV[1]: the hash-tagged key prefix `{ns}` (the generated key functions read `P`);
+-- ARGV[2]: retention of finished records in seconds; ARGV[3]: approximate maximum length of
+-- the events stream; then the call's records (read_records). Every key a script touches is
+-- under the prefix, so it lives in one Cluster slot with KEYS[1], which routes the call.
 local RETENTION = tonumber(ARGV[2])
 local MAXLEN = ARGV[3]
 local GROUP = 'workers'
@@ -11,8 +12,65 @@ local TERMINAL = { succeeded = true, failed = true, cancelled = true, dead = tru
 local T = redis.call('TIME')
 local NOW = tonumber(T[1]) * 1000 + math.floor(tonumber(T[2]) / 1000)
 
-local function jobkey(id) return P .. ':job:' .. id end
-local function readykey(queue, prio) return P .. ':q:' .. queue .. ':ready:' .. prio end
+-- The call's records (klingq_queue::wire): a header record `A` and item records `ITEMS`,
+-- each list sent as its field count, its field names, then the values. Reading a field the
+-- Rust side did not send is an error, not a silent nil.
+local STRICT = { __index = function(_, name)
+  error('klingq: this call sends no field ' .. tostring(name))
+end }
+local function read_records(at, one)
+  local n = tonumber(ARGV[at])
+  if not n then return {}, at end
+  local names = {}
+  for k = 1, n do names[k] = ARGV[at + k] end
+  local records = {}
+  local i = at + n + 1
+  if n == 0 then
+    if one then records[1] = setmetatable({}, STRICT) end
+    return records, i
+  end
+  while i + n - 1 <= #ARGV do
+    local r = {}
+    for k = 1, n do r[names[k]] = ARGV[i + k - 1] end
+    records[#records + 1] = setmetatable(r, STRICT)
+    i = i + n
+    if one then break end
+  end
+  return records, i
+end
+local A, ITEMS
+do
+  local header, next_at = read_records(4, true)
+  A = header[1] or setmetatable({}, STRICT)
+  ITEMS = read_records(next_at)
+end
+
+-- Rows for wire::Rows: the field count, the names, then each row's values in that order
+-- (a missing value is sent as nil).
+local function reply_rows(names, rows)
+  local out = { #names }
+  for _, name in ipairs(names) do out[#out + 1] = name end
+  for _, row in ipairs(rows) do
+    for _, name in ipairs(names) do
+      local v = row[name]
+      if v == nil then v = false end
+      out[#out + 1] = v
+    end
+  end
+  return out
+end
+
+-- Hash counters changed by the call, summed and written once per key and field when the
+-- script returns: a settle of many jobs of one batch writes the batch's counters once.
+local COUNTS = {}
+local function count(key, field, n)
+  local fields = COUNTS[key]
+  if not fields then
+    fields = {}
+    COUNTS[key] = fields
+  end
+  fields[field] = (fields[field] or 0) + n
+end
 
 -- RFC 3339 UTC time of epoch milliseconds (Redis' Lua has no os.date).
 local function iso(ms)
@@ -35,7 +93,7 @@ end
 
 -- `trace`: the subject job's traceparent, which its webhook deliveries continue (false: none).
 local function append_event(event_id, event_type, subject, body, trace)
-  local entry = { P .. ':events', 'MAXLEN', '~', MAXLEN, '*',
+  local entry = { K.events(), 'MAXLEN', '~', MAXLEN, '*',
     'id', event_id, 'type', event_type, 'subject', subject, 'event', body }
   if trace then
     entry[#entry + 1] = 'trace'
@@ -45,9 +103,9 @@ local function append_event(event_id, event_type, subject, body, trace)
 end
 
 -- Marks a batch done once it is sealed and every job in it is terminal, and publishes
--- `batch.completed` exactly once per completion.
+-- `batch.completed` exactly once per completion. Its counters must be written first.
 local function check_batch_done(batch)
-  local bk = P .. ':batch:' .. batch
+  local bk = K.batch(batch)
   local b = redis.call('HMGET', bk, 'sealed', 'total', 'terminal', 'done')
   if b[1] ~= '1' or b[4] == '1' or tonumber(b[3] or 0) < tonumber(b[2] or 0) then return end
   redis.call('HSET', bk, 'done', 1, 'finished_ms', NOW)
@@ -68,89 +126,182 @@ local function check_batch_done(batch)
       estimated_usd = est / 1e6, charged_usd = charged / 1e6 } })
   append_event(event_id, 'batch.completed', batch, body, false)
   redis.call('EXPIRE', bk, RETENTION)
-  redis.call('EXPIRE', bk .. ':jobs', RETENTION)
+  redis.call('EXPIRE', K.batch_jobs(batch), RETENTION)
+end
+
+-- Batches one of whose jobs became terminal in this call: checked for completion once their
+-- counters are written.
+local FINISHING = {}
+
+-- Stream entries the call is done with, per stream: acknowledged and deleted with one XACK
+-- and one XDEL per stream when the script returns.
+local DONE_ENTRIES = {}
+local function ack(stream, entry)
+  local entries = DONE_ENTRIES[stream]
+  if not entries then
+    entries = {}
+    DONE_ENTRIES[stream] = entries
+  end
+  entries[#entries + 1] = entry
+end
+
+-- Writes the call's counters, completes the batches that finished, and acknowledges and
+-- deletes the entries it is done with. Run after every script body.
+local function flush()
+  for key, fields in pairs(COUNTS) do
+    for field, n in pairs(fields) do
+      if n ~= 0 then redis.call('HINCRBY', key, field, n) end
+    end
+  end
+  COUNTS = {}
+  for batch in pairs(FINISHING) do check_batch_done(batch) end
+  FINISHING = {}
+  for stream, entries in pairs(DONE_ENTRIES) do
+    redis.call('XACK', stream, GROUP, unpack(entries))
+    redis.call('XDEL', stream, unpack(entries))
+  end
+  DONE_ENTRIES = {}
 end
 
 -- Keeps a batch's per-state counters when one of its jobs moves from `old` to `new_state`.
 local function count_transition(batch, old, new_state)
   if old == new_state or not batch then return end
-  local bk = P .. ':batch:' .. batch
-  if old then redis.call('HINCRBY', bk, 'n:' .. old, -1) end
-  redis.call('HINCRBY', bk, 'n:' .. new_state, 1)
+  local bk = K.batch(batch)
+  if old then count(bk, 'n:' .. old, -1) end
+  count(bk, 'n:' .. new_state, 1)
   local was_terminal = old and TERMINAL[old]
   if TERMINAL[new_state] and not was_terminal then
-    redis.call('HINCRBY', bk, 'terminal', 1)
-    check_batch_done(batch)
+    count(bk, 'terminal', 1)
+    FINISHING[batch] = true
   elseif was_terminal and not TERMINAL[new_state] then
-    redis.call('HINCRBY', bk, 'terminal', -1)
+    count(bk, 'terminal', -1)
     redis.call('HSET', bk, 'done', 0)
     redis.call('PERSIST', bk)
-    redis.call('PERSIST', bk .. ':jobs')
+    redis.call('PERSIST', K.batch_jobs(batch))
   end
 end
 
--- Moves a job to a state (with extra hash fields), keeping its batch's counters; returns the
--- old state. `old` and `batch` may be passed when the caller has read them already.
-local function set_state(jk, new_state, fields, old, batch)
-  if old == nil then
-    local f = redis.call('HMGET', jk, 'state', 'batch')
-    old, batch = f[1], f[2]
+-- The job fields the state-changing helpers use, read by load_job with one HMGET. A field
+-- cleared by writing '' (so that clearing costs no HDEL) reads as false, like an absent one.
+local JOB_FIELDS = { 'state', 'q', 'batch', 'prio', 'entry', 'worker', 'parked', 'wake',
+  'attempts', 'charged_micros', 'trace', 'bstate' }
+
+-- A job as a table of JOB_FIELDS (plus `extra` fields), `id` and `key`; nil when missing.
+local function load_job(id, extra)
+  local key = K.job(id)
+  local names = JOB_FIELDS
+  if extra then
+    names = {}
+    for i, name in ipairs(JOB_FIELDS) do names[i] = name end
+    for _, name in ipairs(extra) do names[#names + 1] = name end
   end
+  local values = redis.call('HMGET', key, unpack(names))
+  if not values[1] then return nil end
+  local job = { id = id, key = key }
+  for i, name in ipairs(names) do
+    local v = values[i]
+    if v == '' then v = false end
+    job[name] = v
+  end
+  return job
+end
+
+-- Moves a job to a state, writing `fields` with it in one HSET. A batch's counters follow
+-- its jobs from one delivery to the next: every change but a running job's own steps
+-- (`step`: checkpoint.lua) moves the job in its batch's counts, from the state it was last
+-- counted in (`bstate`) to this one. Steps within a delivery (submitting, downloading, …)
+-- show on the job at once and in its batch's counts when the delivery ends.
+local function set_state(job, new_state, fields, step)
   fields = fields or {}
   fields[#fields + 1] = 'state'
   fields[#fields + 1] = new_state
   fields[#fields + 1] = 'updated_ms'
   fields[#fields + 1] = NOW
-  redis.call('HSET', jk, unpack(fields))
-  count_transition(batch or nil, old or nil, new_state)
-  return old
+  if job.batch and not step then
+    count_transition(job.batch, job.bstate or job.state, new_state)
+    fields[#fields + 1] = 'bstate'
+    fields[#fields + 1] = new_state
+    job.bstate = new_state
+  end
+  redis.call('HSET', job.key, unpack(fields))
+  job.state = new_state
+end
+
+-- Appends `name ''` to `fields` for each of `names` the job has: cleared in the same HSET.
+local function clearing(job, fields, names)
+  for _, name in ipairs(names) do
+    if job[name] then
+      fields[#fields + 1] = name
+      fields[#fields + 1] = ''
+      job[name] = false
+    end
+  end
+  return fields
 end
 
 -- Puts a job on its ready stream and records the entry. A parked job (settle.lua's `park`)
 -- leaves the parked count and keeps its state (a generation stays `generating`: it is only
--- due for its next poll), as does one made ready with `keep`.
-local function make_ready(jk, id, reason, keep)
-  local f = redis.call('HMGET', jk, 'q', 'prio', 'state', 'batch', 'parked')
-  local entry = redis.call('XADD', readykey(f[1], f[2]), '*', 'id', id)
-  redis.call('HDEL', jk, 'run_at_ms', 'worker', 'parked')
-  if f[5] then redis.call('HINCRBY', P .. ':q:' .. f[1] .. ':stats', 'parked', -1) end
+-- due for its next poll), as does one made ready with `keep`. `fields`: more to write.
+local function make_ready(job, reason, keep, fields)
+  local entry = redis.call('XADD', K.ready(job.q, job.prio or 'normal'), '*', 'id', job.id)
   local state = 'queued'
-  if (keep or f[5]) and f[3] then state = f[3] end
-  set_state(jk, state, { 'entry', entry, 'reason', reason or '' }, f[3] or false, f[4] or false)
+  if (keep or job.parked) and job.state then state = job.state end
+  if job.parked then count(K.stats(job.q), 'parked', -1) end
+  fields = clearing(job, fields or {}, { 'run_at_ms', 'worker', 'parked', 'wake' })
+  fields[#fields + 1] = 'entry'
+  fields[#fields + 1] = entry
+  fields[#fields + 1] = 'reason'
+  fields[#fields + 1] = reason or ''
+  job.entry = entry
+  set_state(job, state, fields)
   return entry
 end
 
 -- Takes a parked job out of the parked count (it is cancelled where it waits).
-local function unpark(jk, q)
-  if redis.call('HDEL', jk, 'parked') == 1 then
-    redis.call('HINCRBY', P .. ':q:' .. q .. ':stats', 'parked', -1)
-  end
+local function unpark(job, fields)
+  if job.parked then count(K.stats(job.q), 'parked', -1) end
+  return clearing(job, fields, { 'parked' })
 end
 
 -- Ends a job: terminal state, error, charge, dead-letter index, event, retention.
--- `job` holds the fields the caller read: state, q, batch.
-local function finish(jk, id, job, state, reason, err, event_id, event_type, event, charged)
-  if charged > 0 then
-    redis.call('HINCRBY', jk, 'charged_micros', charged)
-    if job.batch then redis.call('HINCRBY', P .. ':batch:' .. job.batch, 'charged_micros', charged) end
-  end
-  redis.call('HDEL', jk, 'entry', 'worker', 'run_at_ms', 'wake')
-  local fields = { 'finished_ms', NOW, 'reason', reason }
+-- `ev`: {id, type, body} of its event (body '' for none).
+local function finish(job, state, reason, err, ev, charged, fields)
+  fields = clearing(job, fields or {}, { 'entry', 'worker', 'run_at_ms', 'wake' })
+  fields[#fields + 1] = 'finished_ms'
+  fields[#fields + 1] = NOW
+  fields[#fields + 1] = 'reason'
+  fields[#fields + 1] = reason
   if err ~= '' then
     fields[#fields + 1] = 'error'
     fields[#fields + 1] = err
   end
-  if state == 'dead' then redis.call('ZADD', P .. ':q:' .. job.q .. ':dead', NOW, id) end
   -- Per-queue counters, for metrics from any process.
-  local stats = P .. ':q:' .. job.q .. ':stats'
-  redis.call('HINCRBY', stats, 'finished:' .. state, 1)
-  if charged > 0 then redis.call('HINCRBY', stats, 'charged_micros', charged) end
-  if event ~= '' then append_event(event_id, event_type, id, event, redis.call('HGET', jk, 'trace')) end
-  set_state(jk, state, fields, job.state or false, job.batch or false)
-  redis.call('EXPIRE', jk, RETENTION)
+  local stats = K.stats(job.q)
+  if charged > 0 then
+    fields[#fields + 1] = 'charged_micros'
+    fields[#fields + 1] = (tonumber(job.charged_micros) or 0) + charged
+    if job.batch then count(K.batch(job.batch), 'charged_micros', charged) end
+    count(stats, 'charged_micros', charged)
+  end
+  if state == 'dead' then redis.call('ZADD', K.dead(job.q), NOW, job.id) end
+  count(stats, 'finished:' .. state, 1)
+  if ev.body ~= '' then append_event(ev.id, ev.type, job.id, ev.body, job.trace) end
+  set_state(job, state, fields)
+  redis.call('EXPIRE', job.key, RETENTION)
 end
 
--- The lease check: the entry is pending and held by this consumer.
+-- The lease check of a delivery: 'ok' when `entry` is the job's current entry and
+-- `consumer` started it, 'gone' when the entry is stale (settled, cancelled, re-queued),
+-- 'lost' when another consumer took the job over. The start script records the consumer,
+-- so a job reclaimed by another worker is theirs from the moment they start it.
+local function holds(job, entry, consumer)
+  if not job or TERMINAL[job.state] or job.entry ~= entry then return 'gone' end
+  if job.worker ~= consumer then return 'lost' end
+  return 'ok'
+end
+
+-- The owner of a pending stream entry, for lease renewal (the pending list is what
+-- XAUTOCLAIM reads).
 local function owner_of(stream, entry)
   local p = redis.call('XPENDING', stream, GROUP, entry, entry, 1)
   if #p == 0 then return nil end

@@ -1,12 +1,10 @@
--- Moves at most ARGV[5] due jobs of queue ARGV[4] from the delayed set to their ready
+-- Moves at most A.limit due jobs of queue A.queue from the delayed set to their ready
 -- streams. Bounded work per call keeps a large delayed set from stalling Redis.
-local queue, limit = ARGV[4], tonumber(ARGV[5])
-local dk = P .. ':q:' .. queue .. ':delayed'
-local ids = redis.call('ZRANGEBYSCORE', dk, '-inf', NOW, 'LIMIT', 0, limit)
+local dk = K.delayed(A.queue)
+local ids = redis.call('ZRANGEBYSCORE', dk, '-inf', NOW, 'LIMIT', 0, tonumber(A.limit))
+if #ids > 0 then redis.call('ZREM', dk, unpack(ids)) end
 for _, id in ipairs(ids) do
-  redis.call('ZREM', dk, id)
-  local jk = jobkey(id)
-  local state = redis.call('HGET', jk, 'state')
-  if state and not TERMINAL[state] then make_ready(jk, id, '') end
+  local job = load_job(id)
+  if job and not TERMINAL[job.state] then make_ready(job, '') end
 end
 return #ids

@@ -1,15 +1,13 @@
--- Renews the leases this consumer holds. ARGV: consumer, then (stream, entry) pairs.
--- Returns the positions (0-based, in pair order) of the entries it no longer holds
--- (settled, cancelled or taken by another consumer).
-local consumer = ARGV[4]
+-- Renews the leases this consumer holds: resets each entry's idle time in the pending list,
+-- which XAUTOCLAIM reads. A: consumer. ITEMS: stream, entry. Returns the positions (0-based,
+-- in item order) of the entries it no longer holds (settled, cancelled or taken by another
+-- consumer).
 local lost = {}
-for i = 5, #ARGV, 2 do
-  local stream, entry = ARGV[i], ARGV[i + 1]
-  local owner = owner_of(stream, entry)
-  if owner == consumer then
-    redis.call('XCLAIM', stream, GROUP, consumer, 0, entry, 'JUSTID')
+for i, item in ipairs(ITEMS) do
+  if owner_of(item.stream, item.entry) == A.consumer then
+    redis.call('XCLAIM', item.stream, GROUP, A.consumer, 0, item.entry, 'JUSTID')
   else
-    lost[#lost + 1] = (i - 5) / 2
+    lost[#lost + 1] = i - 1
   end
 end
 return lost

@@ -1,59 +1,59 @@
 -- Settles deliveries after their handlers: finish, retry, defer or park (via the delayed
--- set), or release (back to ready). A parked job (its provider run generating) keeps its
--- state and is counted in the queue's `parked` stat until a worker takes it up again. A job
--- woken while a worker held it (wake.lua's flag) is made ready at once by a defer or park. Only the consumer holding an entry may settle it. Settles arrive
--- in groups of 13 values from ARGV[4]: stream, entry, consumer, id, action, state, delay_ms,
--- reason, error JSON, event id, event type, event JSON, charged micros. Returns per group
--- 'ok', 'gone' (already settled or cancelled) or 'lost' (another consumer holds it).
-local function settle_one(i)
-  local stream, entry, consumer, id, action = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  local state, delay, reason, err = ARGV[i + 5], tonumber(ARGV[i + 6]), ARGV[i + 7], ARGV[i + 8]
-  local event_id, event_type, event, charged = ARGV[i + 9], ARGV[i + 10], ARGV[i + 11], tonumber(ARGV[i + 12])
-  local owner = owner_of(stream, entry)
-  if not owner then return 'gone' end
-  if owner ~= consumer then return 'lost' end
-  redis.call('XACK', stream, GROUP, entry)
-  redis.call('XDEL', stream, entry)
-  local jk = jobkey(id)
-  local f = redis.call('HMGET', jk, 'state', 'q', 'batch', 'wake')
-  local job = { state = f[1], q = f[2], batch = f[3] }
-  if not job.state or TERMINAL[job.state] then return 'gone' end
+-- set), or release (back to ready). Only the consumer holding an entry may settle it
+-- (prelude's `holds`). A parked job (its provider run generating) keeps its state and is
+-- counted in the queue's `parked` stat until a worker takes it up again. A job woken while a
+-- worker held it (wake.lua's flag) is made ready at once by a defer or park. A: consumer.
+-- ITEMS: stream, entry, id, action, state (finish), delay_ms, reason, error (JSON, '' for
+-- none), checkpoint (JSON, '' keeps the saved one), event_id, event_type, event (JSON, ''
+-- for none), charged_micros. Returns per item 'ok', 'gone' (already settled or cancelled) or
+-- 'lost' (another consumer holds it).
+local function settle_one(s)
+  local job = load_job(s.id)
+  local held = holds(job, s.entry, A.consumer)
+  if held ~= 'ok' then return held end
+  ack(s.stream, s.entry)
+  local action = s.action
+  local fields = {}
+  if s.checkpoint ~= '' then
+    fields[1] = 'checkpoint'
+    fields[2] = s.checkpoint
+  end
   if action == 'finish' then
-    finish(jk, id, job, state, reason, err, event_id, event_type, event, charged)
-  elseif action == 'park' then
-    redis.call('HINCRBY', jk, 'attempts', -1)
-    redis.call('HDEL', jk, 'entry', 'worker', 'wake')
-    if f[4] then
-      make_ready(jk, id, reason, true)
-    else
-      redis.call('HINCRBY', P .. ':q:' .. job.q .. ':stats', 'parked', 1)
-      redis.call('ZADD', P .. ':q:' .. job.q .. ':delayed', NOW + delay, id)
-      redis.call('HSET', jk, 'parked', 1, 'run_at_ms', NOW + delay, 'reason', reason, 'updated_ms', NOW)
-    end
-  elseif action == 'retry' or action == 'defer' then
-    if action == 'defer' then redis.call('HINCRBY', jk, 'attempts', -1) end
-    redis.call('HDEL', jk, 'entry', 'worker', 'wake')
-    local fields = { 'run_at_ms', NOW + delay, 'reason', reason }
-    if err ~= '' then
-      fields[#fields + 1] = 'error'
-      fields[#fields + 1] = err
-    end
-    if action == 'defer' and f[4] then
-      make_ready(jk, id, reason)
-      return 'ok'
-    end
-    redis.call('ZADD', P .. ':q:' .. job.q .. ':delayed', NOW + delay, id)
-    set_state(jk, 'scheduled', fields, job.state, job.batch)
-  elseif action == 'release' then
-    redis.call('HINCRBY', jk, 'attempts', -1)
-    redis.call('HDEL', jk, 'worker', 'wake')
-    make_ready(jk, id, reason)
+    finish(job, s.state, s.reason, s.error,
+      { id = s.event_id, type = s.event_type, body = s.event }, tonumber(s.charged_micros), fields)
+    return 'ok'
+  end
+  -- Every other action gives the delivery up: the job waits (delayed set) or is made ready.
+  local attempts = tonumber(job.attempts) or 0
+  if action ~= 'retry' then attempts = attempts - 1 end
+  fields[#fields + 1] = 'attempts'
+  fields[#fields + 1] = attempts
+  if s.error ~= '' then
+    fields[#fields + 1] = 'error'
+    fields[#fields + 1] = s.error
+  end
+  local woken = job.wake and (action == 'park' or action == 'defer')
+  if action == 'release' or woken then
+    make_ready(job, s.reason, action == 'park', fields)
+    return 'ok'
+  end
+  local due = NOW + tonumber(s.delay_ms)
+  redis.call('ZADD', K.delayed(job.q), due, job.id)
+  fields = clearing(job, fields, { 'entry', 'worker', 'wake' })
+  for _, v in ipairs({ 'run_at_ms', due, 'reason', s.reason }) do fields[#fields + 1] = v end
+  if action == 'park' then
+    count(K.stats(job.q), 'parked', 1)
+    fields[#fields + 1] = 'parked'
+    fields[#fields + 1] = 1
+    fields[#fields + 1] = 'updated_ms'
+    fields[#fields + 1] = NOW
+    redis.call('HSET', job.key, unpack(fields))
+  else
+    set_state(job, 'scheduled', fields)
   end
   return 'ok'
 end
 
 local out = {}
-for i = 4, #ARGV, 13 do
-  out[#out + 1] = settle_one(i)
-end
+for i, s in ipairs(ITEMS) do out[i] = settle_one(s) end
 return out

@@ -1,12 +1,11 @@
--- Takes (or renews) a slot of a shared concurrency limit for a holder. ARGV: limit name,
--- holder, lease ms, configured maximum, wait ('1': a holder turned away joins the limit's
+-- Takes (or renews) a slot of a shared concurrency limit for a holder. A: name, holder,
+-- lease_ms, max (configured maximum), wait ('1': a holder turned away joins the limit's
 -- waiters, which a release wakes in order; '0': it does not). The live cap adapts (see
 -- slot_throttle.lua) and recovers by one slot per recovery period without throttling.
 -- Returns {1, in use, cap} when held, {0, in use, cap} when full.
-local name, holder, lease, max, wait = ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
-local zk = P .. ':limit:' .. name
-local ck = P .. ':limit:' .. name .. ':cap'
-local wk = P .. ':limit:' .. name .. ':waiters'
+local holder, lease, max = A.holder, tonumber(A.lease_ms), tonumber(A.max)
+local zk = K.limit(A.name)
+local ck = K.limit_cap(A.name)
 redis.call('ZREMRANGEBYSCORE', zk, '-inf', NOW)
 local c = redis.call('HMGET', ck, 'cap', 'recover_at', 'period')
 local cap = tonumber(c[1]) or max
@@ -21,9 +20,9 @@ if redis.call('ZSCORE', zk, holder) then
   return { 1, in_use, cap }
 end
 if in_use >= cap then
-  if wait == '1' then redis.call('ZADD', wk, 'NX', NOW, holder) end
+  if A.wait == '1' then redis.call('ZADD', K.limit_waiters(A.name), 'NX', NOW, holder) end
   return { 0, in_use, cap }
 end
 redis.call('ZADD', zk, NOW + lease, holder)
-if wait == '1' then redis.call('ZREM', wk, holder) end
+if A.wait == '1' then redis.call('ZREM', K.limit_waiters(A.name), holder) end
 return { 1, in_use + 1, cap }

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use klingq_core::JobState;
 use klingq_provider::{ErrorClass, ProviderError, RunFailureKind};
 use klingq_queue::JobFailure;
 
@@ -45,11 +44,8 @@ impl Attempt<'_> {
                         self.checkpoint.provider.submitted_at_ms = None;
                         self.checkpoint.provider.status = Some("failed".to_owned());
                         let failure = self.retry_step(Step::Generate, detail, None);
-                        if let Err(save) = self
-                            .save(JobState::Scheduled, "the provider failed the run")
-                            .await
-                        {
-                            return save;
+                        if let Err(keep) = self.keep() {
+                            return keep;
                         }
                         failure
                     }
@@ -71,11 +67,8 @@ impl Attempt<'_> {
                 self.pipeline.metrics.credit_paused();
                 // No run was created: the next attempt need not look for one.
                 self.checkpoint.provider.submitted_at_ms = None;
-                if let Err(save) = self
-                    .save(JobState::Scheduled, "out of provider credit")
-                    .await
-                {
-                    return save;
+                if let Err(keep) = self.keep() {
+                    return keep;
                 }
                 JobFailure::Defer {
                     after: pause,
@@ -101,11 +94,8 @@ impl Attempt<'_> {
                     self.checkpoint.provider.submitted_at_ms = None;
                 }
                 let failure = self.retry_step(step, detail, error.retry_after());
-                if let Err(save) = self
-                    .save(JobState::Scheduled, "provider call failed; retrying")
-                    .await
-                {
-                    return save;
+                if let Err(keep) = self.keep() {
+                    return keep;
                 }
                 failure
             }
@@ -113,11 +103,8 @@ impl Attempt<'_> {
                 // Keep `submitted_at_ms`: the next attempt looks the run up before creating.
                 self.pipeline.metrics.unknown_outcome();
                 let failure = self.retry_step(step, detail, None);
-                if let Err(save) = self
-                    .save(JobState::Scheduled, "create outcome unknown; reconciling")
-                    .await
-                {
-                    return save;
+                if let Err(keep) = self.keep() {
+                    return keep;
                 }
                 failure
             }
@@ -134,11 +121,8 @@ impl Attempt<'_> {
             }
             _ => {
                 let failure = self.retry_step(step, detail, error.retry_after());
-                if let Err(save) = self
-                    .save(JobState::Scheduled, "provider call failed; retrying")
-                    .await
-                {
-                    return save;
+                if let Err(keep) = self.keep() {
+                    return keep;
                 }
                 failure
             }

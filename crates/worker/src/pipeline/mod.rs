@@ -113,6 +113,8 @@ struct Attempt<'a> {
     /// This attempt created (or adopted) the run and no callback for it came first: the run
     /// has only just started, so the first poll waits instead of reading it at once.
     fresh_run: bool,
+    /// The state this attempt last wrote: a step does not write it again.
+    last_state: Option<JobState>,
 }
 
 fn job_error(step: &str, code: &str, message: impl Into<String>, cost_committed: bool) -> JobError {
@@ -166,6 +168,7 @@ impl Pipeline {
             deadline,
             slot_taken: false,
             fresh_run: false,
+            last_state: None,
         };
         attempt.run().await
     }
@@ -208,7 +211,8 @@ impl Attempt<'_> {
             self.record_step(Step::Download, started);
             result?;
         }
-        self.save(JobState::Publishing, "").await?;
+        // The last step's timing goes with the settle that publishes the job, in one write.
+        self.keep()?;
         let provider = &self.checkpoint.provider;
         let charged_micros = provider
             .cost_usd
@@ -240,6 +244,28 @@ impl Attempt<'_> {
         self.lease
             .save(state, &self.checkpoint, reason)
             .await
+            .map_err(JobFailure::from)?;
+        self.last_state = Some(state);
+        Ok(())
+    }
+
+    /// Sets the job's state (keeping its checkpoint) unless this attempt just wrote it.
+    async fn enter(&mut self, state: JobState) -> Result<(), JobFailure> {
+        if self.last_state == Some(state) {
+            return Ok(());
+        }
+        self.lease
+            .set_state(state, "")
+            .await
+            .map_err(JobFailure::from)?;
+        self.last_state = Some(state);
+        Ok(())
+    }
+
+    /// Keeps the checkpoint for the settle of a failing attempt: written with it, once.
+    fn keep(&self) -> Result<(), JobFailure> {
+        self.lease
+            .keep_checkpoint(&self.checkpoint)
             .map_err(JobFailure::from)
     }
 

@@ -22,8 +22,7 @@ impl Attempt<'_> {
             Err(error) => {
                 let detail = job_error("upload", "STORAGE_UNAVAILABLE", error.to_string(), true);
                 let failure = self.retry_step(Step::Download, detail, None);
-                self.save(JobState::Scheduled, "object storage unreachable; retrying")
-                    .await?;
+                self.keep()?;
                 return Err(failure);
             }
         }
@@ -42,17 +41,16 @@ impl Attempt<'_> {
                 Err(error) => return Err(self.provider_failure(Step::Download, error).await),
             },
         };
-        self.save(JobState::Downloading, "").await?;
+        if self.last_state != Some(JobState::Downloading) {
+            self.save(JobState::Downloading, "").await?;
+        }
         let mut refreshes = 0;
         let stored = loop {
             let video = match self.pipeline.provider.refresh_video_url(&run_id).await {
                 Ok(video) => video,
                 Err(error) => return Err(self.provider_failure(Step::Download, error).await),
             };
-            self.lease
-                .set_state(JobState::Uploading, "")
-                .await
-                .map_err(JobFailure::from)?;
+            self.enter(JobState::Uploading).await?;
             let expected = video.file_size.or(self.checkpoint.provider.file_size);
             match store.rehost(&job_id, video.url.expose(), expected).await {
                 Ok(stored) => break stored,
@@ -83,11 +81,8 @@ impl Attempt<'_> {
             return JobFailure::Fail(detail);
         }
         let failure = self.retry_step(Step::Download, detail, error.retry_after());
-        if let Err(save) = self
-            .save(JobState::Scheduled, "re-hosting failed; retrying")
-            .await
-        {
-            return save;
+        if let Err(keep) = self.keep() {
+            return keep;
         }
         failure
     }

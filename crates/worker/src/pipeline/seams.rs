@@ -50,6 +50,10 @@ pub trait JobHandle: Send + Sync {
         reason: &'a str,
     ) -> BoxFuture<'a, Result<(), LeaseError>>;
 
+    /// Keeps `checkpoint` to be saved with how the attempt ends (a retry, deferral or
+    /// failure), in the same write: for a step that fails after changing the checkpoint.
+    fn keep_checkpoint(&self, checkpoint: &Checkpoint) -> Result<(), LeaseError>;
+
     /// Sets the job's state (and reason) without changing its checkpoint.
     fn set_state<'a>(
         &'a self,
@@ -209,6 +213,10 @@ impl JobHandle for Lease {
         reason: &'a str,
     ) -> BoxFuture<'a, Result<(), LeaseError>> {
         Box::pin(Lease::save(self, state, checkpoint, reason))
+    }
+
+    fn keep_checkpoint(&self, checkpoint: &Checkpoint) -> Result<(), LeaseError> {
+        Ok(Lease::keep_checkpoint(self, checkpoint)?)
     }
 
     fn set_state<'a>(
