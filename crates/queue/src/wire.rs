@@ -359,7 +359,9 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            error.to_string().contains("this call sends no field missing"),
+            error
+                .to_string()
+                .contains("this call sends no field missing"),
             "{error}"
         );
     }

@@ -447,6 +447,10 @@ async fn measure(
     let peak = peak_rss_mib();
     let record = queue.batch(&batch).await?.context("the batch vanished")?;
     let generating = record.counts.get("generating").copied().unwrap_or(0);
+    println!(
+        "redis profile per second of the window: {}",
+        after.profile_since(&before, seconds)
+    );
     Ok(Window {
         ramp_seconds,
         ramp_peak_rss_mib,

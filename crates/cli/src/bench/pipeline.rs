@@ -156,6 +156,10 @@ pub(super) async fn run(args: PipelineBenchArgs, settings: Settings) -> anyhow::
         "processed {} jobs ({succeeded} succeeded) in {process_seconds:.2} s: {:.0} jobs/s; worker CPU {cpu_percent:.0} %, peak RSS {:.1} MiB, {:.1} Redis commands per job",
         args.jobs, figures.process_jobs_per_s, figures.peak_rss_mib, figures.redis_commands_per_job
     );
+    println!(
+        "redis profile per job: {}",
+        after.profile_since(&before, args.jobs as f64)
+    );
     queue.delete_namespace().await?;
     anyhow::ensure!(
         succeeded == args.jobs,

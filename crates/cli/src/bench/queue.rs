@@ -175,6 +175,10 @@ pub(super) async fn run(args: QueueBenchArgs, settings: Settings) -> anyhow::Res
         (after_enqueue.commands - before.commands) as f64 / n_jobs,
         figures.redis_scripts_per_job
     );
+    println!(
+        "redis profile per job: {}",
+        after.profile_since(&before, n_jobs)
+    );
     println!("peak RSS: {:.1} MiB", figures.peak_rss_mib);
     if owned_namespace && !args.keep {
         queue.delete_namespace().await?;

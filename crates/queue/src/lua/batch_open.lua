@@ -15,8 +15,8 @@ if A.idem ~= '' then
 end
 local bk = K.batch(batch)
 if redis.call('EXISTS', bk) == 0 then
-  redis.call('HSET', bk, 'created_ms', NOW, 'sealed', 0, 'total', 0, 'terminal', 0, 'done', 0,
+  redis.call('HSET', bk, 'created_ms', now(), 'sealed', 0, 'total', 0, 'terminal', 0, 'done', 0,
     'est_micros', 0, 'charged_micros', 0, 'budget_micros', A.budget_micros, 'info', A.info)
-  redis.call('ZADD', K.batches(), NOW, batch)
+  redis.call('ZADD', K.batches(), now(), batch)
 end
 return batch

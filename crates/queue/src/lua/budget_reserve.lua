@@ -15,9 +15,9 @@ if f[1] then
 end
 if mode == 'check' then return { 'go', 0, 0 } end
 local spent = 0
-if all then
+if all and daily > 0 then
   spent = tonumber(redis.call('GET', dk) or 0)
-  if daily > 0 and spent + micros > daily then return { 'daily', spent, 0 } end
+  if spent + micros > daily then return { 'daily', spent, 0 } end
 end
 local committed = 0
 if f[2] then

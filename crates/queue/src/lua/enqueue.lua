@@ -27,7 +27,7 @@ for _, job in ipairs(ITEMS) do
     out[#out + 1] = existing
   else
     local fields = { 'q', queue, 'payload', job.payload, 'prio', job.prio, 'attempts', 0,
-      'max_attempts', job.max_attempts, 'created_ms', NOW, 'updated_ms', NOW, 'redrives', 0,
+      'max_attempts', job.max_attempts, 'created_ms', now(), 'updated_ms', now(), 'redrives', 0,
       'est_micros', job.est_micros }
     if job.idem ~= '' then
       fields[#fields + 1] = 'idem'
@@ -43,7 +43,7 @@ for _, job in ipairs(ITEMS) do
       batch_ids[#batch_ids + 1] = id
     end
     local run_at = tonumber(job.run_at_ms)
-    if run_at > NOW then
+    if run_at > now() then
       redis.call('ZADD', K.delayed(queue), run_at, id)
       for _, v in ipairs({ 'state', 'scheduled', 'run_at_ms', run_at, 'reason', 'waiting for its not-before time' }) do
         fields[#fields + 1] = v
@@ -57,10 +57,10 @@ for _, job in ipairs(ITEMS) do
     if batch ~= '' then
       -- The state its batch counts it in (prelude's set_state).
       fields[#fields + 1] = 'bstate'
-      fields[#fields + 1] = run_at > NOW and 'scheduled' or 'queued'
+      fields[#fields + 1] = run_at > now() and 'scheduled' or 'queued'
     end
     redis.call('HSET', jk, unpack(fields))
-    index[#index + 1] = NOW
+    index[#index + 1] = now()
     index[#index + 1] = id
     n_written = n_written + 1
     est_total = est_total + tonumber(job.est_micros)

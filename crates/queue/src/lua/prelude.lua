@@ -9,8 +9,15 @@ local RETENTION = tonumber(ARGV[2])
 local MAXLEN = ARGV[3]
 local GROUP = 'workers'
 local TERMINAL = { succeeded = true, failed = true, cancelled = true, dead = true }
-local T = redis.call('TIME')
-local NOW = tonumber(T[1]) * 1000 + math.floor(tonumber(T[2]) / 1000)
+-- The server's time in ms (one clock for every replica), read once, when first needed.
+local NOW_MS
+local function now()
+  if not NOW_MS then
+    local t = redis.call('TIME')
+    NOW_MS = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return NOW_MS
+end
 
 -- The call's records (klingq_queue::wire): a header record `A` and item records `ITEMS`,
 -- each list sent as its field count, its field names, then the values. Reading a field the
@@ -108,7 +115,7 @@ local function check_batch_done(batch)
   local bk = K.batch(batch)
   local b = redis.call('HMGET', bk, 'sealed', 'total', 'terminal', 'done')
   if b[1] ~= '1' or b[4] == '1' or tonumber(b[3] or 0) < tonumber(b[2] or 0) then return end
-  redis.call('HSET', bk, 'done', 1, 'finished_ms', NOW)
+  redis.call('HSET', bk, 'done', 1, 'finished_ms', now())
   local completions = redis.call('HINCRBY', bk, 'completions', 1)
   local all = redis.call('HGETALL', bk)
   local counts, est, charged = {}, 0, 0
@@ -121,7 +128,7 @@ local function check_batch_done(batch)
     elseif k == 'charged_micros' then charged = tonumber(v) end
   end
   local event_id = 'evt_batch_' .. batch .. '_' .. (completions - 1)
-  local body = cjson.encode({ id = event_id, type = 'batch.completed', timestamp = iso(NOW),
+  local body = cjson.encode({ id = event_id, type = 'batch.completed', timestamp = iso(now()),
     data = { batch_id = batch, total = tonumber(b[2]), counts = counts,
       estimated_usd = est / 1e6, charged_usd = charged / 1e6 } })
   append_event(event_id, 'batch.completed', batch, body, false)
@@ -216,7 +223,7 @@ local function set_state(job, new_state, fields, step)
   fields[#fields + 1] = 'state'
   fields[#fields + 1] = new_state
   fields[#fields + 1] = 'updated_ms'
-  fields[#fields + 1] = NOW
+  fields[#fields + 1] = now()
   if job.batch and not step then
     count_transition(job.batch, job.bstate or job.state, new_state)
     fields[#fields + 1] = 'bstate'
@@ -268,7 +275,7 @@ end
 local function finish(job, state, reason, err, ev, charged, fields)
   fields = clearing(job, fields or {}, { 'entry', 'worker', 'run_at_ms', 'wake' })
   fields[#fields + 1] = 'finished_ms'
-  fields[#fields + 1] = NOW
+  fields[#fields + 1] = now()
   fields[#fields + 1] = 'reason'
   fields[#fields + 1] = reason
   if err ~= '' then
@@ -283,7 +290,7 @@ local function finish(job, state, reason, err, ev, charged, fields)
     if job.batch then count(K.batch(job.batch), 'charged_micros', charged) end
     count(stats, 'charged_micros', charged)
   end
-  if state == 'dead' then redis.call('ZADD', K.dead(job.q), NOW, job.id) end
+  if state == 'dead' then redis.call('ZADD', K.dead(job.q), now(), job.id) end
   count(stats, 'finished:' .. state, 1)
   if ev.body ~= '' then append_event(ev.id, ev.type, job.id, ev.body, job.trace) end
   set_state(job, state, fields)

@@ -37,7 +37,7 @@ local function settle_one(s)
     make_ready(job, s.reason, action == 'park', fields)
     return 'ok'
   end
-  local due = NOW + tonumber(s.delay_ms)
+  local due = now() + tonumber(s.delay_ms)
   redis.call('ZADD', K.delayed(job.q), due, job.id)
   fields = clearing(job, fields, { 'entry', 'worker', 'wake' })
   for _, v in ipairs({ 'run_at_ms', due, 'reason', s.reason }) do fields[#fields + 1] = v end
@@ -46,7 +46,7 @@ local function settle_one(s)
     fields[#fields + 1] = 'parked'
     fields[#fields + 1] = 1
     fields[#fields + 1] = 'updated_ms'
-    fields[#fields + 1] = NOW
+    fields[#fields + 1] = now()
     redis.call('HSET', job.key, unpack(fields))
   else
     set_state(job, 'scheduled', fields)

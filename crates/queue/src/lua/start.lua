@@ -11,7 +11,7 @@ for _, item in ipairs(ITEMS) do
     ack(item.stream, item.entry)
   else
     local attempts = (tonumber(job.attempts) or 0) + 1
-    redis.call('HSET', job.key, 'attempts', attempts, 'worker', A.consumer, 'started_ms', NOW)
+    redis.call('HSET', job.key, 'attempts', attempts, 'worker', A.consumer, 'started_ms', now())
     rows[#rows + 1] = { entry = item.entry, id = item.id, attempts = attempts,
       max_attempts = job.max_attempts, payload = job.payload, batch = job.batch,
       redrives = job.redrives, checkpoint = job.checkpoint, created_ms = job.created_ms,
