@@ -169,7 +169,7 @@ async fn settle_result<R: Outcome>(
         }
         _ => {}
     }
-    settle(shared, delivery, action, lease.take_kept_checkpoint()).await;
+    settle(shared, delivery, action, lease.take_kept()).await;
 }
 
 fn dead(shared: &Shared, lease: &Lease, reason: String, error: JobError) -> Settle {

@@ -41,8 +41,17 @@ pub(crate) struct LeaseInner {
     pub(crate) delivery: Delivery,
     /// Set by the keeper when another consumer took the entry.
     pub(crate) lost: Arc<AtomicBool>,
-    /// A checkpoint to save with the settle ([`Lease::keep_checkpoint`]).
-    pub(crate) kept: std::sync::Mutex<Option<String>>,
+    /// What to save with the settle ([`Lease::keep_checkpoint`], [`Lease::keep_progress`]).
+    pub(crate) kept: std::sync::Mutex<Kept>,
+}
+
+/// A state and checkpoint a handler left to be saved with its settle.
+#[derive(Debug, Default)]
+pub(crate) struct Kept {
+    /// The state a park leaves the job in (other settles name their own).
+    pub(crate) state: Option<JobState>,
+    /// The checkpoint (JSON).
+    pub(crate) checkpoint: Option<String>,
 }
 
 /// A handler's hold on its job; extract it in a handler as an argument (`lease: Lease`).
@@ -151,17 +160,25 @@ impl Lease {
     /// and then fails. It fences nothing: call [`Lease::save`] before a side effect.
     pub fn keep_checkpoint<C: Serialize>(&self, checkpoint: &C) -> Result<(), serde_json::Error> {
         let checkpoint = serde_json::to_string(checkpoint)?;
-        *self.inner.kept.lock().expect("kept checkpoint poisoned") = Some(checkpoint);
+        self.inner.kept.lock().expect("kept poisoned").checkpoint = Some(checkpoint);
         Ok(())
     }
 
-    /// The checkpoint kept for the settle, taken.
-    pub(crate) fn take_kept_checkpoint(&self) -> Option<String> {
-        self.inner
-            .kept
-            .lock()
-            .expect("kept checkpoint poisoned")
-            .take()
+    /// Like [`Lease::keep_checkpoint`], and a park settling this attempt leaves the job in
+    /// `state`: a step reached just before parking is written once, with the park.
+    pub fn keep_progress<C: Serialize>(
+        &self,
+        state: JobState,
+        checkpoint: &C,
+    ) -> Result<(), serde_json::Error> {
+        self.keep_checkpoint(checkpoint)?;
+        self.inner.kept.lock().expect("kept poisoned").state = Some(state);
+        Ok(())
+    }
+
+    /// What was kept for the settle, taken.
+    pub(crate) fn take_kept(&self) -> Kept {
+        std::mem::take(&mut *self.inner.kept.lock().expect("kept poisoned"))
     }
 
     /// Sets the job's state (and reason) without changing its checkpoint.

@@ -88,24 +88,27 @@ impl Queue {
     }
 
     /// Extends a slot `holder` already has (one command; does nothing if it has none).
+    /// Returns whether it had one.
     pub async fn renew_slot(
         &self,
         name: &str,
         holder: &str,
         lease: Duration,
-    ) -> Result<(), QueueError> {
+    ) -> Result<bool, QueueError> {
         let key = self.keys().limit(name);
         let expiry = klingq_core::job::now_ms() + lease.as_millis() as u64;
-        let _: i64 = self
+        // CH: counts the member whose expiry changed; XX: never adds one.
+        let renewed: i64 = self
             .query(
                 redis::cmd("ZADD")
                     .arg(key)
                     .arg("XX")
+                    .arg("CH")
                     .arg(expiry)
                     .arg(holder),
             )
             .await?;
-        Ok(())
+        Ok(renewed == 1)
     }
 
     /// Gives a slot back, and wakes the first waiter for it.

@@ -352,7 +352,7 @@ impl Queue {
         Ok(())
     }
 
-    /// Runs a script command or pipeline, reloading the scripts once on NOSCRIPT, and again
+    /// Runs a script command, reloading the scripts once on NOSCRIPT, and again
     /// on transient errors for about `budget`. Every script is safe to run twice.
     pub(crate) async fn run_scripts<T: redis::FromRedisValue>(
         &self,
@@ -519,28 +519,36 @@ impl Queue {
         batch: &str,
         placed: &[(usize, &NewJob, String)],
     ) -> Result<Vec<Enqueued>, QueueError> {
-        let mut results = Vec::with_capacity(placed.len());
+        use futures::stream::{StreamExt, TryStreamExt};
         let chunk_size = self.inner.config.enqueue_chunk.clamp(1, 2_000);
-        for group in placed.chunks(chunk_size * 4) {
-            let mut pipe = redis::pipe();
-            for chunk in group.chunks(chunk_size) {
+        // A few script calls in flight at once: Redis runs one while the next is sent, and
+        // replies come back in order.
+        let calls: Vec<_> = placed
+            .chunks(chunk_size)
+            .map(|chunk| {
                 let jobs: Vec<(&NewJob, String)> = chunk
                     .iter()
                     .map(|(_, job, id)| (*job, id.clone()))
                     .collect();
-                pipe.add_command(self.enqueue_cmd(p, batch, &jobs));
-            }
-            let replies: Vec<Vec<Value>> = self
-                .run_scripts(&ScriptBatch::Many(pipe), Duration::from_secs(30))
-                .await?;
-            for reply in replies {
-                for pair in reply.chunks(2) {
-                    let created = matches!(pair.first(), Some(Value::Int(1)));
-                    let id = pair.get(1).and_then(value_string).ok_or_else(|| {
-                        QueueError::Protocol("enqueue reply without an id".to_owned())
-                    })?;
-                    results.push(Enqueued { id, created });
+                let call = ScriptBatch::One(self.enqueue_cmd(p, batch, &jobs));
+                async move {
+                    self.run_scripts::<Vec<Value>>(&call, Duration::from_secs(30))
+                        .await
                 }
+            })
+            .collect();
+        let replies: Vec<Vec<Value>> = futures::stream::iter(calls)
+            .buffered(3)
+            .try_collect()
+            .await?;
+        let mut results = Vec::with_capacity(placed.len());
+        for reply in replies {
+            for pair in reply.chunks(2) {
+                let created = matches!(pair.first(), Some(Value::Int(1)));
+                let id = pair.get(1).and_then(value_string).ok_or_else(|| {
+                    QueueError::Protocol("enqueue reply without an id".to_owned())
+                })?;
+                results.push(Enqueued { id, created });
             }
         }
         Ok(results)
@@ -1159,10 +1167,9 @@ fn noscript() -> redis::ErrorKind {
     redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
 }
 
-/// One script command or a pipeline of them.
+/// One script command.
 pub(crate) enum ScriptBatch {
     One(Cmd),
-    Many(redis::Pipeline),
 }
 
 impl ScriptBatch {
@@ -1172,7 +1179,6 @@ impl ScriptBatch {
     ) -> redis::RedisResult<T> {
         match self {
             ScriptBatch::One(cmd) => cmd.query_async(conn).await,
-            ScriptBatch::Many(pipe) => pipe.query_async(conn).await,
         }
     }
 }

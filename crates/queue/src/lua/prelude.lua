@@ -20,26 +20,30 @@ local function now()
 end
 
 -- The call's records (klingq_queue::wire): a header record `A` and item records `ITEMS`,
--- each list sent as its field count, its field names, then the values. Reading a field the
--- Rust side did not send is an error, not a silent nil.
-local STRICT = { __index = function(_, name)
-  error('klingq: this call sends no field ' .. tostring(name))
-end }
+-- each list sent as its field count, its field names, then the values. A record reads its
+-- fields by name straight from ARGV (a small table and a shared metatable, no copy of its
+-- values); reading a field the Rust side did not send is an error, not a silent nil.
 local function read_records(at, one)
   local n = tonumber(ARGV[at])
   if not n then return {}, at end
-  local names = {}
-  for k = 1, n do names[k] = ARGV[at + k] end
+  local index = {}
+  for k = 1, n do index[ARGV[at + k]] = k - 1 end
+  local fields = { __index = function(record, name)
+    local k = index[name]
+    if not k then error('klingq: this call sends no field ' .. tostring(name)) end
+    local value = ARGV[record[1] + k]
+    rawset(record, name, value)
+    return value
+  end }
   local records = {}
   local i = at + n + 1
   if n == 0 then
-    if one then records[1] = setmetatable({}, STRICT) end
+    if one then records[1] = setmetatable({ i }, fields) end
     return records, i
   end
-  while i + n - 1 <= #ARGV do
-    local r = {}
-    for k = 1, n do r[names[k]] = ARGV[i + k - 1] end
-    records[#records + 1] = setmetatable(r, STRICT)
+  local last = #ARGV - n + 1
+  while i <= last do
+    records[#records + 1] = setmetatable({ i }, fields)
     i = i + n
     if one then break end
   end
@@ -48,7 +52,9 @@ end
 local A, ITEMS
 do
   local header, next_at = read_records(4, true)
-  A = header[1] or setmetatable({}, STRICT)
+  A = header[1] or setmetatable({}, { __index = function(_, name)
+    error('klingq: this call sends no field ' .. tostring(name))
+  end })
   ITEMS = read_records(next_at)
 end
 
@@ -196,19 +202,23 @@ local JOB_FIELDS = { 'state', 'q', 'batch', 'prio', 'entry', 'worker', 'parked',
 -- A job as a table of JOB_FIELDS (plus `extra` fields), `id` and `key`; nil when missing.
 local function load_job(id, extra)
   local key = K.job(id)
-  local names = JOB_FIELDS
+  local v
   if extra then
-    names = {}
-    for i, name in ipairs(JOB_FIELDS) do names[i] = name end
-    for _, name in ipairs(extra) do names[#names + 1] = name end
+    v = redis.call('HMGET', key, 'state', 'q', 'batch', 'prio', 'entry', 'worker', 'parked',
+      'wake', 'attempts', 'charged_micros', 'trace', 'bstate', unpack(extra))
+  else
+    v = redis.call('HMGET', key, unpack(JOB_FIELDS))
   end
-  local values = redis.call('HMGET', key, unpack(names))
-  if not values[1] then return nil end
-  local job = { id = id, key = key }
-  for i, name in ipairs(names) do
-    local v = values[i]
-    if v == '' then v = false end
-    job[name] = v
+  if not v[1] then return nil end
+  for i = 1, #v do
+    if v[i] == '' then v[i] = false end
+  end
+  -- One constructor: the table is built at its size, not grown field by field.
+  local job = { id = id, key = key, state = v[1], q = v[2], batch = v[3], prio = v[4],
+    entry = v[5], worker = v[6], parked = v[7], wake = v[8], attempts = v[9],
+    charged_micros = v[10], trace = v[11], bstate = v[12] }
+  if extra then
+    for i, name in ipairs(extra) do job[name] = v[12 + i] end
   end
   return job
 end
@@ -234,6 +244,12 @@ local function set_state(job, new_state, fields, step)
   job.state = new_state
 end
 
+-- What each change clears (clearing).
+local CLEAR_READY = { 'run_at_ms', 'worker', 'parked', 'wake' }
+local CLEAR_PARKED = { 'parked' }
+local CLEAR_FINISHED = { 'entry', 'worker', 'run_at_ms', 'wake' }
+local CLEAR_WAITING = { 'entry', 'worker', 'wake' }
+
 -- Appends `name ''` to `fields` for each of `names` the job has: cleared in the same HSET.
 local function clearing(job, fields, names)
   for _, name in ipairs(names) do
@@ -254,7 +270,7 @@ local function make_ready(job, reason, keep, fields)
   local state = 'queued'
   if (keep or job.parked) and job.state then state = job.state end
   if job.parked then count(K.stats(job.q), 'parked', -1) end
-  fields = clearing(job, fields or {}, { 'run_at_ms', 'worker', 'parked', 'wake' })
+  fields = clearing(job, fields or {}, CLEAR_READY)
   fields[#fields + 1] = 'entry'
   fields[#fields + 1] = entry
   fields[#fields + 1] = 'reason'
@@ -267,13 +283,13 @@ end
 -- Takes a parked job out of the parked count (it is cancelled where it waits).
 local function unpark(job, fields)
   if job.parked then count(K.stats(job.q), 'parked', -1) end
-  return clearing(job, fields, { 'parked' })
+  return clearing(job, fields, CLEAR_PARKED)
 end
 
 -- Ends a job: terminal state, error, charge, dead-letter index, event, retention.
 -- `ev`: {id, type, body} of its event (body '' for none).
 local function finish(job, state, reason, err, ev, charged, fields)
-  fields = clearing(job, fields or {}, { 'entry', 'worker', 'run_at_ms', 'wake' })
+  fields = clearing(job, fields or {}, CLEAR_FINISHED)
   fields[#fields + 1] = 'finished_ms'
   fields[#fields + 1] = now()
   fields[#fields + 1] = 'reason'

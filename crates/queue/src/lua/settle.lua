@@ -3,7 +3,7 @@
 -- (prelude's `holds`). A parked job (its provider run generating) keeps its state and is
 -- counted in the queue's `parked` stat until a worker takes it up again. A job woken while a
 -- worker held it (wake.lua's flag) is made ready at once by a defer or park. A: consumer.
--- ITEMS: stream, entry, id, action, state (finish), delay_ms, reason, error (JSON, '' for
+-- ITEMS: stream, entry, id, action, state (finish; park: '' keeps the job's), delay_ms, reason, error (JSON, '' for
 -- none), checkpoint (JSON, '' keeps the saved one), event_id, event_type, event (JSON, ''
 -- for none), charged_micros. Returns per item 'ok', 'gone' (already settled or cancelled) or
 -- 'lost' (another consumer holds it).
@@ -32,6 +32,11 @@ local function settle_one(s)
     fields[#fields + 1] = 'error'
     fields[#fields + 1] = s.error
   end
+  if action == 'park' and s.state ~= '' then
+    -- The step the handler reached just before parking, written with the park (the batch
+    -- counts the job there from now, through set_state).
+    job.state = s.state
+  end
   local woken = job.wake and (action == 'park' or action == 'defer')
   if action == 'release' or woken then
     make_ready(job, s.reason, action == 'park', fields)
@@ -39,15 +44,15 @@ local function settle_one(s)
   end
   local due = now() + tonumber(s.delay_ms)
   redis.call('ZADD', K.delayed(job.q), due, job.id)
-  fields = clearing(job, fields, { 'entry', 'worker', 'wake' })
+  fields = clearing(job, fields, CLEAR_WAITING)
   for _, v in ipairs({ 'run_at_ms', due, 'reason', s.reason }) do fields[#fields + 1] = v end
   if action == 'park' then
+    -- Parked in the state its steps reached (a generation stays `generating`), or the one
+    -- the settle names; its batch counts it there from now.
     count(K.stats(job.q), 'parked', 1)
     fields[#fields + 1] = 'parked'
     fields[#fields + 1] = 1
-    fields[#fields + 1] = 'updated_ms'
-    fields[#fields + 1] = now()
-    redis.call('HSET', job.key, unpack(fields))
+    set_state(job, job.state, fields)
   else
     set_state(job, 'scheduled', fields)
   end

@@ -4,9 +4,9 @@
 -- A: consumer. ITEMS: stream, entry, id.
 -- Returns rows (reply_rows) of the started entries.
 local rows = {}
-local extra = { 'max_attempts', 'payload', 'redrives', 'checkpoint', 'created_ms' }
+local EXTRA = { 'max_attempts', 'payload', 'redrives', 'checkpoint', 'created_ms' }
 for _, item in ipairs(ITEMS) do
-  local job = load_job(item.id, extra)
+  local job = load_job(item.id, EXTRA)
   if not job or TERMINAL[job.state] or job.entry ~= item.entry then
     ack(item.stream, item.entry)
   else

@@ -161,7 +161,7 @@ impl<Args: DeserializeOwned + Send + Sync + 'static> QueueBackend<Args> {
                     shared: self.shared.clone(),
                     delivery,
                     lost,
-                    kept: std::sync::Mutex::new(None),
+                    kept: std::sync::Mutex::default(),
                 }),
             };
             let task = TaskBuilder::new(args)

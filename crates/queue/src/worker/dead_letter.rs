@@ -10,7 +10,7 @@ use klingq_core::{JobError, JobState};
 use super::Shared;
 use super::settle::{Settle, settle};
 use crate::completion::{self, BuiltEvent, EventExtras, EventSubject};
-use crate::lease::Delivery;
+use crate::lease::{Delivery, Kept};
 
 /// Builds the completion event of a delivery ending in `state`.
 pub(crate) fn delivery_event(
@@ -70,7 +70,7 @@ pub(super) async fn dead_letter(
             event,
             charged_micros: 0,
         },
-        None,
+        Kept::default(),
     )
     .await;
 }

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Shared, held_key};
 use crate::completion::BuiltEvent;
 use crate::error::QueueError;
-use crate::lease::Delivery;
+use crate::lease::{Delivery, Kept};
 use crate::queue::{Queue, ScriptBatch};
 use crate::scripts;
 
@@ -42,14 +42,9 @@ pub(crate) enum Settle {
 
 /// Settles a delivery, retrying Redis errors for up to a lease; then forgets the entry.
 /// If Redis stays away, the entry stays pending and is handed out again after its lease.
-/// `checkpoint` (JSON) is saved with the settle when the handler left one to save
-/// ([`crate::Lease::keep_checkpoint`]): one write instead of a checkpoint and a settle.
-pub(crate) async fn settle(
-    shared: &Shared,
-    delivery: &Delivery,
-    settle: Settle,
-    checkpoint: Option<String>,
-) {
+/// What the handler kept ([`crate::Lease::keep_checkpoint`], [`crate::Lease::keep_progress`])
+/// is saved with the settle: one write instead of a checkpoint and a settle.
+pub(crate) async fn settle(shared: &Shared, delivery: &Delivery, settle: Settle, kept: Kept) {
     let mut item = SettleItem {
         stream: delivery.stream.clone(),
         entry: delivery.entry.clone(),
@@ -88,13 +83,16 @@ pub(crate) async fn settle(
             error,
         } => ("retry", delay, reason, error),
         Settle::Defer { delay, reason } => ("defer", delay, reason, None),
-        Settle::Park { delay, reason } => ("park", delay, reason, None),
+        Settle::Park { delay, reason } => {
+            item.state = kept.state.map_or("", |state| state.as_str());
+            ("park", delay, reason, None)
+        }
     };
     item.action = action;
     item.delay_ms = delay.as_millis() as u64;
     item.reason = reason;
     item.error = error.and_then(|e| serde_json::to_string(&e).ok());
-    item.checkpoint = checkpoint;
+    item.checkpoint = kept.checkpoint;
     match run_settle(shared, delivery.partition, item).await {
         Ok(reply) if reply == "lost" => {
             shared.stats.leases_lost.fetch_add(1, Ordering::Relaxed);

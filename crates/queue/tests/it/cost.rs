@@ -31,6 +31,10 @@ enum Step {
     KeepThenRetry,
     /// Waits for the test's go, then tries to save and reports what the save said.
     WaitThenSave,
+    /// Saves `generating` and parks for a minute (first attempt), then succeeds.
+    SaveThenPark,
+    /// Keeps `generating` and its checkpoint for the park (first attempt), then succeeds.
+    KeepThenPark,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,6 +76,25 @@ async fn cost_handler(
             });
         }
         Step::KeepThenRetry => {}
+        Step::SaveThenPark if lease.state_at_delivery() == JobState::Queued => {
+            lease
+                .save(JobState::Generating, &serde_json::json!({"run": "r"}), "")
+                .await?;
+            return Err(JobFailure::Park {
+                after: Duration::from_secs(60),
+                reason: "the run is generating".into(),
+            });
+        }
+        Step::KeepThenPark if lease.state_at_delivery() == JobState::Queued => {
+            lease
+                .keep_progress(JobState::Generating, &serde_json::json!({"run": "r"}))
+                .unwrap();
+            return Err(JobFailure::Park {
+                after: Duration::from_secs(60),
+                reason: "the run is generating".into(),
+            });
+        }
+        Step::SaveThenPark | Step::KeepThenPark => {}
         Step::WaitThenSave => {
             control.go.notified().await;
             let saved = lease
@@ -205,6 +228,46 @@ async fn a_step_shows_on_the_job_at_once_and_in_its_batch_when_the_delivery_ends
     assert_eq!(record.counts.len(), 1, "{:?}", record.counts);
     let job = queue.job(&ids[0]).await.unwrap().unwrap();
     assert_eq!(job.checkpoint, Some(serde_json::json!({"at": "download"})));
+}
+
+/// A parked job is counted in its batch in the state its steps reached (`generating`),
+/// whether a checkpoint wrote it or the park did (`keep_progress`: one write), and leaves
+/// it when woken and finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_job_counts_in_its_batch_in_the_state_it_reached() {
+    let queue = shared_queue("cost-park", |_| {}).await;
+    let (batch, ids) =
+        open_batch(&queue, &[job(Step::SaveThenPark), job(Step::KeepThenPark)]).await;
+    let control = Control::default();
+    let worker = spawn(&queue, consumer_name("park"), 2, &control);
+    wait_for("the jobs to park", Duration::from_secs(20), || async {
+        (queue.stats().await.unwrap().parked == 2).then_some(())
+    })
+    .await
+    .unwrap();
+    let record = queue.batch(&batch).await.unwrap().unwrap();
+    assert_eq!(
+        record.counts.get("generating"),
+        Some(&2),
+        "{:?}",
+        record.counts
+    );
+    assert_eq!(record.counts.len(), 1, "{:?}", record.counts);
+    for id in &ids {
+        let job = queue.job(id).await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Generating);
+        assert_eq!(job.checkpoint, Some(serde_json::json!({"run": "r"})));
+        queue.wake(id, "the run ended").await.unwrap();
+    }
+    let record = wait_batch_done(&queue, &batch, Duration::from_secs(20)).await;
+    worker.stop().await;
+    assert_eq!(
+        record.counts.get("succeeded"),
+        Some(&2),
+        "{:?}",
+        record.counts
+    );
+    assert_eq!(record.counts.len(), 1, "{:?}", record.counts);
 }
 
 /// A failing attempt's checkpoint is written by its settle (one write): the retry sees it.

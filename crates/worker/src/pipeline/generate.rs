@@ -179,20 +179,27 @@ impl Attempt<'_> {
         let lease = wait + self.pipeline.config.limit_lease();
         let client_ref = self.job_id.to_string();
         self.pipeline.slots.forget(&client_ref);
-        // Takes the slot again if it lapsed (a crash between polls); the run exists anyway,
-        // so a full limit does not stop the job.
-        if let Err(error) = self
-            .lease
-            .queue()
-            .acquire_slot(
-                PROVIDER_LIMIT,
-                &client_ref,
-                lease,
-                self.pipeline.config.provider_concurrency,
-            )
-            .await
+        // Renews the slot (one command), or takes it again if it lapsed (a crash between
+        // polls); the run exists anyway, so a full limit does not stop the job.
+        let queue = self.lease.queue();
+        let renewed = match queue.renew_slot(PROVIDER_LIMIT, &client_ref, lease).await {
+            Ok(renewed) => renewed,
+            Err(error) => {
+                tracing::debug!(%error, "renewing the provider slot failed; taking it again");
+                false
+            }
+        };
+        if !renewed
+            && let Err(error) = queue
+                .acquire_slot(
+                    PROVIDER_LIMIT,
+                    &client_ref,
+                    lease,
+                    self.pipeline.config.provider_concurrency,
+                )
+                .await
         {
-            tracing::debug!(%error, "renewing the provider slot failed; it lapses after its lease");
+            tracing::debug!(%error, "taking the provider slot failed; it lapses after its lease");
         }
         JobFailure::Park {
             after: wait,
@@ -207,7 +214,10 @@ impl Attempt<'_> {
         let queue = self.lease.queue();
         let lease = self.pipeline.config.limit_lease();
         let _ = if self.slot_taken {
-            queue.renew_slot(PROVIDER_LIMIT, &client_ref, lease).await
+            queue
+                .renew_slot(PROVIDER_LIMIT, &client_ref, lease)
+                .await
+                .map(|_| ())
         } else {
             queue
                 .acquire_slot(

@@ -269,6 +269,15 @@ impl Attempt<'_> {
             .map_err(JobFailure::from)
     }
 
+    /// Keeps the checkpoint and `state` for the park that ends this attempt: written with it.
+    fn keep_as(&mut self, state: JobState) -> Result<(), JobFailure> {
+        self.lease
+            .keep_progress(state, &self.checkpoint)
+            .map_err(JobFailure::from)?;
+        self.last_state = Some(state);
+        Ok(())
+    }
+
     fn shutting_down(&self) -> Result<(), JobFailure> {
         if self.lease.is_shutting_down() {
             return Err(JobFailure::Defer {

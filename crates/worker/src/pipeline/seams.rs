@@ -54,6 +54,10 @@ pub trait JobHandle: Send + Sync {
     /// failure), in the same write: for a step that fails after changing the checkpoint.
     fn keep_checkpoint(&self, checkpoint: &Checkpoint) -> Result<(), LeaseError>;
 
+    /// Keeps `checkpoint` and `state` for the park that ends the attempt: a step reached just
+    /// before parking is written once, with the park.
+    fn keep_progress(&self, state: JobState, checkpoint: &Checkpoint) -> Result<(), LeaseError>;
+
     /// Sets the job's state (and reason) without changing its checkpoint.
     fn set_state<'a>(
         &'a self,
@@ -120,7 +124,7 @@ pub trait Coordination: Send + Sync {
         name: &'a str,
         holder: &'a str,
         lease: Duration,
-    ) -> BoxFuture<'a, Result<(), QueueError>>;
+    ) -> BoxFuture<'a, Result<bool, QueueError>>;
 
     /// Gives a slot back, and wakes the first waiter for it.
     fn release_slot<'a>(
@@ -219,6 +223,10 @@ impl JobHandle for Lease {
         Ok(Lease::keep_checkpoint(self, checkpoint)?)
     }
 
+    fn keep_progress(&self, state: JobState, checkpoint: &Checkpoint) -> Result<(), LeaseError> {
+        Ok(Lease::keep_progress(self, state, checkpoint)?)
+    }
+
     fn set_state<'a>(
         &'a self,
         state: JobState,
@@ -296,7 +304,7 @@ impl Coordination for Queue {
         name: &'a str,
         holder: &'a str,
         lease: Duration,
-    ) -> BoxFuture<'a, Result<(), QueueError>> {
+    ) -> BoxFuture<'a, Result<bool, QueueError>> {
         Box::pin(Queue::renew_slot(self, name, holder, lease))
     }
 

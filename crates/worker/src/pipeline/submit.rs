@@ -138,9 +138,8 @@ impl Attempt<'_> {
             self.run_finished(&run).await;
             return self.save(JobState::Downloading, "").await;
         }
-        self.save(JobState::Generating, "").await?;
         if run.id.is_empty() || self.pipeline.provider.mode() == Mode::Sync {
-            return Ok(());
+            return self.save(JobState::Generating, "").await;
         }
         let ttl =
             Duration::from_secs(self.pipeline.config.job_deadline_secs.max(1)) + RUN_BINDING_SLACK;
@@ -161,6 +160,13 @@ impl Attempt<'_> {
                 self.fresh_run = false;
             }
         }
-        Ok(())
+        if self.fresh_run {
+            // The job parks next: the run id and `generating` are written with the park, in
+            // one write. A crash before it finds the run by `client_ref` (the create's
+            // checkpoint says one was sent) and adopts it.
+            self.keep_as(JobState::Generating)
+        } else {
+            self.save(JobState::Generating, "").await
+        }
     }
 }

@@ -34,6 +34,8 @@ enum Call {
     Save(JobState, String),
     /// A checkpoint kept for the settle (the settle of a retry writes `scheduled`).
     Keep,
+    /// A checkpoint and state kept for the park that ends the attempt.
+    KeepAs(JobState),
     SetState(JobState, String),
     // The shared coordination.
     PauseReason,
@@ -371,12 +373,12 @@ impl Coordination for FakeCoordination {
     fn renew_slot<'a>(
         &'a self,
         name: &'a str,
-        _holder: &'a str,
+        holder: &'a str,
         lease: Duration,
-    ) -> BoxFuture<'a, Result<(), QueueError>> {
+    ) -> BoxFuture<'a, Result<bool, QueueError>> {
         assert_eq!(name, PROVIDER_LIMIT);
         record(&self.log, Call::RenewSlot(lease));
-        ready(Ok(()))
+        ready(Ok(self.with(|state| state.holders.contains(holder))))
     }
 
     fn release_slot<'a>(
@@ -507,6 +509,12 @@ impl JobHandle for FakeJob {
             .lock()
             .unwrap()
             .push((JobState::Scheduled, checkpoint.clone()));
+        Ok(())
+    }
+
+    fn keep_progress(&self, state: JobState, checkpoint: &Checkpoint) -> Result<(), LeaseError> {
+        record(&self.log, Call::KeepAs(state));
+        self.saves.lock().unwrap().push((state, checkpoint.clone()));
         Ok(())
     }
 
@@ -846,14 +854,12 @@ async fn a_fresh_job_takes_a_slot_checkpoints_creates_binds_and_parks() {
     assert_eq!(after, FLOOR);
     let mut expected = h.submit_calls(1);
     expected.extend([
-        Call::Save(JobState::Generating, String::new()),
         Call::BindRun("run-1".to_owned(), BIND_TTL),
+        // The run id and `generating` go with the park: one write.
+        Call::KeepAs(JobState::Generating),
         Call::GenTimes(h.kind()),
-        // The slot is kept across the park: for the wait plus a lease.
-        Call::AcquireSlot {
-            lease: after + LEASE,
-            wait: false,
-        },
+        // The slot is kept across the park: renewed for the wait plus a lease.
+        Call::RenewSlot(after + LEASE),
     ]);
     assert_eq!(h.take_calls(), expected);
     assert!(h.coord.holds(&h.job_id));
@@ -902,9 +908,11 @@ async fn a_submit_of_unknown_outcome_is_looked_up_before_any_create_and_adopted(
         h.take_calls(),
         vec![
             Call::FindRun,
-            Call::Save(JobState::Generating, String::new()),
             Call::BindRun("run-7".to_owned(), BIND_TTL),
+            Call::KeepAs(JobState::Generating),
             Call::GenTimes(h.kind()),
+            // Not held (lapsed): renewing finds none, so it is taken again.
+            Call::RenewSlot(after + LEASE),
             Call::AcquireSlot {
                 lease: after + LEASE,
                 wait: false
@@ -1116,9 +1124,9 @@ async fn an_early_callback_makes_the_job_poll_at_once_instead_of_parking() {
 
     let mut expected = h.submit_calls(1);
     expected.extend([
-        Call::Save(JobState::Generating, String::new()),
         Call::BindRun("run-1".to_owned(), BIND_TTL),
-        // No park: read the run at once.
+        // No park follows: the run id is saved before it is read.
+        Call::Save(JobState::Generating, String::new()),
         Call::GetRun("run-1".to_owned()),
         Call::ReleaseSlot,
         Call::RecordGenTime(
@@ -1163,6 +1171,8 @@ async fn a_parked_job_whose_run_still_runs_parks_again_without_saving() {
         vec![
             Call::GetRun("run-1".to_owned()),
             Call::GenTimes(h.kind()),
+            // Not held (lapsed): renewing finds none, so it is taken again.
+            Call::RenewSlot(after + LEASE),
             Call::AcquireSlot {
                 lease: after + LEASE,
                 wait: false
@@ -1186,6 +1196,8 @@ async fn a_changed_status_is_saved_before_parking() {
             Call::GetRun("run-1".to_owned()),
             Call::Save(JobState::Generating, String::new()),
             Call::GenTimes(h.kind()),
+            // Not held (lapsed): renewing finds none, so it is taken again.
+            Call::RenewSlot(after + LEASE),
             Call::AcquireSlot {
                 lease: after + LEASE,
                 wait: false
@@ -1303,6 +1315,8 @@ async fn a_transient_read_error_parks_without_counting_a_retry() {
         h.take_calls(),
         vec![
             Call::GetRun("run-1".to_owned()),
+            // Not held (lapsed): renewing finds none, so it is taken again.
+            Call::RenewSlot(after + LEASE),
             Call::AcquireSlot {
                 lease: after + LEASE,
                 wait: false
@@ -1328,17 +1342,22 @@ async fn a_run_not_found_is_tolerated_up_to_the_limit_then_retried_then_failed()
         h.provider.on_get(not_found());
         let after = parked(h.deliver().await);
         assert_eq!(after, FLOOR);
-        assert_eq!(
-            h.take_calls(),
-            vec![
+        assert_eq!(h.take_calls(), {
+            let mut calls = vec![
                 Call::GetRun("run-1".to_owned()),
                 Call::Save(JobState::Generating, String::new()),
-                Call::AcquireSlot {
+                Call::RenewSlot(FLOOR + LEASE),
+            ];
+            // Not held at first (lapsed): renewing finds none, so it is taken again;
+            // later parks renew it.
+            if misses == 1 {
+                calls.push(Call::AcquireSlot {
                     lease: FLOOR + LEASE,
-                    wait: false
-                },
-            ]
-        );
+                    wait: false,
+                });
+            }
+            calls
+        });
         let checkpoint = h.last_checkpoint();
         assert_eq!(checkpoint.provider.not_found, misses);
         assert!(checkpoint.step_retries.is_empty());
@@ -1388,17 +1407,22 @@ async fn a_run_succeeded_without_a_video_is_reread_at_the_floor_then_fails() {
         h.provider.on_get(Ok(run("run-1", RunStatus::Succeeded)));
         let after = parked(h.deliver().await);
         assert_eq!(after, FLOOR);
-        assert_eq!(
-            h.take_calls(),
-            vec![
+        assert_eq!(h.take_calls(), {
+            let mut calls = vec![
                 Call::GetRun("run-1".to_owned()),
                 Call::Save(JobState::Generating, String::new()),
-                Call::AcquireSlot {
+                Call::RenewSlot(FLOOR + LEASE),
+            ];
+            // Not held at first (lapsed): renewing finds none, so it is taken again;
+            // later parks renew it.
+            if reads == 1 {
+                calls.push(Call::AcquireSlot {
                     lease: FLOOR + LEASE,
-                    wait: false
-                },
-            ]
-        );
+                    wait: false,
+                });
+            }
+            calls
+        });
         assert_eq!(h.last_checkpoint().provider.empty_reads, reads);
         h.redeliver();
     }
