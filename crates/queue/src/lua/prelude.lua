@@ -31,9 +31,7 @@ local function read_records(at, one)
   local fields = { __index = function(record, name)
     local k = index[name]
     if not k then error('klingq: this call sends no field ' .. tostring(name)) end
-    local value = ARGV[record[1] + k]
-    rawset(record, name, value)
-    return value
+    return ARGV[record[1] + k]
   end }
   local records = {}
   local i = at + n + 1
