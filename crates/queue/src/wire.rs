@@ -260,19 +260,8 @@ mod tests {
         }
     }
 
-    fn args(cmd: &Cmd) -> Vec<String> {
-        cmd.args_iter()
-            .map(|arg| match arg {
-                redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
-                _ => "<other>".to_owned(),
-            })
-            .collect()
-    }
-
-    #[test]
-    fn a_call_sends_names_then_values() {
-        let mut cmd = redis::cmd("EVALSHA");
-        let items = [
+    fn examples() -> [Example<'static>; 2] {
+        [
             Example {
                 id: "a",
                 count: 2,
@@ -285,7 +274,22 @@ mod tests {
                 flag: false,
                 maybe: Some("x".into()),
             },
-        ];
+        ]
+    }
+
+    fn args(cmd: &Cmd) -> Vec<String> {
+        cmd.args_iter()
+            .map(|arg| match arg {
+                redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                _ => "<other>".to_owned(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_call_sends_names_then_values() {
+        let mut cmd = redis::cmd("EVALSHA");
+        let items = examples();
         write_call(&mut cmd, &NoHeader, &items);
         assert_eq!(
             args(&cmd),
@@ -323,20 +327,7 @@ mod tests {
         klingq_testkit::redis::require_shared_redis().await.unwrap();
         let client = redis::Client::open(klingq_testkit::redis::redis_url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let items = [
-            Example {
-                id: "a",
-                count: 2,
-                flag: true,
-                maybe: None,
-            },
-            Example {
-                id: "b",
-                count: 3,
-                flag: false,
-                maybe: Some("x".into()),
-            },
-        ];
+        let items = examples();
         let eval = |body: &str| {
             let mut cmd = redis::cmd("EVAL");
             cmd.arg(crate::scripts::source(body))

@@ -148,6 +148,17 @@ fn spawn(queue: &Queue, consumer: String, concurrency: usize, control: &Control)
     CostWorker { stop, join }
 }
 
+/// The consumer that started the job's current delivery (the job hash's `worker`), if any.
+async fn started_by(conn: &redis::aio::MultiplexedConnection, job_key: &str) -> Option<String> {
+    let worker: Option<String> = redis::cmd("HGET")
+        .arg(job_key)
+        .arg("worker")
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    worker.filter(|w| !w.is_empty())
+}
+
 fn job(step: Step) -> NewJob {
     NewJob::new(&CostJob { step }).unwrap()
 }
@@ -304,22 +315,10 @@ async fn a_worker_whose_job_another_worker_started_can_no_longer_save_or_settle_
     let a = spawn(&queue, consumer_name("first"), 1, &first);
     let mut conn = raw_redis(&queue).await;
     let job_key = queue.keys().job(&ids[0]);
-    let first_consumer: String = wait_for(
+    let first_consumer = wait_for(
         "the first worker to start the job",
         Duration::from_secs(20),
-        || {
-            let mut conn = conn.clone();
-            let job_key = job_key.clone();
-            async move {
-                let worker: Option<String> = redis::cmd("HGET")
-                    .arg(&job_key)
-                    .arg("worker")
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-                worker.filter(|w| !w.is_empty())
-            }
-        },
+        || started_by(&conn, &job_key),
     )
     .await
     .unwrap();
@@ -351,19 +350,10 @@ async fn a_worker_whose_job_another_worker_started_can_no_longer_save_or_settle_
     wait_for(
         "the second worker to start the job",
         Duration::from_secs(20),
-        || {
-            let mut conn = conn.clone();
-            let job_key = job_key.clone();
-            let first_consumer = first_consumer.clone();
-            async move {
-                let worker: Option<String> = redis::cmd("HGET")
-                    .arg(&job_key)
-                    .arg("worker")
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-                worker.filter(|w| !w.is_empty() && *w != first_consumer)
-            }
+        || async {
+            started_by(&conn, &job_key)
+                .await
+                .filter(|worker| *worker != first_consumer)
         },
     )
     .await
