@@ -138,6 +138,7 @@ pub(crate) async fn run_webhooks(
         } => {
             let query = DeliveryQuery {
                 status,
+                subject: None,
                 offset,
                 limit,
             };
@@ -214,6 +215,7 @@ async fn exhausted_ids(queue: &Queue) -> anyhow::Result<Vec<String>> {
     let mut ids = Vec::new();
     let mut query = DeliveryQuery {
         status: Some(DeliveryStatus::Exhausted),
+        subject: None,
         offset: 0,
         limit: klingq_events::MAX_PAGE,
     };

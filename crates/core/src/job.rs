@@ -399,6 +399,63 @@ pub struct Checkpoint {
     /// Time spent per step in ms, for the job record and the dashboard.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub step_ms: BTreeMap<String, u64>,
+    /// The states the job's deliveries entered, oldest first, with their attempt: written with
+    /// the checkpoint (no write of its own), at most [`Checkpoint::TIMELINE_CAP`] entries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<TimelineEntry>,
+}
+
+/// A state a job entered during a delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimelineEntry {
+    pub state: JobState,
+    /// When, in ms since the Unix epoch.
+    pub at_ms: u64,
+    /// The delivery attempt it happened in.
+    pub attempt: u32,
+    /// Why, in words (scrubbed), when there is more to say than the state.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_scrubbed_option"
+    )]
+    pub reason: Option<String>,
+}
+
+fn serialize_scrubbed_option<S: serde::Serializer>(
+    value: &Option<String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(text) => serializer.serialize_some(&crate::scrub::scrub(text)),
+        None => serializer.serialize_none(),
+    }
+}
+
+impl Checkpoint {
+    /// Timeline entries kept: the first (how the job started) and the newest.
+    pub const TIMELINE_CAP: usize = 40;
+
+    /// Adds a state the job entered, unless it repeats the last entry (a parked run's polls,
+    /// one per delivery, stay one `generating` entry).
+    pub fn mark(&mut self, state: JobState, at_ms: u64, attempt: u32, reason: Option<&str>) {
+        let reason = reason.filter(|r| !r.is_empty()).map(str::to_owned);
+        if let Some(last) = self.timeline.last()
+            && last.state == state
+            && last.reason == reason
+        {
+            return;
+        }
+        self.timeline.push(TimelineEntry {
+            state,
+            at_ms,
+            attempt,
+            reason,
+        });
+        if self.timeline.len() > Self::TIMELINE_CAP {
+            self.timeline.remove(1);
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -422,6 +479,41 @@ pub fn format_ms(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_timeline_skips_repeats_keeps_its_first_entry_and_scrubs_reasons() {
+        let mut checkpoint = Checkpoint::default();
+        checkpoint.mark(JobState::Submitting, 1, 1, Some("creating the run"));
+        checkpoint.mark(JobState::Generating, 2, 1, Some(""));
+        // A parked run's next poll, in the next delivery: the same state, not a new entry.
+        checkpoint.mark(JobState::Generating, 3, 2, None);
+        assert_eq!(checkpoint.timeline.len(), 2);
+        assert_eq!(checkpoint.timeline[1].reason, None);
+        for n in 0..100 {
+            let state = if n % 2 == 0 {
+                JobState::Scheduled
+            } else {
+                JobState::Submitting
+            };
+            checkpoint.mark(state, 10 + n, 3 + n as u32, None);
+        }
+        assert_eq!(checkpoint.timeline.len(), Checkpoint::TIMELINE_CAP);
+        assert_eq!(checkpoint.timeline[0].at_ms, 1, "the first entry stays");
+        assert_eq!(checkpoint.timeline.last().unwrap().at_ms, 109);
+
+        crate::scrub::register_secret("timeline-secret-value");
+        let mut checkpoint = Checkpoint::default();
+        checkpoint.mark(
+            JobState::Scheduled,
+            1,
+            1,
+            Some("submit retry 1/8: key timeline-secret-value refused"),
+        );
+        let json = serde_json::to_string(&checkpoint).unwrap();
+        assert!(!json.contains("timeline-secret-value"), "{json}");
+        let back: Checkpoint = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.timeline[0].state, JobState::Scheduled);
+    }
 
     #[test]
     fn job_ids_sort_by_time_and_parse_back() {

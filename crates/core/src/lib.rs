@@ -19,7 +19,7 @@ pub use cost::CostModel;
 pub use event::{CompletionEvent, EventType, JobEventData};
 pub use job::{
     BatchId, Checkpoint, JobError, JobId, JobSpec, JobState, Priority, ProviderCheckpoint,
-    StoredVideo,
+    StoredVideo, TimelineEntry,
 };
 pub use request::{Element, GenerationRequest, PromptShot, VideoDuration};
 pub use scrub::scrub;

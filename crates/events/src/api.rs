@@ -92,6 +92,9 @@ pub struct DeliveryQuery {
     /// Only deliveries in this status; all when absent.
     #[serde(default)]
     pub status: Option<DeliveryStatus>,
+    /// Only deliveries of events about this job (or batch); all when absent.
+    #[serde(default)]
+    pub subject: Option<String>,
     /// Where to continue: a page's `next_offset`.
     #[serde(default)]
     pub offset: u64,
@@ -108,6 +111,7 @@ impl Default for DeliveryQuery {
     fn default() -> Self {
         Self {
             status: None,
+            subject: None,
             offset: 0,
             limit: default_limit(),
         }
@@ -229,7 +233,7 @@ pub async fn list_deliveries(
 ) -> Result<DeliveryPage, WebhookError> {
     let deliveries = queue.for_queue(DELIVERY_QUEUE);
     let limit = query.limit.clamp(1, MAX_PAGE);
-    if query.status == Some(DeliveryStatus::Exhausted) {
+    if query.status == Some(DeliveryStatus::Exhausted) && query.subject.is_none() {
         let records = deliveries.dead_letters(query.offset, limit).await?;
         let full = records.len() as u64 == limit;
         return Ok(DeliveryPage {
@@ -252,7 +256,7 @@ pub async fn list_deliveries(
                 next_offset: Some(offset),
             });
         }
-        let chunk = if query.status.is_none() {
+        let chunk = if query.status.is_none() && query.subject.is_none() {
             limit - page.len() as u64
         } else {
             200
@@ -274,6 +278,10 @@ pub async fn list_deliveries(
             offset += 1;
             if let Some(summary) = by_id.remove(id)
                 && query.status.is_none_or(|status| status == summary.status)
+                && query
+                    .subject
+                    .as_deref()
+                    .is_none_or(|subject| subject == summary.subject)
             {
                 page.push(summary);
                 if page.len() as u64 >= limit {

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 
-use klingq_core::Checkpoint;
 use klingq_core::cost::micros_to_usd;
 use klingq_queue::{JobRecord, QueueStats};
 use serde::{Deserialize, Serialize};
@@ -136,27 +135,18 @@ pub(crate) fn usd(counters: &std::collections::HashMap<String, u64>, field: &str
     micros_to_usd(counters.get(field).copied().unwrap_or(0))
 }
 
-/// A job in the job list: the job and the time it spent in each pipeline step.
+/// A job in the job list: the job as `GET /v1/jobs/{id}` shows it (with the time it spent in
+/// each pipeline step, `step_ms`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct JobListItem {
     #[serde(flatten)]
     pub job: JobView,
-    /// Milliseconds spent per pipeline step (`submit`, `generate`, `download`, `upload`,
-    /// `publish`), as the worker recorded them.
-    pub step_ms: BTreeMap<String, u64>,
 }
 
 impl JobListItem {
     pub fn from_record(record: JobRecord) -> Self {
-        let step_ms = record
-            .checkpoint
-            .clone()
-            .and_then(|c| serde_json::from_value::<Checkpoint>(c).ok())
-            .map(|c| c.step_ms)
-            .unwrap_or_default();
         Self {
             job: JobView::from_record(record),
-            step_ms,
         }
     }
 }

@@ -70,6 +70,25 @@ pub struct JobView {
     /// webhook deliveries, in a tracing backend and in the logs' `trace_id`.
     #[schema(pattern = "^[0-9a-f]{32}$")]
     pub trace_id: Option<String>,
+    /// Milliseconds spent per pipeline step (`submit`, `generate`, `download`, `upload`,
+    /// `publish`), as the worker recorded them.
+    pub step_ms: BTreeMap<String, u64>,
+    /// The states the job went through, oldest first: its creation, each state a delivery
+    /// entered (with its attempt, and why when a retry was scheduled), and the state it is in.
+    pub timeline: Vec<TimelineView>,
+}
+
+/// A state a job entered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TimelineView {
+    #[schema(schema_with = state_schema)]
+    pub state: JobState,
+    #[schema(format = DateTime)]
+    pub at: String,
+    /// The delivery attempt it happened in; 0 before the first delivery.
+    pub attempt: u32,
+    /// Why, in words, when there is more to say than the state.
+    pub reason: Option<String>,
 }
 
 /// The provider run of a job.
@@ -144,12 +163,14 @@ impl From<JobError> for ErrorView {
 
 impl JobView {
     /// The view of a record read from the queue.
-    pub fn from_record(record: JobRecord) -> Self {
+    pub fn from_record(mut record: JobRecord) -> Self {
         let spec = serde_json::from_value::<JobSpec>(record.payload.clone()).ok();
         let checkpoint = record
             .checkpoint
+            .take()
             .and_then(|c| serde_json::from_value::<Checkpoint>(c).ok())
             .unwrap_or_default();
+        let timeline = timeline(&record, &checkpoint);
         let provider = &checkpoint.provider;
         let provider = (provider.run_id.is_some()
             || provider.submitted_at_ms.is_some()
@@ -200,8 +221,46 @@ impl JobView {
             video: checkpoint.video.map(VideoView::from),
             error: record.error.map(ErrorView::from),
             trace_id: record.trace.map(|trace| trace.trace_id_hex()),
+            step_ms: checkpoint.step_ms,
+            timeline,
         }
     }
+}
+
+/// A job's timeline: created (queued, or scheduled for later), the states its deliveries
+/// entered (kept in its checkpoint), and the state it is in when that is not the last one.
+fn timeline(record: &JobRecord, checkpoint: &Checkpoint) -> Vec<TimelineView> {
+    let first = match record.run_at_ms {
+        Some(run_at) if run_at > record.created_ms && record.attempts == 0 => JobState::Scheduled,
+        _ => JobState::Queued,
+    };
+    let mut views = vec![TimelineView {
+        state: first,
+        at: format_ms(record.created_ms),
+        attempt: 0,
+        reason: None,
+    }];
+    views.extend(checkpoint.timeline.iter().map(|entry| TimelineView {
+        state: entry.state,
+        at: format_ms(entry.at_ms),
+        attempt: entry.attempt,
+        reason: entry.reason.clone(),
+    }));
+    let last = checkpoint.timeline.last();
+    let last_state = last.map_or(first, |entry| entry.state);
+    if last_state != record.state {
+        let at_ms = record
+            .finished_ms
+            .filter(|_| record.state.is_terminal())
+            .unwrap_or(record.updated_ms.max(record.created_ms));
+        views.push(TimelineView {
+            state: record.state,
+            at: format_ms(at_ms),
+            attempt: record.attempts,
+            reason: record.reason.clone().filter(|r| !r.is_empty()),
+        });
+    }
+    views
 }
 
 /// A batch as users see it. The queue keeps its counters as its jobs move.

@@ -42,6 +42,9 @@ shapes! {
     BATCH_JOBS = "batch_jobs", "batch:{}:jobs";
     /// Hash of a queue's counters (jobs finished per state, spend, parked jobs).
     STATS = "stats", "q:{}:stats";
+    /// Hash of a queue's counters sampled once a minute: the minute (ms since the epoch) to
+    /// the sample ([`crate::history`]). Global (partition 0).
+    HISTORY = "history", "q:{}:history";
     /// Stream of completion events.
     EVENTS = "events", "events";
     /// Sorted set of batch ids by creation time, for listing.
@@ -243,6 +246,11 @@ impl Keys {
     /// See [`ROUTE`].
     pub fn route(&self) -> String {
         self.key(ROUTE, &[])
+    }
+
+    /// See [`HISTORY`].
+    pub fn history(&self, queue: &str) -> String {
+        self.key(HISTORY, &[queue])
     }
 
     /// See [`META`].

@@ -716,6 +716,50 @@ async fn stats_report_waiting_scheduled_and_the_oldest_age() {
     assert_eq!(stats.waiting_by_priority.get("normal"), Some(&3));
 }
 
+/// The history keeps one sample per minute, whatever the number of samplers, and a minute's
+/// point is what finished between its sample and the next (the current minute: until now).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_counts_what_finished_in_each_minute_from_one_sample_per_minute() {
+    let queue = shared_queue("history", |_| {}).await;
+    let minute = klingq_queue::minute_of(now_ms()) - 10 * 60_000;
+    assert!(queue.record_history(minute + 1_000).await.unwrap());
+    // A second replica sampling the same minute writes nothing.
+    assert!(!queue.record_history(minute + 2_000).await.unwrap());
+
+    let jobs: Vec<NewJob> = (0..3)
+        .map(|n| {
+            let mut new_job = job(n, Behavior::Succeed);
+            new_job.estimated_micros = 700_000;
+            new_job
+        })
+        .collect();
+    let ids = enqueue_ids(&queue, &jobs, None).await;
+    let seen = Seen::default();
+    let worker = spawn_worker(&queue, 4, &seen);
+    for id in &ids {
+        wait_state(&queue, id, JobState::Succeeded, Duration::from_secs(30)).await;
+    }
+    worker.stop().await;
+
+    // The next minute's sample closes the first minute; the one after has seen nothing yet.
+    let points = queue.history(5, minute + 60_000 + 5_000).await.unwrap();
+    let summary: Vec<(u64, [u64; 4], u64)> = points
+        .iter()
+        .map(|p| (p.minute_ms, p.finished, p.charged_micros))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (minute, [3, 0, 0, 0], 2_100_000),
+            (minute + 60_000, [0, 0, 0, 0], 0)
+        ]
+    );
+    // Minutes outside the window are left out; a window of one minute is the current one.
+    let points = queue.history(1, minute + 60_000 + 5_000).await.unwrap();
+    assert_eq!(points.len(), 1);
+    assert_eq!(points[0].minute_ms, minute + 60_000);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_read_just_before_a_connection_broke_start_without_waiting_a_lease() {
     require_shared_redis().await.unwrap();

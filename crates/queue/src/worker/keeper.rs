@@ -22,7 +22,14 @@ pub(super) async fn keeper(shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
     let mut renew = tokio::time::interval(config.renew_interval());
     let mut promote = tokio::time::interval(config.promote_interval());
     let mut tidy = tokio::time::interval(Duration::from_secs(60));
-    for timer in [&mut renew, &mut promote, &mut tidy] {
+    // The history's sample, at the start of each minute (plus a second, past clock skew).
+    let now = now_ms();
+    let to_next_minute = crate::history::minute_of(now) + 61_000 - now;
+    let mut history = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_millis(to_next_minute),
+        Duration::from_secs(60),
+    );
+    for timer in [&mut renew, &mut promote, &mut tidy, &mut history] {
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
     loop {
@@ -36,6 +43,11 @@ pub(super) async fn keeper(shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
             _ = promote.tick() => {
                 if let Err(error) = shared.queue.promote_due().await {
                     shared.note_redis_error("promote", &error);
+                }
+            }
+            _ = history.tick() => {
+                if let Err(error) = shared.queue.record_history(now_ms()).await {
+                    shared.note_redis_error("history", &error);
                 }
             }
             _ = tidy.tick() => {

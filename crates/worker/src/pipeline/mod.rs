@@ -240,7 +240,14 @@ impl Attempt<'_> {
         self.pipeline.metrics.step_duration(step.as_str(), elapsed);
     }
 
+    /// Adds `state` to the job's timeline (written with the next checkpoint write).
+    fn mark(&mut self, state: JobState, reason: &str) {
+        let attempt = self.lease.attempt();
+        self.checkpoint.mark(state, now_ms(), attempt, Some(reason));
+    }
+
     async fn save(&mut self, state: JobState, reason: &str) -> Result<(), JobFailure> {
+        self.mark(state, reason);
         self.lease
             .save(state, &self.checkpoint, reason)
             .await
@@ -254,6 +261,7 @@ impl Attempt<'_> {
         if self.last_state == Some(state) {
             return Ok(());
         }
+        self.mark(state, "");
         self.lease
             .set_state(state, "")
             .await
@@ -271,6 +279,7 @@ impl Attempt<'_> {
 
     /// Keeps the checkpoint and `state` for the park that ends this attempt: written with it.
     fn keep_as(&mut self, state: JobState) -> Result<(), JobFailure> {
+        self.mark(state, "");
         self.lease
             .keep_progress(state, &self.checkpoint)
             .map_err(JobFailure::from)?;
@@ -309,9 +318,11 @@ impl Attempt<'_> {
             });
         }
         let after = after.unwrap_or_else(|| self.pipeline.config.retry_delay(n));
+        let reason = format!("{step} retry {n}/{budget}: {}", error.message);
+        self.mark(JobState::Scheduled, &reason);
         JobFailure::Retry {
             after,
-            reason: format!("{step} retry {n}/{budget}: {}", error.message),
+            reason,
             error: Some(error),
         }
     }

@@ -38,6 +38,9 @@ pub trait JobHandle: Send + Sync {
     /// When the job was created, in ms since the epoch.
     fn created_ms(&self) -> u64;
 
+    /// This delivery's attempt number (1 for the first).
+    fn attempt(&self) -> u32;
+
     /// The checkpoint saved by earlier attempts, or the default for a fresh job.
     fn checkpoint(&self) -> Result<Checkpoint, serde_json::Error>;
 
@@ -204,6 +207,10 @@ impl JobHandle for Lease {
 
     fn created_ms(&self) -> u64 {
         Lease::created_ms(self)
+    }
+
+    fn attempt(&self) -> u32 {
+        Lease::attempt(self)
     }
 
     fn checkpoint(&self) -> Result<Checkpoint, serde_json::Error> {

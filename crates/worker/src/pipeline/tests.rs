@@ -485,6 +485,10 @@ impl JobHandle for FakeJob {
         self.created_ms
     }
 
+    fn attempt(&self) -> u32 {
+        1
+    }
+
     fn checkpoint(&self) -> Result<Checkpoint, serde_json::Error> {
         Ok(self.checkpoint.clone())
     }
