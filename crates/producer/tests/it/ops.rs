@@ -163,7 +163,26 @@ async fn the_dashboard_is_served_without_a_token() {
         assert_eq!(response.status(), StatusCode::OK, "{path}");
         let content_type = response.headers()["content-type"].to_str().unwrap();
         assert!(content_type.starts_with(kind), "{path}: {content_type}");
-        assert!(response.headers().contains_key("content-security-policy"));
+        // Scripts, styles and data from this origin only; the video (served by the S3
+        // endpoint) and the request's images may come from other origins.
+        let policy = response.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        for directive in [
+            "default-src 'self'",
+            "script-src 'self'",
+            "style-src 'self'",
+            "connect-src 'self'",
+            "media-src 'self' http: https:",
+            "img-src 'self' data: http: https:",
+            "frame-ancestors 'none'",
+        ] {
+            assert!(
+                policy.split(';').any(|d| d.trim() == directive),
+                "{path}: {policy} lacks {directive}"
+            );
+        }
         assert!(response.text().await.unwrap().contains(needle), "{path}");
     }
     // The data behind it is not public.
