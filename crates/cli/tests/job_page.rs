@@ -152,11 +152,16 @@ async fn a_jobs_page_has_its_timeline_a_playable_video_and_its_deliveries() {
     for step in ["generating", "downloading", "publishing"] {
         assert!(timeline.contains(&step), "{step} missing: {timeline:?}");
     }
-    let times: Vec<&str> = view["timeline"]
+    // RFC 3339 with the fraction's trailing zeros dropped: padded to milliseconds to compare.
+    let times: Vec<String> = view["timeline"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|entry| entry["at"].as_str().unwrap())
+        .map(|entry| {
+            let at = entry["at"].as_str().unwrap().trim_end_matches('Z');
+            let (seconds, fraction) = at.split_once('.').unwrap_or((at, ""));
+            format!("{seconds}.{fraction:0<3}Z")
+        })
         .collect();
     assert!(
         times.windows(2).all(|pair| pair[0] <= pair[1]),
