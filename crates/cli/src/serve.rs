@@ -52,35 +52,45 @@ pub(crate) fn api_state_for(
         daily_budget_usd: worker.daily_budget_usd,
     };
     let state = ApiState::new(producer, config).with_stats_limits(limits);
+    let mut process = prometheus_client::registry::Registry::default();
+    klingq_queue::metrics::register_build_info(&mut process, "api");
+    process.register_collector(Box::new(klingq_queue::metrics::redis_errors(&queue)));
+    state.callback_metrics().register(&mut process);
     let metrics = axum::Router::new()
         .route("/metrics", axum::routing::get(metrics))
-        .with_state((queue, state.callback_metrics()));
+        .with_state((queue, std::sync::Arc::new(process)));
     state.with_public_routes(metrics)
 }
 
-/// Queue depth, jobs finished, spend and webhook deliveries, read from Redis, and the Runflow
-/// callbacks this process answered.
+/// Queue depth, jobs finished, spend and webhook deliveries, read from Redis for this scrape,
+/// then the process's own metrics (Redis errors, the Runflow callbacks it answered,
+/// `klingq_build_info`); OpenMetrics or Prometheus text as the scraper's `Accept` asks. 503 when
+/// Redis does not answer.
 async fn metrics(
-    axum::extract::State((queue, callbacks)): axum::extract::State<(
+    axum::extract::State((queue, process)): axum::extract::State<(
         klingq_queue::Queue,
-        klingq_producer::ProviderCallbackMetrics,
+        std::sync::Arc<prometheus_client::registry::Registry>,
     )>,
+    headers: axum::http::HeaderMap,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let mut out = String::new();
+    use klingq_queue::metrics::{Format, QueueMetrics};
+    let format = Format::negotiate(
+        headers
+            .get(axum::http::header::ACCEPT)
+            .and_then(|value| value.to_str().ok()),
+    );
     let webhooks = queue.for_queue(klingq_events::DELIVERY_QUEUE);
-    let rendered = klingq_queue::render_metrics(&queue, Some(&webhooks), &mut out).await;
-    klingq_queue::render_redis_errors(&queue, &mut out);
-    callbacks.render(&mut out);
-    match rendered {
-        Ok(()) => (
-            [(
-                axum::http::header::CONTENT_TYPE,
-                "text/plain; version=0.0.4",
-            )],
-            out,
-        )
-            .into_response(),
+    match QueueMetrics::read(&queue, Some(&webhooks)).await {
+        Ok(queue_metrics) => {
+            let mut scrape = prometheus_client::registry::Registry::default();
+            queue_metrics.register(&mut scrape);
+            (
+                [(axum::http::header::CONTENT_TYPE, format.content_type())],
+                format.encode(&[&scrape, &process]),
+            )
+                .into_response()
+        }
         Err(error) => (
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             format!("metrics unavailable: {error}"),

@@ -1,12 +1,16 @@
-//! The pipeline's counters, rendered in the Prometheus text format on `/metrics`.
+//! The pipeline's counters and histograms (`prometheus-client` metrics in the pipeline's own
+//! registry), exported on the worker's `/metrics`.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use klingq_queue::metrics::Format;
 use klingq_queue::{Completion, JobFailure};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 /// Upper bounds of the step duration histogram, in seconds.
 const BUCKETS: [f64; 12] = [
@@ -18,55 +22,108 @@ const LAG_BUCKETS: [f64; 12] = [
     0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0,
 ];
 
-#[derive(Debug, Default)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
+/// How a handler attempt ended: the values of `klingq_job_attempts_total{outcome}`.
+const OUTCOMES: [&str; 7] = [
+    "succeeded",
+    "failed",
+    "retried",
+    "deferred",
+    "parked",
+    "cancelled",
+    "lease_lost",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
 }
 
-impl Histogram {
-    fn observe(&mut self, bounds: &[f64], seconds: f64) {
-        for (bound, count) in bounds.iter().zip(self.counts.iter_mut()) {
-            if seconds <= *bound {
-                *count += 1;
-            }
-        }
-        self.count += 1;
-        self.sum += seconds;
-    }
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StepLabels {
+    step: String,
+}
 
-    fn render(&self, out: &mut String, name: &str, labels: &str, bounds: &[f64]) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        for (bound, count) in bounds.iter().zip(self.counts.iter()) {
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {count}");
-        }
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
-            self.count
-        );
-        let braces = if labels.is_empty() {
-            String::new()
-        } else {
-            format!("{{{labels}}}")
-        };
-        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
-        let _ = writeln!(out, "{name}_count{braces} {}", self.count);
-    }
+fn step_histogram() -> Histogram {
+    Histogram::new(BUCKETS)
 }
 
 /// Counters of one worker process.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PipelineMetrics {
-    finished: Mutex<BTreeMap<&'static str, u64>>,
-    retries: Mutex<BTreeMap<String, u64>>,
-    steps: Mutex<BTreeMap<String, Histogram>>,
-    finish_lag: Mutex<Histogram>,
-    adopted: AtomicU64,
-    unknown_outcomes: AtomicU64,
-    credit_pauses: AtomicU64,
-    bytes_rehosted: AtomicU64,
+    attempts: Family<OutcomeLabels, Counter>,
+    retries: Family<StepLabels, Counter>,
+    steps: Family<StepLabels, Histogram, fn() -> Histogram>,
+    finish_lag: Histogram,
+    adopted: Counter,
+    unknown_outcomes: Counter,
+    credit_pauses: Counter,
+    bytes_rehosted: Counter,
+    registry: Registry,
+}
+
+impl Default for PipelineMetrics {
+    fn default() -> Self {
+        let attempts = Family::<OutcomeLabels, Counter>::default();
+        let retries = Family::<StepLabels, Counter>::default();
+        let steps = Family::new_with_constructor(step_histogram as fn() -> Histogram);
+        let finish_lag = Histogram::new(LAG_BUCKETS);
+        let adopted = Counter::default();
+        let unknown_outcomes = Counter::default();
+        let credit_pauses = Counter::default();
+        let bytes_rehosted = Counter::default();
+        let mut registry = Registry::default();
+        registry.register(
+            "klingq_job_attempts",
+            "Handler attempts by how they ended",
+            attempts.clone(),
+        );
+        registry.register(
+            "klingq_step_retries",
+            "Step retries scheduled, by step",
+            retries.clone(),
+        );
+        registry.register(
+            "klingq_step_duration_seconds",
+            "Time spent in each pipeline step per attempt",
+            steps.clone(),
+        );
+        registry.register(
+            "klingq_provider_finish_lag_seconds",
+            "Time from a run's completion at the provider to the job learning of it (a callback or a poll)",
+            finish_lag.clone(),
+        );
+        registry.register(
+            "klingq_provider_runs_adopted",
+            "Runs found by client_ref and adopted instead of created again",
+            adopted.clone(),
+        );
+        registry.register(
+            "klingq_provider_unknown_outcomes",
+            "Creates whose outcome was unknown",
+            unknown_outcomes.clone(),
+        );
+        registry.register(
+            "klingq_provider_credit_pauses",
+            "Times submissions paused for lack of credit",
+            credit_pauses.clone(),
+        );
+        registry.register(
+            "klingq_bytes_rehosted",
+            "Video bytes stored in object storage",
+            bytes_rehosted.clone(),
+        );
+        Self {
+            attempts,
+            retries,
+            steps,
+            finish_lag,
+            adopted,
+            unknown_outcomes,
+            credit_pauses,
+            bytes_rehosted,
+            registry,
+        }
+    }
 }
 
 impl PipelineMetrics {
@@ -80,128 +137,126 @@ impl PipelineMetrics {
             Err(JobFailure::Cancelled) => "cancelled",
             Err(JobFailure::LeaseLost) => "lease_lost",
         };
-        *self
-            .finished
-            .lock()
-            .expect("metrics poisoned")
-            .entry(outcome)
-            .or_default() += 1;
+        self.attempts
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 
     pub(crate) fn retry(&self, step: &str) {
-        *self
-            .retries
-            .lock()
-            .expect("metrics poisoned")
-            .entry(step.to_owned())
-            .or_default() += 1;
+        self.retries
+            .get_or_create(&StepLabels {
+                step: step.to_owned(),
+            })
+            .inc();
     }
 
     pub(crate) fn step_duration(&self, step: &str, elapsed: Duration) {
-        let mut steps = self.steps.lock().expect("metrics poisoned");
-        let histogram = steps.entry(step.to_owned()).or_default();
-        histogram.observe(&BUCKETS, elapsed.as_secs_f64());
+        self.steps
+            .get_or_create(&StepLabels {
+                step: step.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
     }
 
     /// Time from a run's completion at the provider to the job learning of it.
     pub(crate) fn finish_lag(&self, lag: Duration) {
-        self.finish_lag
-            .lock()
-            .expect("metrics poisoned")
-            .observe(&LAG_BUCKETS, lag.as_secs_f64());
+        self.finish_lag.observe(lag.as_secs_f64());
     }
 
     pub(crate) fn adopted(&self) {
-        self.adopted.fetch_add(1, Ordering::Relaxed);
+        self.adopted.inc();
     }
 
     pub(crate) fn unknown_outcome(&self) {
-        self.unknown_outcomes.fetch_add(1, Ordering::Relaxed);
+        self.unknown_outcomes.inc();
     }
 
     pub(crate) fn credit_paused(&self) {
-        self.credit_pauses.fetch_add(1, Ordering::Relaxed);
+        self.credit_pauses.inc();
     }
 
     pub(crate) fn rehosted(&self, bytes: u64) {
-        self.bytes_rehosted.fetch_add(bytes, Ordering::Relaxed);
+        self.bytes_rehosted.inc_by(bytes);
     }
 
     /// Attempts by how they ended, for tests and the dashboard.
     pub fn attempts_by_outcome(&self) -> BTreeMap<&'static str, u64> {
-        self.finished.lock().expect("metrics poisoned").clone()
+        OUTCOMES
+            .into_iter()
+            .filter_map(|outcome| {
+                let counter = self.attempts.get(&OutcomeLabels { outcome })?;
+                Some((outcome, counter.get()))
+            })
+            .collect()
     }
 
-    /// Appends this process's pipeline metrics in the Prometheus text format.
+    /// The registry holding these metrics, to encode with the process's others.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Appends this process's pipeline metrics in the Prometheus text format (0.0.4).
     pub fn render(&self, out: &mut String) {
-        let _ = writeln!(
-            out,
-            "# HELP klingq_job_attempts_total Handler attempts by how they ended."
-        );
-        let _ = writeln!(out, "# TYPE klingq_job_attempts_total counter");
-        for (outcome, count) in self.finished.lock().expect("metrics poisoned").iter() {
-            let _ = writeln!(
-                out,
-                "klingq_job_attempts_total{{outcome=\"{outcome}\"}} {count}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP klingq_step_retries_total Step retries scheduled, by step."
-        );
-        let _ = writeln!(out, "# TYPE klingq_step_retries_total counter");
-        for (step, count) in self.retries.lock().expect("metrics poisoned").iter() {
-            let _ = writeln!(out, "klingq_step_retries_total{{step=\"{step}\"}} {count}");
-        }
-        let _ = writeln!(
-            out,
-            "# HELP klingq_step_duration_seconds Time spent in each pipeline step per attempt."
-        );
-        let _ = writeln!(out, "# TYPE klingq_step_duration_seconds histogram");
-        for (step, histogram) in self.steps.lock().expect("metrics poisoned").iter() {
-            histogram.render(
-                out,
-                "klingq_step_duration_seconds",
-                &format!("step=\"{step}\""),
-                &BUCKETS,
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP klingq_provider_finish_lag_seconds Time from a run's completion at the provider to the job learning of it (a callback or a poll)."
-        );
-        let _ = writeln!(out, "# TYPE klingq_provider_finish_lag_seconds histogram");
-        self.finish_lag.lock().expect("metrics poisoned").render(
-            out,
-            "klingq_provider_finish_lag_seconds",
-            "",
-            &LAG_BUCKETS,
-        );
-        for (name, help, value) in [
-            (
-                "klingq_provider_runs_adopted_total",
-                "Runs found by client_ref and adopted instead of created again.",
-                &self.adopted,
-            ),
-            (
-                "klingq_provider_unknown_outcomes_total",
-                "Creates whose outcome was unknown.",
-                &self.unknown_outcomes,
-            ),
-            (
-                "klingq_provider_credit_pauses_total",
-                "Times submissions paused for lack of credit.",
-                &self.credit_pauses,
-            ),
-            (
-                "klingq_bytes_rehosted_total",
-                "Video bytes stored in object storage.",
-                &self.bytes_rehosted,
-            ),
+        out.push_str(&Format::Text.encode(&[&self.registry]));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_buckets_and_outcomes_as_before() {
+        let metrics = PipelineMetrics::default();
+        metrics.finished(&Ok(Completion::default()));
+        metrics.finished(&Err(JobFailure::LeaseLost));
+        metrics.retry("download");
+        metrics.step_duration("generate", Duration::from_millis(700));
+        metrics.finish_lag(Duration::from_millis(1500));
+        metrics.rehosted(1000);
+        metrics.rehosted(24);
+        let mut text = String::new();
+        metrics.render(&mut text);
+        for line in [
+            "# TYPE klingq_job_attempts_total counter",
+            "klingq_job_attempts_total{outcome=\"succeeded\"} 1",
+            "klingq_job_attempts_total{outcome=\"lease_lost\"} 1",
+            "klingq_step_retries_total{step=\"download\"} 1",
+            "# TYPE klingq_step_duration_seconds histogram",
+            "klingq_step_duration_seconds_bucket{step=\"generate\",le=\"0.5\"} 0",
+            "klingq_step_duration_seconds_bucket{step=\"generate\",le=\"1\"} 1",
+            "klingq_step_duration_seconds_bucket{step=\"generate\",le=\"900\"} 1",
+            "klingq_step_duration_seconds_bucket{step=\"generate\",le=\"+Inf\"} 1",
+            "klingq_step_duration_seconds_count{step=\"generate\"} 1",
+            "klingq_provider_finish_lag_seconds_bucket{le=\"1\"} 0",
+            "klingq_provider_finish_lag_seconds_bucket{le=\"2\"} 1",
+            "klingq_provider_finish_lag_seconds_bucket{le=\"120\"} 1",
+            "klingq_provider_finish_lag_seconds_sum 1.5",
+            "klingq_provider_finish_lag_seconds_count 1",
+            "# TYPE klingq_bytes_rehosted_total counter",
+            "klingq_bytes_rehosted_total 1024",
+            "klingq_provider_runs_adopted_total 0",
+            "klingq_provider_unknown_outcomes_total 0",
+            "klingq_provider_credit_pauses_total 0",
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} counter");
-            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from:\n{text}"
+            );
         }
+        let buckets = |name: &str| {
+            text.lines()
+                .filter(|l| l.starts_with(&format!("{name}_bucket")))
+                .count()
+        };
+        assert_eq!(buckets("klingq_step_duration_seconds"), BUCKETS.len() + 1);
+        assert_eq!(
+            buckets("klingq_provider_finish_lag_seconds"),
+            LAG_BUCKETS.len() + 1
+        );
+        assert_eq!(
+            metrics.attempts_by_outcome(),
+            BTreeMap::from([("lease_lost", 1), ("succeeded", 1)])
+        );
     }
 }

@@ -1,7 +1,6 @@
 //! The worker process: connect, build the clients, run the pipeline on an apalis worker over
 //! the klingq backend, serve health and metrics, and shut down gracefully.
 
-use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -11,12 +10,18 @@ use apalis::prelude::WorkerBuilderExt;
 use apalis_core::worker::builder::WorkerBuilder;
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::header::{ACCEPT, CONTENT_TYPE};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use klingq_core::JobSpec;
 use klingq_provider::{ProviderConfig, RunflowClient, VideoProvider};
+use klingq_queue::metrics::{
+    Format, QueueMetrics, Sampled, Value, redis_errors, register_build_info,
+};
 use klingq_queue::{Queue, QueueBackend, QueueConfig, WorkerHandle, WorkerOptions, consumer_name};
 use klingq_storage::{StorageConfig, VideoStore};
+use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::config::WorkerConfig;
@@ -99,10 +104,10 @@ impl Worker {
             tracing::info!(addr = %listener.local_addr()?, "health and metrics listening");
             let app = health_router(HealthState {
                 queue: self.queue.clone(),
-                handle: handle.clone(),
                 pipeline: self.pipeline.clone(),
                 ready: ready.clone(),
                 provider_concurrency: config.provider_concurrency,
+                process: Arc::new(process_registry(&self.queue, &handle, &self.pipeline)),
             });
             tokio::spawn(async move {
                 if let Err(error) = axum::serve(listener, app).await {
@@ -182,10 +187,11 @@ async fn connect_queue(config: &QueueConfig, timeout: Duration) -> anyhow::Resul
 #[derive(Clone)]
 struct HealthState {
     queue: Queue,
-    handle: WorkerHandle,
     pipeline: Arc<Pipeline>,
     ready: Arc<AtomicBool>,
     provider_concurrency: u64,
+    /// Metrics of this process outside the pipeline (read when scraped).
+    process: Arc<Registry>,
 }
 
 fn health_router(state: HealthState) -> Router {
@@ -206,84 +212,85 @@ async fn readyz(State(state): State<HealthState>) -> (StatusCode, &'static str) 
     }
 }
 
-async fn metrics(
-    State(state): State<HealthState>,
-) -> (StatusCode, [(&'static str, &'static str); 1], String) {
-    let mut out = String::new();
+/// Queue depth and counters and the shared provider limit, read from Redis for this scrape,
+/// then the pipeline's and the process's own metrics; the format the scraper asks for.
+async fn metrics(State(state): State<HealthState>, headers: HeaderMap) -> Response {
+    let format = Format::negotiate(headers.get(ACCEPT).and_then(|value| value.to_str().ok()));
+    let mut scrape = Registry::default();
     let webhooks = state.queue.for_queue("webhooks");
-    if let Err(error) = klingq_queue::render_metrics(&state.queue, Some(&webhooks), &mut out).await
-    {
-        tracing::warn!(%error, "queue metrics unavailable");
+    match QueueMetrics::read(&state.queue, Some(&webhooks)).await {
+        Ok(queue_metrics) => queue_metrics.register(&mut scrape),
+        Err(error) => tracing::warn!(%error, "queue metrics unavailable"),
     }
-    state.pipeline.metrics.render(&mut out);
-    let _ = writeln!(
-        out,
-        "# HELP klingq_provider_requests_total Requests to the provider by operation and status (HTTP status, connect_error, timeout, network_error)."
-    );
-    let _ = writeln!(out, "# TYPE klingq_provider_requests_total counter");
-    for ((operation, outcome), count) in state.pipeline.provider_stats.snapshot() {
-        let _ = writeln!(
-            out,
-            "klingq_provider_requests_total{{operation=\"{}\",status=\"{outcome}\"}} {count}",
-            operation.as_str()
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP klingq_worker_jobs_in_flight Jobs this worker holds now."
-    );
-    let _ = writeln!(out, "# TYPE klingq_worker_jobs_in_flight gauge");
-    let _ = writeln!(out, "klingq_worker_jobs_in_flight {}", state.handle.held());
-    klingq_queue::render_redis_errors(&state.queue, &mut out);
-    let slots = &state.pipeline.slots;
-    write_metric(
-        &mut out,
-        "klingq_provider_slot_releases_pending",
-        "gauge",
-        "Provider slot releases waiting for Redis to answer.",
-        slots.pending(),
-    );
-    write_metric(
-        &mut out,
-        "klingq_provider_slot_releases_deferred_total",
-        "counter",
-        "Provider slot releases that failed at first and were retried in the background.",
-        slots.deferred_total(),
-    );
     if let Ok((in_use, cap)) = state
         .queue
         .slot_usage(PROVIDER_LIMIT, state.provider_concurrency)
         .await
     {
-        let _ = writeln!(
-            out,
-            "# HELP klingq_provider_limit_in_use Provider generations in flight across replicas."
-        );
-        let _ = writeln!(out, "# TYPE klingq_provider_limit_in_use gauge");
-        let _ = writeln!(out, "klingq_provider_limit_in_use {in_use}");
-        let _ = writeln!(
-            out,
-            "# HELP klingq_provider_limit_cap The shared limit's current cap (adapts on 429)."
-        );
-        let _ = writeln!(out, "# TYPE klingq_provider_limit_cap gauge");
-        let _ = writeln!(out, "klingq_provider_limit_cap {cap}");
+        for (name, help, value) in [
+            (
+                "klingq_provider_limit_in_use",
+                "Provider generations in flight across replicas.",
+                in_use,
+            ),
+            (
+                "klingq_provider_limit_cap",
+                "The shared limit's current cap (adapts on 429).",
+                cap,
+            ),
+        ] {
+            scrape.register_collector(Box::new(Sampled::gauge(name, help, move || {
+                vec![(Vec::new(), Value::Count(value))]
+            })));
+        }
     }
-    (
-        StatusCode::OK,
-        [("content-type", "text/plain; version=0.0.4")],
-        out,
-    )
+    let body = format.encode(&[&scrape, state.pipeline.metrics.registry(), &state.process]);
+    ([(CONTENT_TYPE, format.content_type())], body).into_response()
 }
 
-/// One unlabelled sample with its `HELP` and `TYPE` lines.
-fn write_metric(
-    out: &mut String,
-    name: &str,
-    kind: &str,
-    help: &str,
-    value: impl std::fmt::Display,
-) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-    let _ = writeln!(out, "{name} {value}");
+/// The worker process's metrics outside the pipeline, read when scraped: provider requests,
+/// jobs held, Redis errors, provider slot releases, and `klingq_build_info`.
+fn process_registry(queue: &Queue, handle: &WorkerHandle, pipeline: &Pipeline) -> Registry {
+    let mut registry = Registry::default();
+    register_build_info(&mut registry, "worker");
+    let stats = pipeline.provider_stats.clone();
+    registry.register_collector(Box::new(Sampled::counter(
+        "klingq_provider_requests",
+        "Requests to the provider by operation and status (HTTP status, connect_error, timeout, network_error).",
+        move || {
+            stats
+                .snapshot()
+                .into_iter()
+                .map(|((operation, outcome), count)| {
+                    (
+                        vec![
+                            ("operation", operation.as_str().to_owned()),
+                            ("status", outcome.to_string()),
+                        ],
+                        Value::Count(count),
+                    )
+                })
+                .collect()
+        },
+    )));
+    let handle = handle.clone();
+    registry.register_collector(Box::new(Sampled::gauge(
+        "klingq_worker_jobs_in_flight",
+        "Jobs this worker holds now.",
+        move || vec![(Vec::new(), Value::Count(handle.held() as u64))],
+    )));
+    registry.register_collector(Box::new(redis_errors(queue)));
+    let slots = pipeline.slots.clone();
+    registry.register_collector(Box::new(Sampled::gauge(
+        "klingq_provider_slot_releases_pending",
+        "Provider slot releases waiting for Redis to answer.",
+        move || vec![(Vec::new(), Value::Count(slots.pending() as u64))],
+    )));
+    let slots = pipeline.slots.clone();
+    registry.register_collector(Box::new(Sampled::counter(
+        "klingq_provider_slot_releases_deferred",
+        "Provider slot releases that failed at first and were retried in the background.",
+        move || vec![(Vec::new(), Value::Count(slots.deferred_total()))],
+    )));
+    registry
 }

@@ -20,10 +20,6 @@
 //! counted in `klingq_provider_callbacks_total{outcome}`. The log line names the run and the
 //! outcome, never the secret, the signature or the body (its output URLs are presigned).
 
-use std::fmt::Write;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -33,6 +29,10 @@ use hmac::{Hmac, Mac};
 use http::{HeaderMap, StatusCode, header};
 use klingq_core::Secret;
 use klingq_queue::CallbackOutcome;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::Sha256;
@@ -70,9 +70,25 @@ pub const CALLBACK_OUTCOMES: [&str; 9] = [
     "error",
 ];
 
-/// Callbacks received by this process, by outcome; rendered into `/metrics`.
-#[derive(Clone, Default)]
-pub struct ProviderCallbackMetrics(Arc<[AtomicU64; CALLBACK_OUTCOMES.len()]>);
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+/// Callbacks received by this process, by outcome: `klingq_provider_callbacks_total{outcome}`,
+/// every outcome present from 0. [`ProviderCallbackMetrics::register`] adds it to `/metrics`.
+#[derive(Clone)]
+pub struct ProviderCallbackMetrics(Family<OutcomeLabels, Counter>);
+
+impl Default for ProviderCallbackMetrics {
+    fn default() -> Self {
+        let family = Family::default();
+        for outcome in CALLBACK_OUTCOMES {
+            let _ = family.get_or_create(&OutcomeLabels { outcome });
+        }
+        Self(family)
+    }
+}
 
 impl std::fmt::Debug for ProviderCallbackMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -85,38 +101,48 @@ impl std::fmt::Debug for ProviderCallbackMetrics {
 }
 
 impl ProviderCallbackMetrics {
-    fn index(outcome: &str) -> usize {
+    /// The known outcome `outcome` names; an unknown one counts as `error`.
+    fn label(outcome: &str) -> &'static str {
         CALLBACK_OUTCOMES
-            .iter()
-            .position(|known| *known == outcome)
-            .unwrap_or(CALLBACK_OUTCOMES.len() - 1)
+            .into_iter()
+            .find(|known| *known == outcome)
+            .unwrap_or(CALLBACK_OUTCOMES[CALLBACK_OUTCOMES.len() - 1])
     }
 
     pub(crate) fn count(&self, outcome: &str) {
-        self.0[Self::index(outcome)].fetch_add(1, Ordering::Relaxed);
+        self.0
+            .get_or_create(&OutcomeLabels {
+                outcome: Self::label(outcome),
+            })
+            .inc();
     }
 
     /// Callbacks counted with `outcome` (one of [`CALLBACK_OUTCOMES`]).
     pub fn get(&self, outcome: &str) -> u64 {
         CALLBACK_OUTCOMES
-            .iter()
-            .position(|known| *known == outcome)
-            .map_or(0, |i| self.0[i].load(Ordering::Relaxed))
+            .into_iter()
+            .find(|known| *known == outcome)
+            .and_then(|outcome| self.0.get(&OutcomeLabels { outcome }))
+            .map_or(0, |counter| counter.get())
     }
 
-    /// Appends `klingq_provider_callbacks_total` in the Prometheus text format, every outcome
-    /// present (0 until counted).
-    pub fn render(&self, out: &mut String) {
-        let name = "klingq_provider_callbacks_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Runflow run callbacks this API process answered, by outcome: {}.",
-            CALLBACK_OUTCOMES.join(", ")
+    /// Adds `klingq_provider_callbacks_total` to `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "klingq_provider_callbacks",
+            format!(
+                "Runflow run callbacks this API process answered, by outcome: {}",
+                CALLBACK_OUTCOMES.join(", ")
+            ),
+            self.0.clone(),
         );
-        let _ = writeln!(out, "# TYPE {name} counter");
-        for outcome in CALLBACK_OUTCOMES {
-            let _ = writeln!(out, "{name}{{outcome=\"{outcome}\"}} {}", self.get(outcome));
-        }
+    }
+
+    /// `klingq_provider_callbacks_total` alone in the Prometheus text format (0.0.4).
+    pub fn render(&self, out: &mut String) {
+        let mut registry = Registry::default();
+        self.register(&mut registry);
+        out.push_str(&klingq_queue::metrics::Format::Text.encode(&[&registry]));
     }
 }
 

@@ -4,7 +4,8 @@
 //! that races a running handler is not lost. The scenarios about jobs run on one partition and
 //! on four (the run binding and the slot waiters live in partition 0, the jobs elsewhere).
 
-use klingq_queue::{CallbackOutcome, WakeOutcome, render_metrics};
+use klingq_queue::metrics::{Format, QueueMetrics};
+use klingq_queue::{CallbackOutcome, WakeOutcome};
 use tokio::sync::Notify;
 
 use super::*;
@@ -340,8 +341,12 @@ async fn wait_deliveries(probe: &Probe, id: &str, deliveries: usize) {
 
 /// The value of `klingq_jobs_parked` for the queue in the metrics text.
 async fn parked_gauge(queue: &Queue) -> u64 {
-    let mut out = String::new();
-    render_metrics(queue, None, &mut out).await.unwrap();
+    let mut registry = prometheus_client::registry::Registry::default();
+    QueueMetrics::read(queue, None)
+        .await
+        .unwrap()
+        .register(&mut registry);
+    let out = Format::Text.encode(&[&registry]);
     assert!(
         out.contains("# TYPE klingq_jobs_parked gauge"),
         "no parked gauge in:\n{out}"
