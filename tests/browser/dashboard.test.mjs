@@ -56,12 +56,19 @@ function assert(condition, message) {
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-/** Clicks a button that asks to confirm, and confirms in the page's dialog. */
+/**
+ * Clicks a button that asks to confirm, confirms in the page's dialog, and returns what the
+ * page's next message (toast) says.
+ */
 async function clickConfirmed(page, button) {
+  const toast = page.locator('#toast');
+  const before = Number(await toast.getAttribute('data-seq')) || 0;
   await button.click();
   await page.locator('#confirm-dialog[open]').waitFor({ timeout: 10000 });
   await page.click('#confirm-ok');
   await page.locator('#confirm-dialog').waitFor({ state: 'hidden', timeout: 10000 });
+  await waitFor('the outcome message', async () => Number(await toast.getAttribute('data-seq')) > before, 15000);
+  return toast.textContent();
 }
 
 /** Opens a dashboard route (`#/jobs/…`) in the page, as a link would. */
@@ -421,8 +428,8 @@ async function main() {
       await waitFor('the deliveries to be listed', async () => (await row.count()) === listed.deliveries.length, 20000);
       const replay = page.locator('#job-deliveries button[data-replay]').first();
       await replay.waitFor({ timeout: 30000 });
-      await clickConfirmed(page, replay);
-      await page.locator('#toast', { hasText: 'delivery replayed' }).waitFor({ timeout: 15000 });
+      const said = await clickConfirmed(page, replay);
+      assert(said.startsWith('delivery replayed'), `the page said "${said}"`);
       await waitFor('the replay to be listed', async () => {
         const now = await api(base, `/v1/webhooks/deliveries?job_id=${okJob.id}`);
         return now.deliveries.some((d) => d.replay_of);
@@ -491,7 +498,8 @@ async function main() {
       await page.click('#confirm-no');
       await sleep(500);
       assert((await api(base, `/v1/jobs/${waiting.id}`)).state === 'scheduled', 'the job changed without a confirmation');
-      await clickConfirmed(page, cancel);
+      const said = await clickConfirmed(page, cancel);
+      assert(said === 'cancelled (was scheduled)', `the page said "${said}"`);
       await waitFor('the job to be cancelled', async () => (await api(base, `/v1/jobs/${waiting.id}`)).state === 'cancelled', 30000);
       await page.locator('#job-head[data-state="cancelled"]').waitFor({ timeout: 20000 });
       await page.screenshot({ path: join(artifacts, 'job-cancelled.png'), fullPage: true });
@@ -510,8 +518,8 @@ async function main() {
       await openRoute(page, base, `#/batches/${id}`);
       const cancel = page.locator('#batch-cancel');
       await cancel.waitFor({ timeout: 20000 });
-      await clickConfirmed(page, cancel);
-      await page.locator('#toast', { hasText: 'cancelled 2 jobs' }).waitFor({ timeout: 15000 });
+      const said = await clickConfirmed(page, cancel);
+      assert(said === 'cancelled 2 jobs', `the page said "${said}"`);
       const batch = await waitFor('the batch to be cancelled', async () => {
         const b = await api(base, `/v1/batches/${id}`);
         return b.counts.cancelled === 2 ? b : null;
@@ -527,8 +535,8 @@ async function main() {
       const button = page.locator('#job-redrive');
       await button.waitFor({ timeout: 20000 });
       await page.screenshot({ path: join(artifacts, 'job-dead.png'), fullPage: true });
-      await clickConfirmed(page, button);
-      await page.locator('#toast', { hasText: 're-driven: 1' }).waitFor({ timeout: 15000 });
+      const said = await clickConfirmed(page, button);
+      assert(said === 're-driven: 1', `the page said "${said}"`);
       const job = await waitFor('the job to leave dead', async () => {
         const j = await api(base, `/v1/jobs/${dead2.id}`);
         return j.state !== 'dead' ? j : null;

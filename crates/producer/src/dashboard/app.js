@@ -113,6 +113,8 @@ const pre = (value) => el('pre', { class: 'json' }, JSON.stringify(value, null, 
 function toast(text) {
   const node = $('toast');
   node.textContent = text;
+  // Counts the messages, so a reader can tell a new one from the same text again.
+  node.dataset.seq = String(Number(node.dataset.seq || 0) + 1);
   node.hidden = false;
   clearTimeout(toast.timer);
   toast.timer = setTimeout(() => { node.hidden = true; }, 5000);
