@@ -621,8 +621,40 @@ async fn worker_metrics_parse_and_carry_every_named_metric() {
         .text()
         .await
         .unwrap();
+    // Prometheus asks for OpenMetrics, and gets it.
+    let open = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        open.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text; version=1.0.0")
+    );
+    let open = open.text().await.unwrap();
     worker.stop().await;
+    assert!(open.ends_with("# EOF\n"), "{open}");
+    assert!(
+        open.contains("# TYPE klingq_job_attempts counter\n"),
+        "{open}"
+    );
+    assert!(!text.contains("# EOF"), "{text}");
     let samples = parse_prometheus(&text);
+    assert!(
+        samples.iter().any(|(sample, value)| *sample
+            == format!(
+                "klingq_build_info{{version=\"{}\",role=\"worker\"}}",
+                env!("CARGO_PKG_VERSION")
+            )
+            && *value == 1.0),
+        "klingq_build_info missing from:\n{text}"
+    );
     for name in [
         "klingq_queue_jobs{queue=\"videos\",state=\"waiting\"}",
         "klingq_queue_oldest_waiting_seconds{queue=\"videos\"}",
