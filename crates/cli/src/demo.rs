@@ -220,6 +220,7 @@ pub(crate) async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Resul
         api_config.callback_secrets = callback_secrets;
     }
     let state = crate::serve::api_state_for(producer.clone(), api_config, &settings.worker);
+    let state = crate::video_links::with_video_links(state, settings.storage.clone()).await;
     let api_task = tokio::spawn(klingq_producer::serve(listener, state, stopped()));
     println!("dashboard and API: {api_url}/  (metrics: {api_url}/metrics)");
 

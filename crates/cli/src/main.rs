@@ -8,6 +8,7 @@ mod logging;
 mod produce;
 mod serve;
 mod settings;
+mod video_links;
 mod webhooks;
 
 use std::process::ExitCode;

@@ -28,6 +28,7 @@ pub(crate) async fn run(args: ServeArgs, settings: Settings) -> anyhow::Result<(
         .await
         .with_context(|| format!("listening on {}", config.bind))?;
     let state = api_state_for(producer, config, &settings.worker);
+    let state = crate::video_links::with_video_links(state, settings.storage).await;
     klingq_producer::serve(listener, state, shutdown_signal()).await?;
     Ok(())
 }

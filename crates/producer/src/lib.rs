@@ -21,8 +21,9 @@ mod producer;
 pub mod view;
 
 pub use api::{
-    ApiDoc, ApiState, CALLBACK_OUTCOMES, CALLBACK_PATH, MAX_CALLBACK_BODY_BYTES,
-    ProviderCallbackMetrics, ServeError, router, serve,
+    ApiDoc, ApiState, CALLBACK_OUTCOMES, CALLBACK_PATH, HistoryPointView, HistoryView,
+    MAX_CALLBACK_BODY_BYTES, ProviderCallbackMetrics, ServeError, VideoLink, VideoLinkView,
+    VideoLinks, router, serve,
 };
 pub use config::ApiConfig;
 pub use error::{BatchErrors, CappedErrors, MAX_ERROR_DETAILS, ProducerError};

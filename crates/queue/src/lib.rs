@@ -22,6 +22,7 @@ mod conn;
 mod error;
 mod event_log;
 mod events_group;
+mod history;
 mod keys;
 mod layer;
 mod lease;
@@ -45,6 +46,7 @@ pub use conn::{
 pub use error::{JobFailure, LeaseError, QueueError};
 pub use event_log::EventCursor;
 pub use events_group::{ClaimedEntries, EventsGroup, GroupEntries};
+pub use history::{HISTORY_MINUTES, HISTORY_OUTCOMES, HistoryPoint, minute_of};
 pub use keys::Keys;
 pub use layer::{Completion, Outcome, SettleLayer, SettleService};
 pub use lease::Lease;

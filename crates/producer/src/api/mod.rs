@@ -16,8 +16,10 @@ mod batch_body;
 mod callbacks;
 mod error;
 mod handlers;
+mod history;
 mod openapi;
 mod ops;
+mod video;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,7 +33,9 @@ use tokio_util::sync::CancellationToken;
 pub use callbacks::{
     CALLBACK_OUTCOMES, CALLBACK_PATH, MAX_CALLBACK_BODY_BYTES, ProviderCallbackMetrics,
 };
+pub use history::{HistoryPointView, HistoryView};
 pub use openapi::ApiDoc;
+pub use video::{VideoLink, VideoLinkView, VideoLinks};
 
 use crate::config::ApiConfig;
 use crate::ops::StatsLimits;
@@ -54,6 +58,8 @@ pub(crate) struct Shared {
     pub(crate) callback_keys: callbacks::CallbackKeys,
     /// `klingq_provider_callbacks_total`, by outcome.
     pub(crate) callback_metrics: ProviderCallbackMetrics,
+    /// Links to stored videos (`GET /v1/jobs/{id}/video`); `None` answers 503.
+    pub(crate) video_links: video::SharedVideoLinks,
 }
 
 pub(crate) type AppState = Arc<Shared>;
@@ -97,6 +103,7 @@ impl ApiState {
                 event_streams,
                 callback_keys,
                 callback_metrics: ProviderCallbackMetrics::default(),
+                video_links: None,
             }),
             public_routes: Router::new(),
             protected_routes: Router::new(),
@@ -105,18 +112,31 @@ impl ApiState {
 
     /// Sets the worker limits `GET /v1/stats` reports (the provider limit's maximum, the daily
     /// budget); without it, the worker's defaults.
-    pub fn with_stats_limits(mut self, limits: StatsLimits) -> Self {
+    pub fn with_stats_limits(self, limits: StatsLimits) -> Self {
+        self.with_shared(|shared| shared.limits = limits)
+    }
+
+    /// Hands out links to stored videos at `GET /v1/jobs/{id}/video` (without it, 503).
+    pub fn with_video_links(self, links: Arc<dyn VideoLinks>) -> Self {
+        self.with_shared(|shared| shared.video_links = Some(links))
+    }
+
+    /// Changes the shared state before the router is built.
+    fn with_shared(mut self, change: impl FnOnce(&mut Shared)) -> Self {
         let shared = &self.shared;
-        self.shared = Arc::new(Shared {
+        let mut next = Shared {
             producer: shared.producer.clone(),
             config: shared.config.clone(),
             token_digests: shared.token_digests.clone(),
             shutdown: shared.shutdown.clone(),
-            limits,
+            limits: shared.limits.clone(),
             event_streams: shared.event_streams.clone(),
             callback_keys: shared.callback_keys.clone(),
             callback_metrics: shared.callback_metrics.clone(),
-        });
+            video_links: shared.video_links.clone(),
+        };
+        change(&mut next);
+        self.shared = Arc::new(next);
         self
     }
 
@@ -166,6 +186,7 @@ pub fn router(state: ApiState) -> Router {
                 .get(ops::list_batches),
         )
         .route("/v1/stats", get(ops::stats))
+        .route("/v1/stats/history", get(history::stats_history))
         .route("/v1/webhooks/deliveries", get(ops::list_deliveries))
         .route("/v1/webhooks/deliveries/{id}", get(ops::get_delivery))
         .route(
@@ -179,6 +200,7 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/jobs/{id}", get(handlers::get_job))
         .route("/v1/jobs/{id}/cancel", post(handlers::cancel_job))
+        .route("/v1/jobs/{id}/video", get(video::job_video))
         .route("/v1/batches/{id}", get(handlers::get_batch))
         .route("/v1/batches/{id}/jobs", get(handlers::batch_jobs))
         .route("/v1/batches/{id}/cancel", post(handlers::cancel_batch))

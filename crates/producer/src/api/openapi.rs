@@ -19,7 +19,9 @@ use utoipa::openapi::{ComponentsBuilder, RefOr};
 use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 
 use crate::api::callbacks::{CallbackReceived, RunflowCallback, RunflowEvent, RunflowStatus};
-use crate::api::{callbacks, handlers, ops};
+use crate::api::history::{HistoryPointView, HistoryView};
+use crate::api::video::VideoLinkView;
+use crate::api::{callbacks, handlers, history, ops, video};
 use crate::ops::{
     BatchListPage, EndpointEnabled, EndpointHealth, EndpointList, JobListItem, JobListPage,
     ProviderLimitView, QueueDepth, SpendView, StatsView,
@@ -27,7 +29,7 @@ use crate::ops::{
 use crate::view::{
     BatchAccepted, BatchCancelResult, BatchView, CancelResult, ErrorBody, ErrorDetail, ErrorInfo,
     ErrorView, EventView, Health, JobAccepted, JobPage, JobView, NotDead, ProviderView,
-    RedriveRequest, RedriveResult, VideoView,
+    RedriveRequest, RedriveResult, TimelineView, VideoView,
 };
 use klingq_events::{
     AttemptOutcome, AttemptRecord, DeliveryDetail, DeliveryPage, DeliveryStatus, DeliverySummary,
@@ -51,6 +53,7 @@ use klingq_events::{
         handlers::create_batch,
         handlers::get_job,
         handlers::cancel_job,
+        video::job_video,
         handlers::get_batch,
         handlers::batch_jobs,
         handlers::cancel_batch,
@@ -58,6 +61,7 @@ use klingq_events::{
         handlers::redrive,
         handlers::events,
         ops::stats,
+        history::stats_history,
         ops::list_jobs,
         ops::list_batches,
         ops::list_deliveries,
@@ -81,6 +85,10 @@ use klingq_events::{
         BatchObject,
         SseEvent,
         JobView,
+        TimelineView,
+        VideoLinkView,
+        HistoryView,
+        HistoryPointView,
         ProviderView,
         VideoView,
         ErrorView,

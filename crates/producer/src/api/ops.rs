@@ -376,6 +376,10 @@ pub(crate) struct DeliveriesQuery {
     /// Only deliveries in this status.
     #[param(schema_with = delivery_status_param)]
     status: Option<DeliveryStatus>,
+    /// Only deliveries of events about this job (its id; a batch id gives the batch's own
+    /// events).
+    #[param(format = "uuid")]
+    job_id: Option<String>,
     /// Where to continue: a page's `next_offset` (default 0).
     #[param(minimum = 0, maximum = 1000000000)]
     offset: Option<u64>,
@@ -386,8 +390,9 @@ pub(crate) struct DeliveriesQuery {
 
 /// List webhook deliveries, newest first (exhausted ones by time of exhaustion).
 ///
-/// A status filter other than `exhausted` reads at most 10,000 recent deliveries per call and
-/// returns a partial page with a `next_offset`. Event bodies are not shown.
+/// A `job_id` filter, or a status filter other than `exhausted`, reads at most 10,000 recent
+/// deliveries per call and returns a partial page with a `next_offset`. Event bodies are not
+/// shown.
 #[utoipa::path(
     get,
     path = "/v1/webhooks/deliveries",
@@ -409,8 +414,16 @@ pub(crate) async fn list_deliveries(
     let offset = params.offset.unwrap_or(0);
     let limit = params.limit.unwrap_or(50);
     check_page(offset, limit, klingq_events::MAX_PAGE)?;
+    let subject = match params.job_id.as_deref() {
+        None => None,
+        Some(raw) => Some(
+            crate::producer::canonical_id(raw)
+                .ok_or_else(|| ApiError::field("job_id", "format", "must be a job id (a UUID)"))?,
+        ),
+    };
     let request = DeliveryQuery {
         status: params.status,
+        subject,
         offset,
         limit,
     };
@@ -499,6 +512,7 @@ pub(crate) async fn list_endpoints(
         queue,
         &DeliveryQuery {
             status: None,
+            subject: None,
             offset: 0,
             limit: HEALTH_DELIVERIES,
         },
