@@ -128,7 +128,16 @@ impl VideoDuration {
     fn from_json(value: &Value) -> Result<Self, String> {
         let seconds = match value {
             Value::String(text) => text.trim().parse::<u32>().ok(),
-            Value::Number(number) => number.as_u64().and_then(|n| u32::try_from(n).ok()),
+            // An integer, written `5` or `5.0` (JSON Schema's `integer` takes both).
+            Value::Number(number) => number
+                .as_u64()
+                .or_else(|| {
+                    number
+                        .as_f64()
+                        .filter(|seconds| seconds.fract() == 0.0 && (0.0..=1e9).contains(seconds))
+                        .map(|seconds| seconds as u64)
+                })
+                .and_then(|n| u32::try_from(n).ok()),
             _ => {
                 return Err(format!(
                     "must be a string \"3\" to \"15\", got {}",
@@ -991,7 +1000,13 @@ mod tests {
 
     #[test]
     fn durations_accept_strings_and_integers_and_write_strings() {
-        for (input, seconds) in [(json!("3"), 3), (json!(15), 15), (json!("10"), 10)] {
+        for (input, seconds) in [
+            (json!("3"), 3),
+            (json!(15), 15),
+            (json!("10"), 10),
+            (json!(7.0), 7),
+            (json!(" +05 "), 5),
+        ] {
             let request = GenerationRequest::parse(&json!({
                 "prompt": "p", "start_image_url": "https://e.com/a.png", "duration": input
             }))
@@ -1003,6 +1018,8 @@ mod tests {
             json!(16),
             json!("five"),
             json!(5.5),
+            json!(16.0),
+            json!(-3.0),
             json!(true),
         ] {
             let errors = rules(json!({

@@ -29,7 +29,7 @@ use crate::view::{
 };
 
 /// Most ids one re-drive request may name.
-const MAX_REDRIVE_IDS: usize = 1000;
+pub(crate) const MAX_REDRIVE_IDS: usize = 1000;
 /// Most items one page may have.
 const MAX_PAGE: u64 = 1000;
 /// Largest page offset accepted.
@@ -169,17 +169,17 @@ fn accepted<T: serde::Serialize>(location: String, body: T) -> Response {
 /// Submit one job.
 ///
 /// The body is a job, nested (`{"request": {...}, "metadata": {...}}`) or flat (the request's
-/// fields next to the job's). Everything is validated before anything is written. An
-/// `Idempotency-Key` header sets the job's idempotency key: a retry with the same key gets the
-/// first job's id back (`created: false`).
+/// fields next to the job's). Everything is validated before anything is written. A retry with
+/// the same `idempotency_key` gets the first job's id back (`created: false`). The key may
+/// instead be sent as an `Idempotency-Key` header (1 to 255 bytes; given both ways, they must
+/// be equal, else 422). The header is left out of the parameters below because that rule ties
+/// it to the body, which a schema cannot say.
 #[utoipa::path(
     post,
     path = "/v1/jobs",
     tag = "jobs",
     operation_id = "create_job",
     params(
-        ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255,
-            description = "Retries with the same key return the first job."),
         ("traceparent" = Option<String>, Header,
             description = "W3C Trace Context: the job's trace continues the caller's. An invalid value is ignored."),
     ),
@@ -251,8 +251,11 @@ pub(crate) struct BatchQuery {
 ///
 /// The body is a JSON array of jobs (`application/json`), an object `{"jobs": [...],
 /// "webhook_url", "budget_usd", "partial"}` (`application/json`), or JSON Lines, one job per
-/// line (`application/x-ndjson`). Options can also be given as query parameters (not both
-/// ways at once). A batch of more than `api.max_batch_jobs` entries is refused (422, rule
+/// line (`application/x-ndjson`). Options can also be given as query parameters
+/// `webhook_url`, `budget_usd` and `partial` (with the rules of the object form's fields), the
+/// only way for JSON Lines; an option given both ways gets 422. The query parameters are left
+/// out of the parameters below because that rule ties them to the body, which a schema cannot
+/// say. A batch of more than `api.max_batch_jobs` entries is refused (422, rule
 /// `max_items`, naming the limit) before any entry is validated; an entry may be at most
 /// `api.max_job_body_bytes` of JSON, as one job. By default a batch with any invalid job is
 /// rejected whole (422, errors by entry `index`, and `line` for JSON Lines); with `partial` the
@@ -266,7 +269,6 @@ pub(crate) struct BatchQuery {
     tag = "batches",
     operation_id = "create_batch",
     params(
-        BatchQuery,
         ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 200,
             description = "Retries with the same key return the first batch."),
         ("traceparent" = Option<String>, Header,
@@ -847,10 +849,11 @@ fn unavailable() -> ApiError {
     security(()),
     responses((status = 200, description = "The OpenAPI 3.1 document.", body = Object))
 )]
-pub(crate) async fn openapi_json() -> Response {
+pub(crate) async fn openapi_json(State(app): State<AppState>) -> Response {
+    let partitions = app.producer.queue().partitions().len();
     (
         [(header::CONTENT_TYPE, "application/json")],
-        openapi::document(),
+        openapi::document(partitions).to_string(),
     )
         .into_response()
 }

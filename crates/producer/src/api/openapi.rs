@@ -1,19 +1,12 @@
 //! The OpenAPI 3.1 document, generated from the handlers' `#[utoipa::path]` annotations and the
 //! view types. The request bodies are parsed by hand (to report every error with its path), so
-//! their schemas are built here, next to the constants the parser uses.
+//! their schemas are written in `input_schema`, from the constants the parsers use, and put
+//! into the document as it is built ([`document`]).
 
 use std::borrow::Cow;
 
-use klingq_core::job::MAX_METADATA_BYTES;
-use klingq_core::request::{
-    MAX_PROMPT_CHARS, MAX_REFERENCE_IMAGES, MAX_SHOTS, MAX_VOICE_IDS, SHOT_TYPE_CUSTOMIZE,
-};
-use klingq_core::urls::{MAX_DATA_URL_BYTES, MAX_MEDIA_URL_BYTES, MAX_WEBHOOK_URL_BYTES};
 use utoipa::openapi::path::ParameterIn;
-use utoipa::openapi::schema::{
-    AdditionalProperties, AnyOfBuilder, ArrayBuilder, KnownFormat, ObjectBuilder, OneOfBuilder,
-    Ref, Schema, SchemaFormat, SchemaType, Type,
-};
+use utoipa::openapi::schema::{ObjectBuilder, Schema, SchemaType, Type};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::{ComponentsBuilder, RefOr};
 use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
@@ -22,6 +15,8 @@ use crate::api::callbacks::{CallbackReceived, RunflowCallback, RunflowEvent, Run
 use crate::api::history::{HistoryPointView, HistoryView};
 use crate::api::video::VideoLinkView;
 use crate::api::{callbacks, handlers, history, ops, video};
+
+mod input_schema;
 use crate::ops::{
     BatchListPage, EndpointEnabled, EndpointHealth, EndpointList, JobListItem, JobListPage,
     ProviderLimitView, QueueDepth, SpendView, StatsView,
@@ -86,9 +81,9 @@ use klingq_events::{
         SseEvent,
         JobView,
         TimelineView,
-        VideoLinkView,
         HistoryView,
         HistoryPointView,
+        VideoLinkView,
         ProviderView,
         VideoView,
         ErrorView,
@@ -145,15 +140,67 @@ use klingq_events::{
 )]
 pub struct ApiDoc;
 
-/// The document as JSON, built once.
-pub(crate) fn document() -> &'static str {
-    static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DOCUMENT.get_or_init(|| {
-        let mut document =
-            serde_json::to_value(ApiDoc::openapi()).expect("the OpenAPI document serializes");
-        fix_link_keys(&mut document);
-        serde_json::to_string_pretty(&document).expect("the OpenAPI document serializes")
-    })
+/// The document as JSON for a namespace with `partitions` partitions (the event cursor's
+/// shape depends on it), built once per partition count.
+pub(crate) fn document(partitions: usize) -> std::sync::Arc<str> {
+    static DOCUMENTS: std::sync::Mutex<Vec<(usize, std::sync::Arc<str>)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut documents = DOCUMENTS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, document)) = documents.iter().find(|(n, _)| *n == partitions) {
+        return document.clone();
+    }
+    let document: std::sync::Arc<str> = build_document(partitions).into();
+    documents.push((partitions, document.clone()));
+    document
+}
+
+fn build_document(partitions: usize) -> String {
+    let mut document =
+        serde_json::to_value(ApiDoc::openapi()).expect("the OpenAPI document serializes");
+    fix_link_keys(&mut document);
+    if let Some(schemas) = document
+        .pointer_mut("/components/schemas")
+        .and_then(|schemas| schemas.as_object_mut())
+    {
+        for (name, schema) in input_schema::schemas() {
+            schemas.insert(name.to_owned(), schema);
+        }
+    }
+    state_parameter_rules(&mut document, partitions);
+    serde_json::to_string_pretty(&document).expect("the OpenAPI document serializes")
+}
+
+/// The event cursor's parameters (`from`, `Last-Event-ID`), whose shape depends on the
+/// partition count.
+fn state_parameter_rules(document: &mut serde_json::Value, partitions: usize) {
+    let Some(paths) = document.get_mut("paths").and_then(|p| p.as_object_mut()) else {
+        return;
+    };
+    let cursor = input_schema::cursor_pattern(partitions);
+    for (path, item) in paths.iter_mut() {
+        let operations = item
+            .as_object_mut()
+            .into_iter()
+            .flat_map(|item| item.values_mut());
+        let parameters = operations
+            .filter_map(|operation| operation.get_mut("parameters")?.as_array_mut())
+            .flat_map(|parameters| parameters.iter_mut());
+        for parameter in parameters {
+            let name = parameter["name"].as_str().unwrap_or_default().to_owned();
+            let schema = match (path.as_str(), name.as_str()) {
+                ("/v1/events", "Last-Event-ID") => {
+                    serde_json::json!({"type": "string", "pattern": cursor})
+                }
+                ("/v1/events", "from") => {
+                    serde_json::json!({"type": ["string", "null"], "pattern": cursor})
+                }
+                _ => continue,
+            };
+            parameter["schema"] = schema;
+        }
+    }
 }
 
 /// utoipa 5 writes a link's `operationId` and `operationRef` in snake case; OpenAPI spells
@@ -239,250 +286,6 @@ impl Modify for BearerAuth {
     }
 }
 
-fn types(types: &[Type]) -> SchemaType {
-    types.iter().cloned().collect()
-}
-
-fn nullable(kind: Type) -> ObjectBuilder {
-    ObjectBuilder::new().schema_type(types(&[kind, Type::Null]))
-}
-
-fn reference(name: &str) -> RefOr<Schema> {
-    RefOr::Ref(Ref::from_schema_name(name))
-}
-
-fn null() -> ObjectBuilder {
-    ObjectBuilder::new().schema_type(Type::Null)
-}
-
-/// An http(s) or data: URL, case-insensitively.
-const IMAGE_URL_PATTERN: &str = "^([hH][tT][tT][pP][sS]?://|[dD][aA][tT][aA]:)";
-const HTTP_URL_PATTERN: &str = "^[hH][tT][tT][pP][sS]?://";
-/// Free text: no control character but newline and tab (the server refuses `U+0000`-`U+001F`
-/// and `U+007F`-`U+009F` otherwise, rule `control_char`).
-const TEXT_PATTERN: &str = "^[^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F]*$";
-/// An identifier or key: no control character at all.
-const KEY_PATTERN: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$";
-
-fn url(description: &str) -> ObjectBuilder {
-    nullable(Type::String)
-        .pattern(Some(IMAGE_URL_PATTERN))
-        .description(Some(format!(
-            "{description} An http(s) URL (at most {MAX_MEDIA_URL_BYTES} bytes) or a data: URI \
-             (at most {MAX_DATA_URL_BYTES} bytes)."
-        )))
-}
-
-fn prompt(description: &str) -> ObjectBuilder {
-    nullable(Type::String)
-        .max_length(Some(MAX_PROMPT_CHARS))
-        .pattern(Some(TEXT_PATTERN))
-        .description(Some(description))
-}
-
-fn webhook_url(description: &str) -> ObjectBuilder {
-    nullable(Type::String)
-        .pattern(Some(HTTP_URL_PATTERN))
-        .max_length(Some(MAX_WEBHOOK_URL_BYTES))
-        .description(Some(format!(
-            "{description} An http(s) URL the HTTP client can send to, at most \
-             {MAX_WEBHOOK_URL_BYTES} bytes."
-        )))
-}
-
-fn duration() -> RefOr<Schema> {
-    AnyOfBuilder::new()
-        .item(
-            ObjectBuilder::new()
-                .schema_type(Type::String)
-                .description(Some("Seconds as a string, \"3\" to \"15\".")),
-        )
-        .item(
-            ObjectBuilder::new()
-                .schema_type(Type::Integer)
-                .minimum(Some(3))
-                .maximum(Some(15)),
-        )
-        .item(null())
-        .description(Some(
-            "Length of the video in seconds, 3 to 15 (default 5); the provider bills per second.",
-        ))
-        .into()
-}
-
-/// An array, or the same array written as JSON inside a string, or null.
-fn list(
-    items: RefOr<Schema>,
-    min: Option<usize>,
-    max: Option<usize>,
-    description: &str,
-) -> RefOr<Schema> {
-    AnyOfBuilder::new()
-        .item(
-            ArrayBuilder::new()
-                .items(items)
-                .min_items(min)
-                .max_items(max),
-        )
-        .item(
-            ObjectBuilder::new()
-                .schema_type(Type::String)
-                .description(Some("The array written as JSON.")),
-        )
-        .item(null())
-        .description(Some(description))
-        .into()
-}
-
-fn request_properties(builder: ObjectBuilder) -> ObjectBuilder {
-    builder
-        .property(
-            "start_image_url",
-            ObjectBuilder::new()
-                .schema_type(Type::String)
-                .min_length(Some(1))
-                .pattern(Some(IMAGE_URL_PATTERN))
-                .description(Some(format!(
-                    "The first frame: an http(s) URL (at most {MAX_MEDIA_URL_BYTES} bytes) or a \
-                     data: URI (at most {MAX_DATA_URL_BYTES} bytes)."
-                ))),
-        )
-        .property(
-            "prompt",
-            prompt("Text prompt; exactly one of `prompt` and `multi_prompt` is given."),
-        )
-        .property(
-            "multi_prompt",
-            list(
-                reference("PromptShot"),
-                Some(1),
-                Some(MAX_SHOTS),
-                "Shots of a multi-shot video (durations add up to at most 15 s); needs \
-                 `shot_type: customize`.",
-            ),
-        )
-        .property(
-            "voice_ids",
-            list(
-                ObjectBuilder::new()
-                    .schema_type(Type::String)
-                    .pattern(Some(KEY_PATTERN))
-                    .into(),
-                None,
-                Some(MAX_VOICE_IDS),
-                "Voices referenced in the prompt as `<<<voice_1>>>`.",
-            ),
-        )
-        .property(
-            "elements",
-            list(
-                reference("Element"),
-                None,
-                None,
-                "Characters or objects referenced as `@Element1`...; at most one is a video.",
-            ),
-        )
-        .property(
-            "generate_audio",
-            nullable(Type::Boolean).description(Some("Native audio (default true).")),
-        )
-        .property("duration", duration())
-        .property(
-            "shot_type",
-            ObjectBuilder::new()
-                .schema_type(types(&[Type::String, Type::Null]))
-                .enum_values(Some([
-                    serde_json::Value::from(SHOT_TYPE_CUSTOMIZE),
-                    serde_json::Value::Null,
-                ]))
-                .description(Some("Multi-shot mode; required with `multi_prompt`.")),
-        )
-        .property("end_image_url", url("The last frame, optional."))
-        .property(
-            "negative_prompt",
-            prompt("What the model should avoid (default \"blur, distort, and low quality\")."),
-        )
-        .property(
-            "cfg_scale",
-            nullable(Type::Number)
-                .minimum(Some(0))
-                .maximum(Some(1))
-                .description(Some(
-                    "How closely the model follows the prompt (default 0.5).",
-                )),
-        )
-}
-
-fn job_properties(builder: ObjectBuilder) -> ObjectBuilder {
-    builder
-        .property(
-            "metadata",
-            nullable(Type::Object).description(Some(format!(
-                "Any JSON object of yours (at most {MAX_METADATA_BYTES} bytes as JSON), echoed \
-                 in the job and its completion event."
-            ))),
-        )
-        .property(
-            "webhook_url",
-            webhook_url("Where the job's completion event is delivered."),
-        )
-        .property(
-            "idempotency_key",
-            nullable(Type::String)
-                .min_length(Some(1))
-                .max_length(Some(255))
-                .pattern(Some(KEY_PATTERN))
-                .description(Some(
-                    "The same key within 24 h returns the first job instead of a new one.",
-                )),
-        )
-        .property(
-            "priority",
-            ObjectBuilder::new()
-                .schema_type(types(&[Type::String, Type::Null]))
-                .enum_values(Some(
-                    ["high", "normal", "low"]
-                        .into_iter()
-                        .map(serde_json::Value::from)
-                        .chain([serde_json::Value::Null]),
-                ))
-                .description(Some(
-                    "Workers take high before normal before low (default normal).",
-                )),
-        )
-        .property(
-            "not_before",
-            nullable(Type::String)
-                .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime)))
-                .description(Some(
-                    "The job is not submitted before this time (RFC 3339).",
-                )),
-        )
-}
-
-fn example_request() -> serde_json::Value {
-    serde_json::json!({
-        "start_image_url": "https://example.com/cat.png",
-        "prompt": "a cat walks across a sunlit room",
-        "duration": "5",
-        "generate_audio": true
-    })
-}
-
-fn example_flat_job(n: u32) -> serde_json::Value {
-    serde_json::json!({
-        "start_image_url": format!("https://example.com/{n}.png"),
-        "prompt": "a slow dolly shot through a rainy street at night",
-        "duration": "5",
-        "metadata": {"customer": "acme", "row": n},
-        "priority": "normal"
-    })
-}
-
-fn closed(builder: ObjectBuilder) -> ObjectBuilder {
-    builder.additional_properties(Some(AdditionalProperties::<Schema>::FreeForm(false)))
-}
-
 macro_rules! schema {
     ($(#[$doc:meta])* $type:ident, $name:literal, $body:expr) => {
         $(#[$doc])*
@@ -502,111 +305,67 @@ macro_rules! schema {
     };
 }
 
-schema!(
+macro_rules! placeholder {
+    ($(#[$doc:meta])* $type:ident, $name:literal) => {
+        $(#[$doc])*
+        ///
+        /// Registered under its name; its schema is written in `input_schema` and put in
+        /// the served document by [`document`].
+        pub(crate) struct $type;
+
+        impl PartialSchema for $type {
+            fn schema() -> RefOr<Schema> {
+                ObjectBuilder::new().into()
+            }
+        }
+
+        impl ToSchema for $type {
+            fn name() -> Cow<'static, str> {
+                Cow::Borrowed($name)
+            }
+        }
+    };
+}
+
+placeholder!(
     /// The generation request (Kling v3 Pro image-to-video).
     GenerationRequestSchema,
-    "GenerationRequest",
-    closed(request_properties(ObjectBuilder::new().schema_type(Type::Object)))
-        .required("start_image_url")
-        .examples([example_request()])
-        .description(Some(
-            "One image-to-video generation, as the provider's schema gives it. Exactly one of \
-             `prompt` and `multi_prompt`. `null` counts as absent.",
-        ))
-        .into()
+    "GenerationRequest"
 );
-
-schema!(
+placeholder!(
     /// One shot of a multi-shot video.
     PromptShotSchema,
-    "PromptShot",
-    closed(
-        ObjectBuilder::new()
-            .schema_type(Type::Object)
-            .property(
-                "prompt",
-                ObjectBuilder::new()
-                    .schema_type(Type::String)
-                    .max_length(Some(MAX_PROMPT_CHARS))
-                    .pattern(Some(TEXT_PATTERN)),
-            )
-            .property("duration", duration())
-            .required("prompt")
-    )
-    .into()
+    "PromptShot"
 );
-
-schema!(
+placeholder!(
     /// An element: a video, or a frontal image with reference images.
     ElementSchema,
-    "Element",
-    closed(
-        ObjectBuilder::new()
-            .schema_type(Type::Object)
-            .property("frontal_image_url", url("The element's frontal image."))
-            .property(
-                "reference_image_urls",
-                list(
-                    ObjectBuilder::new().schema_type(Type::String).into(),
-                    None,
-                    Some(MAX_REFERENCE_IMAGES),
-                    "1 to 3 reference images, with `frontal_image_url`.",
-                ),
-            )
-            .property("video_url", url("A video element, alone."))
-    )
-    .into()
+    "Element"
 );
-
-schema!(
+placeholder!(
     /// A job in the nested shape.
     NestedJob,
-    "Job",
-    closed(job_properties(
-        ObjectBuilder::new()
-            .schema_type(Type::Object)
-            .property("request", reference("GenerationRequest"))
-    ))
-    .required("request")
-    .examples([serde_json::json!({
-        "request": example_request(),
-        "metadata": {"customer": "acme", "row": 1},
-        "priority": "high"
-    })])
-    .description(Some(
-        "A job: the generation request under `request`, and the job's optional fields.",
-    ))
-    .into()
+    "Job"
 );
-
-schema!(
+placeholder!(
     /// A job in the flat shape.
     FlatJob,
-    "FlatJob",
-    closed(job_properties(request_properties(
-        ObjectBuilder::new().schema_type(Type::Object)
-    )))
-    .required("start_image_url")
-    .examples([example_flat_job(1)])
-    .description(Some(
-        "A job with the request's fields and the job's optional fields side by side; a bare \
-         GenerationRequest is a FlatJob.",
-    ))
-    .into()
+    "FlatJob"
 );
-
-schema!(
+placeholder!(
     /// A job in either shape.
     JobInput,
-    "JobInput",
-    OneOfBuilder::new()
-        .item(reference("Job"))
-        .item(reference("FlatJob"))
-        .description(Some(
-            "A job, nested (`{\"request\": {...}, \"metadata\": ...}`) or flat (the request's \
-             fields next to the job's). Errors name paths in the shape given.",
-        ))
-        .into()
+    "JobInput"
+);
+placeholder!(
+    /// A batch with options, in the object form.
+    BatchObject,
+    "BatchObject"
+);
+placeholder!(
+    /// A batch: an array of jobs, or an object with the jobs and options.
+    BatchInput,
+    "BatchInput"
 );
 
 schema!(
@@ -649,58 +408,5 @@ schema!(
         .required("event")
         .required("data")
         .description(Some("An SSE frame: `id:`, `event:` and `data:` lines."))
-        .into()
-);
-
-schema!(
-    /// A batch with options, in the object form.
-    BatchObject,
-    "BatchObject",
-    closed(
-        ObjectBuilder::new()
-            .schema_type(Type::Object)
-            .property(
-                "jobs",
-                ArrayBuilder::new()
-                    .items(reference("JobInput"))
-                    .min_items(Some(1)),
-            )
-            .property(
-                "webhook_url",
-                webhook_url("The batch's webhook URL, kept in its info."),
-            )
-            .property(
-                "budget_usd",
-                nullable(Type::Number)
-                    .exclusive_minimum(Some(0))
-                    .description(Some("The batch's spending cap in USD.")),
-            )
-            .property(
-                "partial",
-                nullable(Type::Boolean).description(Some(
-                    "Enqueue the valid jobs and report the invalid ones, instead of rejecting \
-                     the batch (default false).",
-                )),
-            )
-            .required("jobs")
-    )
-    .into()
-);
-
-schema!(
-    /// A batch: an array of jobs, or an object with the jobs and options.
-    BatchInput,
-    "BatchInput",
-    OneOfBuilder::new()
-        .item(
-            ArrayBuilder::new()
-                .items(reference("JobInput"))
-                .min_items(Some(1)),
-        )
-        .item(reference("BatchObject"))
-        .examples([
-            serde_json::json!([example_flat_job(1), example_flat_job(2)]),
-            serde_json::json!({"jobs": [example_flat_job(3)], "budget_usd": 10.0, "partial": true}),
-        ])
         .into()
 );
