@@ -1,7 +1,10 @@
-//! `klingq demo`: the whole system in one process on a fresh machine with only Redis running.
+//! `klingq demo`: the whole system in one process on a fresh machine with Redis installed.
 //! The simulator stands in for Runflow and an embedded S3 store (a local folder) for S3, unless
 //! `RUNFLOW_API_KEY` and S3 settings are present; then the real services are used. A worker,
 //! the API with the dashboard, webhook delivery and a local webhook receiver all run here.
+//! When nothing answers at a loopback Redis URL, a private `redis-server` is started (see
+//! [`crate::local_redis`]). The terminal shows the progress bar and warnings; the whole log
+//! (info) goes to `<data dir>/demo.log`.
 
 use std::collections::BTreeMap;
 use std::ops::Not;
@@ -37,9 +40,17 @@ pub(crate) struct DemoArgs {
     /// Keep everything running after the batch (for the dashboard) until Ctrl-C.
     #[arg(long)]
     keep_running: bool,
-    /// Folder of the embedded S3 store.
-    #[arg(long, default_value = ".klingq/demo-s3")]
+    /// Folder of the demo's files: the log (`demo.log`), the embedded S3 store (`s3/`) and a
+    /// private Redis's data (`redis/`).
+    #[arg(long, default_value = ".klingq")]
     data_dir: PathBuf,
+}
+
+impl DemoArgs {
+    /// Where the demo's whole log goes (the terminal shows warnings only).
+    pub(crate) fn log_file(&self) -> PathBuf {
+        self.data_dir.join("demo.log")
+    }
 }
 
 /// What the demo's webhook receiver saw: verified deliveries per event type, and failures.
@@ -95,9 +106,57 @@ async fn receive(
 }
 
 pub(crate) async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<ExitCode> {
+    // Ctrl-C or SIGTERM at any point ends the demo through its stop path (a private Redis is
+    // shut down when `run` returns).
+    let (interrupt_tx, interrupted) = watch::channel(false);
+    tokio::spawn(async move {
+        crate::cli::shutdown_signal().await;
+        let _ = interrupt_tx.send(true);
+    });
     if settings.queue.namespace == "klingq" {
         settings.queue.namespace = "klingq-demo".to_owned();
     }
+    let redis_url = klingq_core::redact_url(&settings.queue.redis_url);
+    let mut local_redis = None;
+    if let Some(url) = crate::local_redis::loopback(&settings.queue.redis_url)
+        && !crate::local_redis::answers(&url).await
+    {
+        let dir = args.data_dir.join("redis");
+        match crate::local_redis::LocalRedis::start(&url, &dir).await {
+            Ok(local) => {
+                println!(
+                    "klingq demo: no Redis at {redis_url}: started a private redis-server on 127.0.0.1:{}, data under {} (it stops when the demo does)",
+                    local.port(),
+                    local.dir.display()
+                );
+                settings.queue.redis_url = local.url.clone();
+                local_redis = Some(local);
+            }
+            Err(crate::local_redis::StartError::NotInstalled) => {
+                eprintln!(
+                    "error: no Redis at {redis_url}, and redis-server is not installed to start a private one."
+                );
+                eprintln!(
+                    "install it (`apt-get install redis-server` or `brew install redis`) and run the demo again,"
+                );
+                eprintln!("or point KLINGQ_REDIS_URL at a Redis.");
+                return Ok(ExitCode::from(2));
+            }
+            Err(crate::local_redis::StartError::Failed(error)) => {
+                return Err(error.context(format!("no Redis at {redis_url}")));
+            }
+        }
+    }
+    let result = demo(args, settings, interrupted).await;
+    drop(local_redis);
+    result
+}
+
+async fn demo(
+    args: DemoArgs,
+    mut settings: Settings,
+    interrupted: watch::Receiver<bool>,
+) -> anyhow::Result<ExitCode> {
     let redis_url = klingq_core::redact_url(&settings.queue.redis_url);
     let queue = match Queue::connect(settings.queue.clone()).await {
         Ok(queue) => queue,
@@ -159,7 +218,8 @@ pub(crate) async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Resul
         .await
         .context("starting the simulator")?;
         callback_secrets.push(klingq_core::Secret::new(callback_secret));
-        let s3 = crate::embedded_s3::start(&args.data_dir).await?;
+        let s3_dir = args.data_dir.join("s3");
+        let s3 = crate::embedded_s3::start(&s3_dir).await?;
         let mut provider = klingq_provider::ProviderConfig::for_tests(sim.base_url(), "demo-key");
         provider.deadline = Duration::from_secs(120);
         provider.callback_url = Some(format!("{api_url}{}", klingq_producer::CALLBACK_PATH));
@@ -176,7 +236,7 @@ pub(crate) async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Resul
         println!(
             "klingq demo: no RUNFLOW_API_KEY and S3 settings: using the simulator ({}) and an embedded S3 store in {}",
             sim.base_url(),
-            args.data_dir.display()
+            s3_dir.display()
         );
         _sim = Some(sim);
         _s3 = Some(s3);
@@ -254,41 +314,23 @@ pub(crate) async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Resul
     let batch_id = accepted.id.clone();
     println!("enqueued batch {batch_id} with {} jobs", args.jobs);
 
-    let started = Instant::now();
-    let batch = loop {
-        let batch = producer
-            .batch(&batch_id)
-            .await
-            .map_err(|error| anyhow::anyhow!("reading the batch: {error}"))?;
-        let count = |state: &str| batch.counts.get(state).copied().unwrap_or(0);
-        let in_flight: u64 = [
-            "submitting",
-            "generating",
-            "downloading",
-            "uploading",
-            "publishing",
-        ]
-        .iter()
-        .map(|s| count(s))
-        .sum();
-        println!(
-            "  {:>5.1} s  done {}/{}  failed {}  in flight {}  waiting {}  spend ${:.2}",
-            started.elapsed().as_secs_f64(),
-            count("succeeded"),
-            batch.total,
-            count("failed") + count("dead") + count("cancelled"),
-            in_flight,
-            count("queued") + count("scheduled"),
-            batch.charged_usd
-        );
-        if batch.done {
-            break batch;
+    let progress = tokio::time::timeout(
+        Duration::from_secs(600),
+        crate::progress::wait_for_batch(&producer, &batch_id, 0.5, false),
+    );
+    let mut interrupt = interrupted.clone();
+    let batch = tokio::select! {
+        batch = progress => batch
+            .map_err(|_| anyhow::anyhow!("the batch did not finish in 10 minutes"))?
+            .map_err(|error| anyhow::anyhow!("reading the batch: {error}"))?,
+        _ = interrupt.wait_for(|stop| *stop) => {
+            println!("interrupted: stopping");
+            let _ = stop_tx.send(true);
+            let _ = worker_task.await;
+            let _ = webhook_task.await;
+            let _ = api_task.await;
+            return Ok(ExitCode::from(130));
         }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(600),
-            "the batch did not finish in 10 minutes"
-        );
-        tokio::time::sleep(Duration::from_millis(750)).await;
     };
     // Webhooks are asynchronous: give the last ones a moment.
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -365,12 +407,19 @@ pub(crate) async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Resul
         if use_real {
             "S3".to_owned()
         } else {
-            args.data_dir.display().to_string()
+            args.data_dir.join("s3").display().to_string()
         }
     );
+    if args.log_file().exists() {
+        println!(
+            "  log             {} (info; the terminal shows warnings, RUST_LOG overrides)",
+            args.log_file().display()
+        );
+    }
     if args.keep_running {
         println!("running until Ctrl-C");
-        crate::cli::shutdown_signal().await;
+        let mut interrupt = interrupted.clone();
+        let _ = interrupt.wait_for(|stop| *stop).await;
     }
     let _ = stop_tx.send(true);
     let _ = worker_task.await;

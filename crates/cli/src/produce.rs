@@ -5,14 +5,13 @@
 //! Exit codes: 0 success, 2 invalid input (every error on stderr, and with `--json` the API's
 //! error body on stdout), 1 anything else.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use klingq_core::{CostModel, JobState, ValidationErrors};
+use klingq_core::{CostModel, ValidationErrors};
 use klingq_producer::input::{json_lines, json_lines_text, parse_csv, parse_job};
 use klingq_producer::view::{
     BatchView, ErrorBody, ErrorDetail, ErrorInfo, EventView, JobPage, JobView,
@@ -692,7 +691,9 @@ async fn submit(args: SubmitArgs, settings: &Settings, cost: CostModel) -> anyho
     }
     std::io::stdout().flush()?;
     if args.wait {
-        let batch = wait_for_batch(&producer, &accepted.id, args.interval, args.json).await?;
+        let batch =
+            crate::progress::wait_for_batch(&producer, &accepted.id, args.interval, args.json)
+                .await?;
         if args.json {
             print_json(&batch)?;
         } else {
@@ -714,63 +715,6 @@ fn describe_detail(detail: &ErrorDetail) -> String {
         &detail.path
     };
     format!("{place}{path}: {} [{}]", detail.message, detail.rule)
-}
-
-/// Shows progress until the batch is done: a bar on a terminal, a line now and then otherwise.
-async fn wait_for_batch(
-    producer: &Producer,
-    id: &str,
-    interval: f64,
-    quiet_lines: bool,
-) -> anyhow::Result<BatchView> {
-    let interval = Duration::from_secs_f64(interval.clamp(0.05, 3600.0));
-    let terminal = std::io::stderr().is_terminal();
-    let bar = terminal.then(|| {
-        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
-        bar.set_style(
-            ProgressStyle::with_template("{elapsed_precise} [{bar:20}] {pos}/{len} {wide_msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        bar
-    });
-    let mut last_line = String::new();
-    let mut last_printed = tokio::time::Instant::now();
-    loop {
-        let batch = producer.batch(id).await?;
-        let line = progress_line(&batch);
-        if let Some(bar) = &bar {
-            bar.set_length(batch.total);
-            bar.set_position(batch.terminal);
-            bar.set_message(line.clone());
-        } else if !quiet_lines
-            && (line != last_line || last_printed.elapsed() >= Duration::from_secs(30))
-        {
-            eprintln!("{}/{} {line}", batch.terminal, batch.total);
-            last_line = line;
-            last_printed = tokio::time::Instant::now();
-        }
-        if batch.done {
-            if let Some(bar) = &bar {
-                bar.finish_and_clear();
-            }
-            return Ok(batch);
-        }
-        tokio::time::sleep(interval).await;
-    }
-}
-
-fn progress_line(batch: &BatchView) -> String {
-    let failed = batch.count(JobState::Failed) + batch.count(JobState::Dead);
-    format!(
-        "done {} · failed {} · cancelled {} · in flight {} · spent ${:.2} of ~${:.2}",
-        batch.count(JobState::Succeeded),
-        failed,
-        batch.count(JobState::Cancelled),
-        batch.in_flight,
-        batch.charged_usd,
-        batch.estimated_usd
-    )
 }
 
 fn batch_table(batch: &BatchView) -> String {

@@ -69,6 +69,13 @@ pub struct TelemetryConfig {
     pub service_name: String,
     /// The name of the process's role (`klingq-worker`, `klingq-api`, ...).
     pub default_service_name: String,
+    /// Colour codes in the log lines on stderr: set it only when stderr is a terminal.
+    pub ansi: bool,
+    /// Without `RUST_LOG`, stderr shows warnings and errors only (`log_file` has the rest).
+    pub quiet: bool,
+    /// A file that also receives the logs, at the default levels whatever `RUST_LOG` says,
+    /// without colour.
+    pub log_file: Option<std::sync::Arc<std::fs::File>>,
 }
 
 impl TelemetryConfig {
@@ -131,9 +138,16 @@ pub fn init(config: &TelemetryConfig) -> (Telemetry, Option<TelemetryError>) {
         .collect::<Vec<_>>()
         .join(",");
     // RUST_LOG filters the logs only: spans are exported whatever it says.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let terminal_default = if config.quiet {
+        "warn,redis=error"
+    } else {
+        &default
+    };
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(terminal_default));
     let logs = match config.log_format {
         LogFormat::Human => tracing_subscriber::fmt::layer()
+            .with_ansi(config.ansi)
             .with_writer(std::io::stderr)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
@@ -142,7 +156,23 @@ pub fn init(config: &TelemetryConfig) -> (Telemetry, Option<TelemetryError>) {
             .with_writer(std::io::stderr)
             .boxed(),
     };
-    let registry = tracing_subscriber::registry().with(logs.with_filter(filter));
+    let file_logs = config.log_file.clone().map(|file| {
+        let layer = match config.log_format {
+            LogFormat::Human => tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(file)
+                .boxed(),
+            LogFormat::Json => tracing_subscriber::fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_writer(file)
+                .boxed(),
+        };
+        layer.with_filter(EnvFilter::new(&default))
+    });
+    let registry = tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(file_logs);
 
     #[cfg(feature = "otlp")]
     {
