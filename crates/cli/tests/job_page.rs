@@ -29,6 +29,21 @@ async fn get(client: &reqwest::Client, url: String) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// Enqueues one job through the API; its id.
+async fn enqueue(client: &reqwest::Client, api: &str, prompt: &str, hook_url: &str) -> String {
+    let created: Value = client
+        .post(format!("{api}/v1/jobs"))
+        .json(&json!({"start_image_url": "https://example.com/a.png",
+            "prompt": prompt, "webhook_url": hook_url}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    created["id"].as_str().unwrap().to_owned()
+}
+
 /// The states of a job view's timeline, in order.
 fn states(view: &Value) -> Vec<&str> {
     view["timeline"]
@@ -101,17 +116,7 @@ async fn a_jobs_page_has_its_timeline_a_playable_video_and_its_deliveries() {
 
     // One job whose creates answer 503 six times: more than one attempt's in-call retries
     // (5), so the job is retried, then succeeds.
-    let created: Value = client
-        .post(format!("{api}/v1/jobs"))
-        .json(&json!({"start_image_url": "https://example.com/a.png",
-            "prompt": "a page of its own [[sim:503:6]]", "webhook_url": hook_url}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = created["id"].as_str().unwrap().to_owned();
+    let id = enqueue(&client, &api, "a page of its own [[sim:503:6]]", &hook_url).await;
     let view = wait_for("the job to succeed", WAIT, || {
         let client = client.clone();
         let url = format!("{api}/v1/jobs/{id}");
@@ -191,17 +196,7 @@ async fn a_jobs_page_has_its_timeline_a_playable_video_and_its_deliveries() {
     assert_eq!(status, 404, "{missing}");
 
     // The job's deliveries, and only its.
-    let other: Value = client
-        .post(format!("{api}/v1/jobs"))
-        .json(&json!({"start_image_url": "https://example.com/b.png",
-            "prompt": "another", "webhook_url": hook_url}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let other_id = other["id"].as_str().unwrap().to_owned();
+    let other_id = enqueue(&client, &api, "another", &hook_url).await;
     wait_for("the other job's delivery", WAIT, || {
         let client = client.clone();
         let url = format!("{api}/v1/webhooks/deliveries?job_id={other_id}");
