@@ -5,3 +5,4 @@ mod failover;
 mod pipeline;
 mod queue_processes;
 mod ssrf;
+mod tenants;

@@ -216,6 +216,10 @@ pub struct JobSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub not_before: Option<OffsetDateTime>,
+    /// The customer the job is for (`default` when absent): its share of the provider, its
+    /// limits and its budget (see [`crate::tenant`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 impl JobSpec {
@@ -227,7 +231,15 @@ impl JobSpec {
             idempotency_key: None,
             priority: Priority::Normal,
             not_before: None,
+            tenant: None,
         }
+    }
+
+    /// The job's tenant: the one it names, or [`crate::DEFAULT_TENANT`].
+    pub fn tenant(&self) -> &str {
+        self.tenant
+            .as_deref()
+            .unwrap_or(crate::tenant::DEFAULT_TENANT)
     }
 
     /// Checks the request and the job's own fields, naming each path (`request.prompt`, ...).
@@ -264,6 +276,9 @@ impl JobSpec {
             && let Err(error) = crate::urls::check_webhook_url(url)
         {
             errors.push("webhook_url", error.rule, error.message);
+        }
+        if let Some(tenant) = &self.tenant {
+            crate::tenant::validate_tenant_name(&mut errors, "tenant", tenant);
         }
         if let Some(key) = &self.idempotency_key {
             if key.is_empty() || key.len() > 255 {

@@ -11,6 +11,7 @@ pub mod job;
 pub mod request;
 pub mod scrub;
 pub mod secret;
+pub mod tenant;
 pub mod trace;
 pub mod urls;
 pub mod validation;
@@ -24,5 +25,6 @@ pub use job::{
 pub use request::{Element, GenerationRequest, PromptShot, VideoDuration};
 pub use scrub::scrub;
 pub use secret::{Secret, SignedUrl, redact_url};
+pub use tenant::{DEFAULT_TENANT, TenantPolicy};
 pub use trace::TraceParent;
 pub use validation::{FieldError, ValidationErrors};

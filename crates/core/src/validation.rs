@@ -11,7 +11,7 @@ pub struct FieldError {
     /// Path of the offending field, dotted with `[index]` for array items. Empty for the root.
     pub path: String,
     /// Stable rule code: `required`, `type`, `unknown_field`, `exclusive`, `one_of`, `range`,
-    /// `max_length`, `min_items`, `max_items`, `url`, `sum`, `element_kind`, `control_char`.
+    /// `max_length`, `min_items`, `max_items`, `url`, `sum`, `element_kind`, `control_char`, `pattern`.
     pub rule: String,
     /// A sentence saying what is wrong and what is accepted.
     pub message: String,

@@ -189,6 +189,7 @@ fn parse_object(
         idempotency_key,
         priority,
         not_before,
+        tenant: string_field(&mut errors, "tenant"),
     };
     if let Err(own) = spec.validate() {
         own.into_iter()

@@ -343,6 +343,7 @@ impl Producer {
             estimated_micros: self.estimate_micros(spec),
             max_attempts: None,
             trace: None,
+            tenant: spec.tenant.clone(),
         })
     }
 

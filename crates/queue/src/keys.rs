@@ -57,9 +57,24 @@ shapes! {
     LIMIT = "limit", "limit:{}";
     /// Hash of a shared limit's adaptive cap (`cap`, `recover_at`, `period`).
     LIMIT_CAP = "limit_cap", "limit:{}:cap";
-    /// Sorted set of the jobs waiting for a slot of a shared limit (score: when they first
-    /// waited); a release wakes the first.
-    LIMIT_WAITERS = "limit_waiters", "limit:{}:waiters";
+    /// Sorted set of one tenant's jobs waiting for a slot of a shared limit (score: priority
+    /// rank × 10^13 + when they first waited); the fair share picks the tenant, this the job.
+    LIMIT_WAITING = "limit_waiting", "limit:{}:waiting:{}";
+    /// Sorted set of the tenants with jobs waiting for a slot of a shared limit (score: the
+    /// tenant's virtual time, micro-dollars started per unit of weight).
+    LIMIT_TENANTS = "limit_tenants", "limit:{}:tenants";
+    /// Hash of a shared limit's fair-share state: per tenant `vt:<t>` (virtual time),
+    /// `inflight:<t>`, `started:<t>` (micro-dollars started), `policy:<t>` (`weight cap`);
+    /// `v` (the virtual start of the last run started), `max` and `lease` (ms).
+    LIMIT_FAIR = "limit_fair", "limit:{}:fair";
+    /// Hash of a shared limit's holders and waiters: member to `tenant micros`.
+    LIMIT_HELD = "limit_held", "limit:{}:held";
+    /// Hash of the tenant policies operators set through the API: name to JSON.
+    TENANTS = "tenants", "tenants";
+    /// Hash of the estimated spend each tenant reserved on one UTC day (micro-dollars).
+    TENANT_DAY = "tenant_day", "budget:day:{}:tenants";
+    /// Hash of what each tenant was charged on one UTC day (micro-dollars), per partition.
+    TENANT_CHARGED = "tenant_charged", "tenants:charged:{}";
     /// Hash of one provider run: `job` (the job it belongs to) and `cb` (the status its last
     /// callback reported). Global (partition 0): a callback names only the run.
     RUN = "run", "run:{}";
@@ -213,9 +228,39 @@ impl Keys {
         self.key(LIMIT_CAP, &[name])
     }
 
-    /// See [`LIMIT_WAITERS`].
-    pub fn limit_waiters(&self, name: &str) -> String {
-        self.key(LIMIT_WAITERS, &[name])
+    /// See [`LIMIT_WAITING`].
+    pub fn limit_waiting(&self, name: &str, tenant: &str) -> String {
+        self.key(LIMIT_WAITING, &[name, tenant])
+    }
+
+    /// See [`LIMIT_TENANTS`].
+    pub fn limit_tenants(&self, name: &str) -> String {
+        self.key(LIMIT_TENANTS, &[name])
+    }
+
+    /// See [`LIMIT_FAIR`].
+    pub fn limit_fair(&self, name: &str) -> String {
+        self.key(LIMIT_FAIR, &[name])
+    }
+
+    /// See [`LIMIT_HELD`].
+    pub fn limit_held(&self, name: &str) -> String {
+        self.key(LIMIT_HELD, &[name])
+    }
+
+    /// See [`TENANTS`].
+    pub fn tenants(&self) -> String {
+        self.key(TENANTS, &[])
+    }
+
+    /// See [`TENANT_DAY`].
+    pub fn tenant_day(&self, day: &str) -> String {
+        self.key(TENANT_DAY, &[day])
+    }
+
+    /// See [`TENANT_CHARGED`].
+    pub fn tenant_charged(&self, day: &str) -> String {
+        self.key(TENANT_CHARGED, &[day])
     }
 
     /// See [`RUN`].

@@ -4,9 +4,13 @@
 
 use std::time::Duration;
 
+use klingq_core::Priority;
+use redis::Value;
+
 use crate::error::QueueError;
 use crate::keys::day_stamp;
 use crate::queue::Queue;
+use crate::queue::value_string;
 use crate::scripts;
 
 /// The state of a shared limit after an acquire.
@@ -18,6 +22,8 @@ pub struct SlotStatus {
     pub in_use: u64,
     /// The live cap (at most the configured maximum; lower after throttling).
     pub cap: u64,
+    /// Why the holder did not get a slot (`None` when it did).
+    pub wait: Option<SlotWait>,
 }
 
 /// The outcome of a budget reservation.
@@ -28,62 +34,139 @@ pub enum BudgetDecision {
     OverDailyBudget {
         spent_micros: u64,
     },
+    /// The tenant's spend today plus this job would pass the tenant's daily budget.
+    OverTenantBudget {
+        spent_micros: u64,
+    },
     /// The batch's committed spend plus this job would pass the batch budget.
     OverBatchBudget {
         committed_micros: u64,
     },
 }
 
+/// Who asks for a slot of a shared limit: the tenant whose share it counts against, what the
+/// run is estimated to cost (the fair share is in dollars), and the tenant's policy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlotClaim<'a> {
+    pub tenant: &'a str,
+    pub micros: u64,
+    /// The tenant's weight (relative share; more than 0).
+    pub weight: f64,
+    /// Slots the tenant may hold at once (0: only the limit's cap).
+    pub max_concurrency: u64,
+    /// Orders the tenant's own waiters.
+    pub priority: Priority,
+}
+
+impl SlotClaim<'_> {
+    /// A claim of the default tenant with the default policy (tools, tests).
+    pub fn anonymous() -> SlotClaim<'static> {
+        SlotClaim {
+            tenant: klingq_core::DEFAULT_TENANT,
+            micros: 0,
+            weight: 1.0,
+            max_concurrency: 0,
+            priority: Priority::Normal,
+        }
+    }
+}
+
+/// Why a holder did not get a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotWait {
+    /// Every slot is held.
+    Full,
+    /// The tenant holds its `max_concurrency`.
+    TenantLimit,
+    /// A slot is free but another tenant is further below its share; this one waits its turn.
+    OtherTenantsTurn,
+}
+
 impl Queue {
-    /// Takes or renews `holder`'s slot in the shared limit `name` for `lease`.
+    /// Takes back `holder`'s slot in the shared limit `name` for `lease` when it lapsed (a run
+    /// that exists), if one is free, charging nothing to the fair share; renews it if held.
     pub async fn acquire_slot(
         &self,
         name: &str,
         holder: &str,
+        claim: SlotClaim<'_>,
         lease: Duration,
         max: u64,
     ) -> Result<SlotStatus, QueueError> {
-        self.acquire_slot_as(name, holder, lease, max, false).await
+        self.acquire_slot_as(name, holder, claim, lease, max, false)
+            .await
     }
 
-    /// Takes or renews `holder`'s slot like [`Queue::acquire_slot`]; a holder turned away
-    /// (a job id) joins the limit's waiters, and the next release wakes the first of them
-    /// ([`Queue::wake`]), so a job waiting in the delayed set takes a freed slot at once
-    /// instead of at its next try.
+    /// Takes or renews `holder`'s slot in fair order: a holder turned away (a job id) joins
+    /// its tenant's waiters, and free slots go to the waiter of the tenant furthest below its
+    /// weighted share of dollars started (see `slot_acquire.lua`); the waiters given a slot
+    /// are woken ([`Queue::wake`]), so they take it at once instead of at their next try.
     pub async fn acquire_slot_or_wait(
         &self,
         name: &str,
         holder: &str,
+        claim: SlotClaim<'_>,
         lease: Duration,
         max: u64,
     ) -> Result<SlotStatus, QueueError> {
-        self.acquire_slot_as(name, holder, lease, max, true).await
+        self.acquire_slot_as(name, holder, claim, lease, max, true)
+            .await
     }
 
     async fn acquire_slot_as(
         &self,
         name: &str,
         holder: &str,
+        claim: SlotClaim<'_>,
         lease: Duration,
         max: u64,
         wait: bool,
     ) -> Result<SlotStatus, QueueError> {
+        let rank = Priority::ALL
+            .iter()
+            .position(|p| *p == claim.priority)
+            .unwrap_or(1) as u64;
+        let weight = if claim.weight.is_finite() && claim.weight > 0.0 {
+            claim.weight
+        } else {
+            1.0
+        };
         let cmd = self.call(
             &scripts::SLOT_ACQUIRE,
             0,
             &SlotAcquireHeader {
                 name,
                 holder,
+                tenant: claim.tenant,
+                micros: claim.micros,
+                weight: weight.to_string(),
+                tenant_max: claim.max_concurrency,
+                rank,
                 lease_ms: lease.as_millis() as u64,
                 max: max.max(1),
                 wait,
             },
         );
-        let (acquired, in_use, cap): (i64, u64, u64) = self.run_script(cmd).await?;
+        let reply: Vec<Value> = self.run_script(cmd).await?;
+        let int = |i: usize| match reply.get(i) {
+            Some(Value::Int(n)) => *n as u64,
+            _ => 0,
+        };
+        let why = reply.get(3).and_then(value_string).unwrap_or_default();
+        let granted: Vec<String> = reply.iter().skip(4).filter_map(value_string).collect();
+        if !granted.is_empty() {
+            self.wake_granted(name, granted).await;
+        }
         Ok(SlotStatus {
-            acquired: acquired == 1,
-            in_use,
-            cap,
+            acquired: int(0) == 1,
+            in_use: int(1),
+            cap: int(2),
+            wait: match why.as_str() {
+                "full" => Some(SlotWait::Full),
+                "tenant" => Some(SlotWait::TenantLimit),
+                "turn" => Some(SlotWait::OtherTenantsTurn),
+                _ => None,
+            },
         })
     }
 
@@ -136,6 +219,19 @@ impl Queue {
         holder: &str,
         fence_ms: u64,
     ) -> Result<bool, QueueError> {
+        let (removed, granted) = self.release_slot_once(name, holder, fence_ms).await?;
+        if !granted.is_empty() {
+            self.wake_granted(name, granted).await;
+        }
+        Ok(removed)
+    }
+
+    async fn release_slot_once(
+        &self,
+        name: &str,
+        holder: &str,
+        fence_ms: u64,
+    ) -> Result<(bool, Vec<String>), QueueError> {
         let cmd = self.call(
             &scripts::SLOT_RELEASE,
             0,
@@ -145,33 +241,37 @@ impl Queue {
                 fence: fence_ms,
             },
         );
-        let (removed, waiter): (i64, String) = self.run_script(cmd).await?;
-        if !waiter.is_empty() {
-            self.wake_waiters(name, waiter).await;
-        }
-        Ok(removed == 1)
+        let reply: Vec<Value> = self.run_script(cmd).await?;
+        let removed = matches!(reply.first(), Some(Value::Int(1)));
+        Ok((
+            removed,
+            reply.iter().skip(1).filter_map(value_string).collect(),
+        ))
     }
 
-    /// Wakes a waiter for a freed slot; one that is gone (cancelled, finished) hands the
-    /// wake on to the next, a few times at most. Best effort: a waiter that is not woken
-    /// still tries again at the end of its wait.
-    async fn wake_waiters(&self, name: &str, mut waiter: String) {
-        const MAX_HANDOFFS: usize = 8;
-        for _ in 0..MAX_HANDOFFS {
+    /// Wakes the waiters the fair share gave a slot to. A waiter that is gone (cancelled,
+    /// finished) gives its slot back, which hands it to the next, a few times at most. Best
+    /// effort: a waiter that is not woken finds its slot when its wait ends, and a slot no
+    /// one takes lapses after its lease.
+    async fn wake_granted(&self, name: &str, granted: Vec<String>) {
+        const MAX_HANDOFFS: usize = 16;
+        let mut todo = granted;
+        let mut handoffs = 0;
+        while let Some(waiter) = todo.pop() {
             match self.wake(&waiter, "a provider slot was freed").await {
-                Ok(crate::WakeOutcome::Gone) => {}
-                Ok(_) => return,
+                Ok(crate::WakeOutcome::Gone) if handoffs < MAX_HANDOFFS => {
+                    handoffs += 1;
+                    match self.release_slot_once(name, &waiter, 0).await {
+                        Ok((_, more)) => todo.extend(more),
+                        Err(error) => {
+                            tracing::debug!(%error, waiter, "giving back a gone waiter's slot failed; it lapses after its lease");
+                        }
+                    }
+                }
+                Ok(_) => {}
                 Err(error) => {
                     tracing::debug!(%error, waiter, "waking a slot waiter failed; it tries again on its own");
-                    return;
                 }
-            }
-            let next: Result<Vec<String>, QueueError> = self
-                .query(redis::cmd("ZPOPMIN").arg(self.keys().limit_waiters(name)))
-                .await;
-            match next {
-                Ok(popped) if !popped.is_empty() => waiter = popped[0].clone(),
-                _ => return,
             }
         }
     }
@@ -219,6 +319,8 @@ impl Queue {
         job_id: &str,
         micros: u64,
         daily_limit_micros: u64,
+        tenant: &str,
+        tenant_daily_micros: u64,
     ) -> Result<BudgetDecision, QueueError> {
         let day = day_stamp(time::OffsetDateTime::now_utc().date());
         let p = self.partitions().of(job_id);
@@ -231,12 +333,17 @@ impl Queue {
                     day: &day,
                     micros,
                     daily: daily_limit_micros,
+                    tenant,
+                    tenant_daily: tenant_daily_micros,
                     mode,
                 },
             )
         };
         let decide = |decision: &str, spent: u64, committed: u64| match decision {
             "daily" => BudgetDecision::OverDailyBudget {
+                spent_micros: spent,
+            },
+            "tenant" => BudgetDecision::OverTenantBudget {
                 spent_micros: spent,
             },
             "batch" => BudgetDecision::OverBatchBudget {
@@ -255,9 +362,15 @@ impl Queue {
             return Ok(BudgetDecision::Reserved);
         }
         let (decision, spent, new) = self
-            .budget_day(job_id, &day, micros, daily_limit_micros, "reserve")
+            .budget_day(
+                job_id,
+                &day,
+                micros,
+                (daily_limit_micros, tenant, tenant_daily_micros),
+                "reserve",
+            )
             .await?;
-        if decision == "daily" {
+        if decision == "daily" || decision == "tenant" {
             return Ok(decide(&decision, spent, 0));
         }
         let (decision, _, committed): (String, u64, u64) =
@@ -265,7 +378,8 @@ impl Queue {
         // Refused by the batch: today's reservation is given back (whichever call made it).
         // Reserved meanwhile by another attempt: only what this call added goes back.
         if decision == "batch" || (decision == "already" && new == 1) {
-            self.budget_day(job_id, &day, micros, 0, "release").await?;
+            self.budget_day(job_id, &day, micros, (0, tenant, 0), "release")
+                .await?;
         }
         Ok(decide(&decision, spent, committed))
     }
@@ -275,7 +389,7 @@ impl Queue {
         job_id: &str,
         day: &str,
         micros: u64,
-        daily_limit_micros: u64,
+        (daily_limit_micros, tenant, tenant_daily_micros): (u64, &str, u64),
         op: &str,
     ) -> Result<(String, u64, u64), QueueError> {
         let cmd = self.call(
@@ -286,6 +400,8 @@ impl Queue {
                 day,
                 micros,
                 daily: daily_limit_micros,
+                tenant,
+                tenant_daily: tenant_daily_micros,
                 op,
             },
         );
@@ -340,6 +456,11 @@ crate::wire::record! {
     struct SlotAcquireHeader<'a> {
         name: &'a str,
         holder: &'a str,
+        tenant: &'a str,
+        micros: u64,
+        weight: String,
+        tenant_max: u64,
+        rank: u64,
         lease_ms: u64,
         max: u64,
         wait: bool,
@@ -371,6 +492,8 @@ crate::wire::record! {
         day: &'a str,
         micros: u64,
         daily: u64,
+        tenant: &'a str,
+        tenant_daily: u64,
         mode: &'a str,
     }
 }
@@ -382,6 +505,8 @@ crate::wire::record! {
         day: &'a str,
         micros: u64,
         daily: u64,
+        tenant: &'a str,
+        tenant_daily: u64,
         op: &'a str,
     }
 }

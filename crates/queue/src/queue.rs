@@ -39,6 +39,8 @@ pub struct NewJob {
     /// The span that enqueued the job: every attempt and every webhook of the job continue
     /// its trace.
     pub trace: Option<TraceParent>,
+    /// The job's tenant (`None`: `default`), kept on the job for per-tenant counts.
+    pub tenant: Option<String>,
 }
 
 impl NewJob {
@@ -53,6 +55,7 @@ impl NewJob {
             estimated_micros: 0,
             max_attempts: None,
             trace: None,
+            tenant: None,
         })
     }
 }
@@ -422,6 +425,7 @@ impl Queue {
                 idem: job.idempotency_key.as_deref(),
                 est_micros: job.estimated_micros,
                 trace: job.trace.map(|t| t.to_string()),
+                tenant: job.tenant.as_deref(),
             })
             .collect();
         self.call_items(
@@ -1113,6 +1117,7 @@ wire::record! {
         idem: Option<&'a str>,
         est_micros: u64,
         trace: Option<String>,
+        tenant: Option<&'a str>,
     }
 }
 

@@ -1152,3 +1152,6 @@ mod parking;
 
 #[path = "it/cost.rs"]
 mod cost;
+
+#[path = "it/fair_share.rs"]
+mod fair_share;

@@ -1,6 +1,9 @@
 //! Worker settings. Every field has a default; `config/default.toml` documents them.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
+
+use klingq_core::TenantPolicy;
 
 use serde::{Deserialize, Serialize};
 
@@ -40,6 +43,8 @@ pub struct WorkerConfig {
     pub budget_wait_secs: u64,
     /// USD per second of video, for estimates (Kling v3 Pro on Runflow: 0.14).
     pub usd_per_second: f64,
+    /// The settings file's tenant policies (`[tenants.NAME]`); the API's override them.
+    pub tenants: BTreeMap<String, TenantPolicy>,
 }
 
 impl Default for WorkerConfig {
@@ -61,6 +66,7 @@ impl Default for WorkerConfig {
             daily_budget_usd: 0.0,
             budget_wait_secs: 300,
             usd_per_second: 0.14,
+            tenants: BTreeMap::new(),
         }
     }
 }

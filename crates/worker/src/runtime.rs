@@ -72,6 +72,7 @@ impl Worker {
             metrics: Arc::new(PipelineMetrics::default()),
             slots: SlotReleaser::new(queue.clone(), PROVIDER_LIMIT, settings.worker.limit_lease()),
             gen_times: GenTimes::default(),
+            tenants: Default::default(),
         });
         Ok(Self {
             queue,

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use klingq_queue::{Queue, QueueConfig};
+use klingq_queue::{Queue, QueueConfig, SlotClaim};
 use klingq_testkit::redis::{RedisServer, unique_namespace};
 use klingq_testkit::wait_for;
 use klingq_worker::SlotReleaser;
@@ -26,7 +26,7 @@ async fn releases_that_fail_during_an_outage_are_done_when_redis_returns() {
     holders.push("again".to_owned());
     for holder in &holders {
         let slot = queue
-            .acquire_slot(PROVIDER_LIMIT, holder, LEASE, 11)
+            .acquire_slot(PROVIDER_LIMIT, holder, SlotClaim::anonymous(), LEASE, 11)
             .await
             .unwrap();
         assert!(slot.acquired);
@@ -57,7 +57,13 @@ async fn releases_that_fail_during_an_outage_are_done_when_redis_returns() {
             let queue = queue.clone();
             async move {
                 queue
-                    .acquire_slot(PROVIDER_LIMIT, "again", LEASE * 2, 11)
+                    .acquire_slot(
+                        PROVIDER_LIMIT,
+                        "again",
+                        SlotClaim::anonymous(),
+                        LEASE * 2,
+                        11,
+                    )
                     .await
                     .ok()
             }
@@ -108,7 +114,7 @@ async fn a_fenced_release_keeps_a_slot_taken_after_the_fence() {
     .await
     .unwrap();
     queue
-        .acquire_slot(PROVIDER_LIMIT, "job", LEASE, 4)
+        .acquire_slot(PROVIDER_LIMIT, "job", SlotClaim::anonymous(), LEASE, 4)
         .await
         .unwrap();
     let now = klingq_core::job::now_ms();

@@ -1,9 +1,10 @@
 -- Reserves a job's estimated cost against its batch's budget and (mode 'all') the daily
--- budget, once per job and life. A: id, day (YYYYMMDD), micros, daily (limit in micros, 0:
--- none), mode: 'all' (the job lives in partition 0, with the daily budget), 'check' (only
+-- budget and its tenant's, once per job and life. A: id, day (YYYYMMDD), micros, daily (limit
+-- in micros, 0: none), tenant, tenant_daily (the tenant's limit in micros, 0: none), mode: 'all' (the job lives in partition 0, with the daily budget), 'check' (only
 -- whether the job reserved already: 'already' or 'go') or 'partition' (the daily side was
 -- reserved by budget_day.lua in partition 0).
--- Returns {'ok'|'daily'|'batch'|'already'|'go', spent today (mode 'all'), batch committed}.
+-- Returns {'ok'|'daily'|'tenant'|'batch'|'already'|'go', spent today (mode 'all'; the
+-- tenant's for 'tenant'), batch committed}.
 local micros, daily, mode = tonumber(A.micros), tonumber(A.daily), A.mode
 local all = mode == 'all'
 local jk = K.job(A.id)
@@ -19,6 +20,12 @@ if all and daily > 0 then
   spent = tonumber(redis.call('GET', dk) or 0)
   if spent + micros > daily then return { 'daily', spent, 0 } end
 end
+local tk = K.tenant_day(A.day)
+local tenant_daily = tonumber(A.tenant_daily)
+if all and tenant_daily > 0 then
+  local tenant_spent = tonumber(redis.call('HGET', tk, A.tenant) or 0)
+  if tenant_spent + micros > tenant_daily then return { 'tenant', tenant_spent, 0 } end
+end
 local committed = 0
 if f[2] then
   local bk = K.batch(f[2])
@@ -31,6 +38,8 @@ end
 if all then
   spent = redis.call('INCRBY', dk, micros)
   if spent == micros then redis.call('EXPIRE', dk, 3 * 86400) end
+  redis.call('HINCRBY', tk, A.tenant, micros)
+  redis.call('EXPIRE', tk, 3 * 86400, 'NX')
 end
 redis.call('HSET', jk, 'reserved_micros', micros)
 count(K.stats(f[3] or 'videos'), 'reserved_micros', micros)

@@ -1,6 +1,6 @@
 -- Enqueues jobs. A: queue, idem_ttl (s), batch ('' for none). ITEMS: id, payload, prio,
 -- max_attempts, run_at_ms (0: now), idem (idempotency key, '' for none), est_micros, trace
--- ('' for none). Returns per job: 1 and its id when written, 0 and the existing job's id
+-- ('' for none), tenant ('' for the default). Returns per job: 1 and its id when written, 0 and the existing job's id
 -- when an idempotency key (or the same job id: a retried call) matched.
 local queue, batch = A.queue, A.batch
 local out, index, batch_ids = {}, {}, {}
@@ -37,6 +37,12 @@ for _, job in ipairs(ITEMS) do
       fields[#fields + 1] = 'trace'
       fields[#fields + 1] = job.trace
     end
+    local tenant = job.tenant ~= '' and job.tenant or 'default'
+    if job.tenant ~= '' then
+      fields[#fields + 1] = 'tenant'
+      fields[#fields + 1] = tenant
+    end
+    count(K.stats(queue), 't:' .. tenant .. ':enqueued', 1)
     if batch ~= '' then
       fields[#fields + 1] = 'batch'
       fields[#fields + 1] = batch

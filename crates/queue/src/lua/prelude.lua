@@ -195,7 +195,7 @@ end
 -- The job fields the state-changing helpers use, read by load_job with one HMGET. A field
 -- cleared by writing '' (so that clearing costs no HDEL) reads as false, like an absent one.
 local JOB_FIELDS = { 'state', 'q', 'batch', 'prio', 'entry', 'worker', 'parked', 'wake',
-  'attempts', 'charged_micros', 'trace', 'bstate' }
+  'attempts', 'charged_micros', 'trace', 'bstate', 'tenant' }
 
 -- A job as a table of JOB_FIELDS (plus `extra` fields), `id` and `key`; nil when missing.
 local function load_job(id, extra)
@@ -203,7 +203,7 @@ local function load_job(id, extra)
   local v
   if extra then
     v = redis.call('HMGET', key, 'state', 'q', 'batch', 'prio', 'entry', 'worker', 'parked',
-      'wake', 'attempts', 'charged_micros', 'trace', 'bstate', unpack(extra))
+      'wake', 'attempts', 'charged_micros', 'trace', 'bstate', 'tenant', unpack(extra))
   else
     v = redis.call('HMGET', key, unpack(JOB_FIELDS))
   end
@@ -214,9 +214,9 @@ local function load_job(id, extra)
   -- One constructor: the table is built at its size, not grown field by field.
   local job = { id = id, key = key, state = v[1], q = v[2], batch = v[3], prio = v[4],
     entry = v[5], worker = v[6], parked = v[7], wake = v[8], attempts = v[9],
-    charged_micros = v[10], trace = v[11], bstate = v[12] }
+    charged_micros = v[10], trace = v[11], bstate = v[12], tenant = v[13] or 'default' }
   if extra then
-    for i, name in ipairs(extra) do job[name] = v[12 + i] end
+    for i, name in ipairs(extra) do job[name] = v[13 + i] end
   end
   return job
 end
@@ -284,6 +284,20 @@ local function unpark(job, fields)
   return clearing(job, fields, CLEAR_PARKED)
 end
 
+-- The UTC day of `ms` as YYYYMMDD (the civil-from-days algorithm of H. Hinnant).
+local function day_stamp(ms)
+  local z = math.floor(ms / 86400000) + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400 + (m <= 2 and 1 or 0)
+  return string.format('%04d%02d%02d', y, m, d)
+end
+
 -- Ends a job: terminal state, error, charge, dead-letter index, event, retention.
 -- `ev`: {id, type, body} of its event (body '' for none).
 local function finish(job, state, reason, err, ev, charged, fields)
@@ -303,9 +317,13 @@ local function finish(job, state, reason, err, ev, charged, fields)
     fields[#fields + 1] = (tonumber(job.charged_micros) or 0) + charged
     if job.batch then count(K.batch(job.batch), 'charged_micros', charged) end
     count(stats, 'charged_micros', charged)
+    local ck = K.tenant_charged(day_stamp(now()))
+    count(ck, job.tenant, charged)
+    redis.call('EXPIRE', ck, 3 * 86400, 'NX')
   end
   if state == 'dead' then redis.call('ZADD', K.dead(job.q), now(), job.id) end
   count(stats, 'finished:' .. state, 1)
+  count(stats, 't:' .. job.tenant .. ':finished:' .. state, 1)
   if ev.body ~= '' then append_event(ev.id, ev.type, job.id, ev.body, job.trace) end
   set_state(job, state, fields)
   redis.call('EXPIRE', job.key, RETENTION)
@@ -327,4 +345,120 @@ local function owner_of(stream, entry)
   local p = redis.call('XPENDING', stream, GROUP, entry, entry, 1)
   if #p == 0 then return nil end
   return p[1][2]
+end
+
+-- Fair share of a shared limit by dollars started (start-time fair queueing over tenants).
+-- A tenant's virtual time (`vt:<t>` in K.limit_fair) is the micro-dollars it started divided
+-- by its weight. A free slot goes to the first waiter (priority, then age) of the tenant with
+-- the lowest virtual time among the tenants that wait and are below their own
+-- max_concurrency. A tenant that starts waiting starts at max(its own virtual time, the
+-- virtual start of the last run started, `v`): a tenant with nothing waiting banks no share.
+-- Reads the lowest tenants, never the waiting jobs.
+local FAIR = {}
+
+-- Removes a holder of the limit; true when it held a slot.
+function FAIR.drop(name, holder)
+  if redis.call('ZREM', K.limit(name), holder) == 0 then return false end
+  local hk = K.limit_held(name)
+  local info = redis.call('HGET', hk, holder)
+  if info then
+    local field = 'inflight:' .. string.match(info, '^(%S+)')
+    if redis.call('HINCRBY', K.limit_fair(name), field, -1) <= 0 then
+      redis.call('HDEL', K.limit_fair(name), field)
+    end
+    redis.call('HDEL', hk, holder)
+  end
+  return true
+end
+
+-- Drops the holders whose lease lapsed (their worker stopped renewing).
+function FAIR.expire(name)
+  for _, holder in ipairs(redis.call('ZRANGEBYSCORE', K.limit(name), '-inf', now())) do
+    FAIR.drop(name, holder)
+  end
+end
+
+-- The live cap: `max`, lowered by throttling (slot_throttle.lua), regaining one slot per
+-- recovery period.
+function FAIR.cap(name, max)
+  local ck = K.limit_cap(name)
+  local c = redis.call('HMGET', ck, 'cap', 'recover_at', 'period')
+  local cap = tonumber(c[1]) or max
+  if cap > max then cap = max end
+  if cap < max and c[2] and now() >= tonumber(c[2]) then
+    cap = cap + 1
+    redis.call('HSET', ck, 'cap', cap, 'recover_at', now() + tonumber(c[3] or 30000))
+  end
+  return cap
+end
+
+-- Gives `holder` (of `tenant`, costing `micros`) a slot and, unless `again` (a run that
+-- exists takes back a slot that lapsed), charges its tenant's virtual time.
+function FAIR.take(name, holder, tenant, micros, lease, again)
+  local fk = K.limit_fair(name)
+  redis.call('ZADD', K.limit(name), now() + lease, holder)
+  redis.call('HSET', K.limit_held(name), holder, tenant .. ' ' .. micros)
+  if again then
+    redis.call('HINCRBY', fk, 'inflight:' .. tenant, 1)
+    return
+  end
+  local f = redis.call('HMGET', fk, 'vt:' .. tenant, 'v', 'policy:' .. tenant)
+  local weight = tonumber(string.match(f[3] or '', '^(%S+)')) or 1
+  if weight <= 0 then weight = 1 end
+  local start = math.max(tonumber(f[1]) or 0, tonumber(f[2]) or 0)
+  local vt = math.floor(start + micros / weight)
+  redis.call('HSET', fk, 'vt:' .. tenant, vt, 'v', start)
+  redis.call('HINCRBY', fk, 'inflight:' .. tenant, 1)
+  redis.call('HINCRBY', fk, 'started:' .. tenant, micros)
+  redis.call('ZADD', K.limit_tenants(name), 'XX', vt, tenant)
+end
+
+-- Puts `holder` among its tenant's waiters (keeping its place if it waits already).
+function FAIR.join(name, holder, tenant, micros, rank)
+  redis.call('ZADD', K.limit_waiting(name, tenant), 'NX', rank * 1e13 + now(), holder)
+  redis.call('HSET', K.limit_held(name), holder, tenant .. ' ' .. micros)
+  local tk = K.limit_tenants(name)
+  if not redis.call('ZSCORE', tk, tenant) then
+    local fk = K.limit_fair(name)
+    local f = redis.call('HMGET', fk, 'vt:' .. tenant, 'v')
+    local vt = math.max(tonumber(f[1]) or 0, tonumber(f[2]) or 0)
+    redis.call('HSET', fk, 'vt:' .. tenant, vt)
+    redis.call('ZADD', tk, vt, tenant)
+  end
+end
+
+-- Whether `tenant` is below its own max_concurrency (policy `weight cap`; 0: none).
+function FAIR.below_own_cap(name, tenant)
+  local f = redis.call('HMGET', K.limit_fair(name), 'policy:' .. tenant, 'inflight:' .. tenant)
+  local own = tonumber(string.match(f[1] or '', '%S+%s+(%S+)')) or 0
+  return own == 0 or (tonumber(f[2]) or 0) < own
+end
+
+-- Hands free slots to waiters in fair order; returns the holders it gave slots to.
+function FAIR.grant(name, cap, lease)
+  local granted = {}
+  local tk = K.limit_tenants(name)
+  local in_use = redis.call('ZCARD', K.limit(name))
+  while in_use < cap do
+    local picked = nil
+    for _, tenant in ipairs(redis.call('ZRANGE', tk, 0, 99)) do
+      if FAIR.below_own_cap(name, tenant) then
+        picked = tenant
+        break
+      end
+    end
+    if not picked then break end
+    local wk = K.limit_waiting(name, picked)
+    local first = redis.call('ZPOPMIN', wk)
+    if redis.call('ZCARD', wk) == 0 then redis.call('ZREM', tk, picked) end
+    local holder = first[1]
+    if holder then
+      local info = redis.call('HGET', K.limit_held(name), holder) or ''
+      local micros = tonumber(string.match(info, '%S+%s+(%S+)')) or 0
+      FAIR.take(name, holder, picked, micros, lease)
+      granted[#granted + 1] = holder
+      in_use = in_use + 1
+    end
+  end
+  return granted
 end

@@ -8,6 +8,8 @@ local job = load_job(A.id, { 'redrives' })
 if not job or job.q ~= A.queue then return '' end
 if job.state ~= 'dead' and job.state ~= 'failed' then return job.state end
 redis.call('ZREM', K.dead(job.q), job.id)
+-- Its tenant's active count (enqueued + re-driven - finished) takes it back.
+count(K.stats(job.q), 't:' .. job.tenant .. ':redriven', 1)
 redis.call('PERSIST', job.key)
 make_ready(job, 're-driven', false, { 'attempts', 0, 'redrives', (tonumber(job.redrives) or 0) + 1,
   'error', '', 'finished_ms', '' })

@@ -5,7 +5,7 @@
 //! on four (the run binding and the slot waiters live in partition 0, the jobs elsewhere).
 
 use klingq_queue::metrics::{Format, QueueMetrics};
-use klingq_queue::{CallbackOutcome, WakeOutcome};
+use klingq_queue::{CallbackOutcome, SlotClaim, WakeOutcome};
 use tokio::sync::Notify;
 
 use super::*;
@@ -194,7 +194,13 @@ async fn plan_handler(
         Act::Slot => {
             let status = lease
                 .queue()
-                .acquire_slot_or_wait(SLOT, &id, Duration::from_secs(600), 1)
+                .acquire_slot_or_wait(
+                    SLOT,
+                    &id,
+                    SlotClaim::anonymous(),
+                    Duration::from_secs(600),
+                    1,
+                )
                 .await
                 .map_err(|error| JobFailure::from(LeaseError::Redis(error)))?;
             probe
@@ -769,7 +775,7 @@ async fn a_cancelled_parked_job_leaves_the_count_and_does_not_run_again() {
 
 async fn waiters(queue: &Queue, conn: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
     redis::cmd("ZRANGE")
-        .arg(queue.keys().limit_waiters(SLOT))
+        .arg(queue.keys().limit_waiting(SLOT, "default"))
         .arg(0)
         .arg(-1)
         .query_async(conn)

@@ -78,7 +78,10 @@ async fn four_partitions_keep_batches_whole_and_what_is_global_global() {
     let before = queue.spent_today_micros().await.unwrap();
     for _ in 0..2 {
         assert_eq!(
-            queue.reserve_budget(elsewhere, 1_000, 0).await.unwrap(),
+            queue
+                .reserve_budget(elsewhere, 1_000, 0, "default", 0)
+                .await
+                .unwrap(),
             BudgetDecision::Reserved
         );
     }
@@ -86,7 +89,10 @@ async fn four_partitions_keep_batches_whole_and_what_is_global_global() {
     // Reserved once, it stays reserved on a full day (as a partition-0 job does).
     let spent = queue.spent_today_micros().await.unwrap();
     assert_eq!(
-        queue.reserve_budget(elsewhere, 1_000, spent).await.unwrap(),
+        queue
+            .reserve_budget(elsewhere, 1_000, spent, "default", 0)
+            .await
+            .unwrap(),
         BudgetDecision::Reserved
     );
     assert_eq!(queue.spent_today_micros().await.unwrap(), spent);
@@ -96,7 +102,10 @@ async fn four_partitions_keep_batches_whole_and_what_is_global_global() {
         .find(|id| parts.of(id) != 0 && *id != elsewhere)
         .unwrap();
     assert!(matches!(
-        queue.reserve_budget(other, over, over).await.unwrap(),
+        queue
+            .reserve_budget(other, over, over, "default", 0)
+            .await
+            .unwrap(),
         BudgetDecision::OverDailyBudget { .. }
     ));
 

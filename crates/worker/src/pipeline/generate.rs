@@ -8,8 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-use klingq_core::JobState;
 use klingq_core::job::now_ms;
+use klingq_core::{JobState, TenantPolicy};
 use klingq_provider::{Mode, ProviderError, Run, next_poll};
 use klingq_queue::JobFailure;
 
@@ -194,6 +194,7 @@ impl Attempt<'_> {
                 .acquire_slot(
                     PROVIDER_LIMIT,
                     &client_ref,
+                    self.slot_claim(&TenantPolicy::default()),
                     lease,
                     self.pipeline.config.provider_concurrency,
                 )
@@ -223,6 +224,7 @@ impl Attempt<'_> {
                 .acquire_slot(
                     PROVIDER_LIMIT,
                     &client_ref,
+                    self.slot_claim(&TenantPolicy::default()),
                     lease,
                     self.pipeline.config.provider_concurrency,
                 )

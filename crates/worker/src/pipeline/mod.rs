@@ -28,6 +28,7 @@ mod rehost;
 mod seams;
 mod step;
 mod submit;
+mod tenant_policies;
 #[cfg(test)]
 mod tests;
 
@@ -49,9 +50,10 @@ use crate::slots::SlotReleaser;
 pub use gen_times::{GenTimes, SAMPLE_CAP};
 pub use seams::{Coordination, JobHandle, ObjectStore};
 pub use step::Step;
+pub use tenant_policies::TenantPolicies;
 
 /// Name of the shared limit on concurrent provider generations.
-pub const PROVIDER_LIMIT: &str = "provider";
+pub use klingq_queue::PROVIDER_LIMIT;
 /// Name of the pause set when the provider account is out of credit.
 pub const CREDIT_PAUSE: &str = "provider-credit";
 
@@ -68,6 +70,8 @@ pub struct Pipeline {
     pub slots: SlotReleaser,
     /// How long runs take, learned from finished runs, for timing polls.
     pub gen_times: GenTimes,
+    /// The API's tenant policies, cached.
+    pub tenants: TenantPolicies,
 }
 
 /// The apalis handler of the video queue.

@@ -4,11 +4,12 @@
 //! tests. The runtime hands over the real types: [`VideoStore`], [`Lease`] and [`Queue`]; the
 //! implementations below only forward to their methods of the same name.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use klingq_core::{Checkpoint, JobState};
-use klingq_queue::{BudgetDecision, Lease, LeaseError, Queue, QueueError, SlotStatus};
+use klingq_core::{Checkpoint, JobState, TenantPolicy};
+use klingq_queue::{BudgetDecision, Lease, LeaseError, Queue, QueueError, SlotClaim, SlotStatus};
 use klingq_storage::{RehostError, StorageError, StoredVideo, VideoStore};
 
 /// Where videos are re-hosted: a verified object per job.
@@ -95,31 +96,39 @@ pub trait Coordination: Send + Sync {
         reason: &'a str,
     ) -> BoxFuture<'a, Result<(), QueueError>>;
 
-    /// Reserves a job's estimated cost against the daily and batch budgets.
+    /// Reserves a job's estimated cost against the daily, tenant and batch budgets.
     fn reserve_budget<'a>(
         &'a self,
         job_id: &'a str,
         micros: u64,
         daily_limit_micros: u64,
+        tenant: &'a str,
+        tenant_daily_micros: u64,
     ) -> BoxFuture<'a, Result<BudgetDecision, QueueError>>;
 
-    /// Takes or renews `holder`'s slot in the shared limit `name` for `lease`.
+    /// Takes back a lapsed slot of a run that exists (renews a held one), if one is free.
     fn acquire_slot<'a>(
         &'a self,
         name: &'a str,
         holder: &'a str,
+        claim: SlotClaim<'a>,
         lease: Duration,
         max: u64,
     ) -> BoxFuture<'a, Result<SlotStatus, QueueError>>;
 
-    /// Like [`Coordination::acquire_slot`]; a holder turned away waits for the next release.
+    /// Takes or renews a slot in fair order between tenants; a holder turned away waits for
+    /// the fair share to give it one.
     fn acquire_slot_or_wait<'a>(
         &'a self,
         name: &'a str,
         holder: &'a str,
+        claim: SlotClaim<'a>,
         lease: Duration,
         max: u64,
     ) -> BoxFuture<'a, Result<SlotStatus, QueueError>>;
+
+    /// The tenant policies operators set through the API.
+    fn tenant_policies(&self) -> BoxFuture<'_, Result<BTreeMap<String, TenantPolicy>, QueueError>>;
 
     /// Extends a slot `holder` already has.
     fn renew_slot<'a>(
@@ -277,12 +286,16 @@ impl Coordination for Queue {
         job_id: &'a str,
         micros: u64,
         daily_limit_micros: u64,
+        tenant: &'a str,
+        tenant_daily_micros: u64,
     ) -> BoxFuture<'a, Result<BudgetDecision, QueueError>> {
         Box::pin(Queue::reserve_budget(
             self,
             job_id,
             micros,
             daily_limit_micros,
+            tenant,
+            tenant_daily_micros,
         ))
     }
 
@@ -290,20 +303,28 @@ impl Coordination for Queue {
         &'a self,
         name: &'a str,
         holder: &'a str,
+        claim: SlotClaim<'a>,
         lease: Duration,
         max: u64,
     ) -> BoxFuture<'a, Result<SlotStatus, QueueError>> {
-        Box::pin(Queue::acquire_slot(self, name, holder, lease, max))
+        Box::pin(Queue::acquire_slot(self, name, holder, claim, lease, max))
     }
 
     fn acquire_slot_or_wait<'a>(
         &'a self,
         name: &'a str,
         holder: &'a str,
+        claim: SlotClaim<'a>,
         lease: Duration,
         max: u64,
     ) -> BoxFuture<'a, Result<SlotStatus, QueueError>> {
-        Box::pin(Queue::acquire_slot_or_wait(self, name, holder, lease, max))
+        Box::pin(Queue::acquire_slot_or_wait(
+            self, name, holder, claim, lease, max,
+        ))
+    }
+
+    fn tenant_policies(&self) -> BoxFuture<'_, Result<BTreeMap<String, TenantPolicy>, QueueError>> {
+        Box::pin(Queue::tenant_policies(self))
     }
 
     fn renew_slot<'a>(

@@ -4,10 +4,11 @@
 use std::time::Duration;
 
 use klingq_core::JobState;
+use klingq_core::TenantPolicy;
 use klingq_core::cost::{micros_to_usd, usd_to_micros};
 use klingq_core::job::now_ms;
 use klingq_provider::{Mode, Run};
-use klingq_queue::{BudgetDecision, JobFailure};
+use klingq_queue::{BudgetDecision, JobFailure, SlotClaim, SlotWait};
 
 use super::{Attempt, CREDIT_PAUSE, PROVIDER_LIMIT, Step, redis_retry};
 
@@ -53,9 +54,21 @@ impl Attempt<'_> {
                 reason: format!("submissions are paused: {reason}"),
             });
         }
+        let tenant = self.spec.tenant();
+        let policy = self
+            .pipeline
+            .tenants
+            .policy(queue, &self.pipeline.config.tenants, tenant)
+            .await;
         let daily = usd_to_micros(self.pipeline.config.daily_budget_usd);
         match queue
-            .reserve_budget(&client_ref, self.estimate_micros, daily)
+            .reserve_budget(
+                &client_ref,
+                self.estimate_micros,
+                daily,
+                tenant,
+                usd_to_micros(policy.daily_budget_usd),
+            )
             .await
             .map_err(redis_retry)?
         {
@@ -66,6 +79,11 @@ impl Attempt<'_> {
                         "over the daily budget: ${:.2} of ${:.2} committed today",
                         micros_to_usd(spent_micros),
                         self.pipeline.config.daily_budget_usd
+                    ),
+                    BudgetDecision::OverTenantBudget { spent_micros } => format!(
+                        "over tenant {tenant}'s daily budget: ${:.2} of ${:.2} committed today",
+                        micros_to_usd(spent_micros),
+                        policy.daily_budget_usd
                     ),
                     _ => "over the batch budget".to_owned(),
                 };
@@ -82,6 +100,7 @@ impl Attempt<'_> {
             .acquire_slot_or_wait(
                 PROVIDER_LIMIT,
                 &client_ref,
+                self.slot_claim(&policy),
                 self.pipeline.config.limit_lease(),
                 self.pipeline.config.provider_concurrency,
             )
@@ -89,11 +108,20 @@ impl Attempt<'_> {
             .map_err(redis_retry)?;
         self.slot_taken = slot.acquired;
         if !slot.acquired {
+            let why = match slot.wait {
+                Some(SlotWait::TenantLimit) => format!(
+                    "tenant {tenant} holds its {} provider slots",
+                    policy.max_concurrency
+                ),
+                Some(SlotWait::OtherTenantsTurn) => {
+                    "other tenants are further below their share".to_owned()
+                }
+                _ => format!("{} of {} in use", slot.in_use, slot.cap),
+            };
             return Err(JobFailure::Defer {
                 after: Duration::from_secs(self.pipeline.config.limit_wait_secs.max(1)),
                 reason: format!(
-                    "waiting for a provider slot ({} of {} in use; a freed slot wakes the job)",
-                    slot.in_use, slot.cap
+                    "waiting for a provider slot ({why}; the fair share gives it one and wakes it)"
                 ),
             });
         }
@@ -122,6 +150,17 @@ impl Attempt<'_> {
                 self.record_run(run).await
             }
             Err(error) => Err(self.provider_failure(Step::Submit, error).await),
+        }
+    }
+
+    /// What this job asks the shared provider limit for: its tenant's share, by its cost.
+    pub(super) fn slot_claim<'p>(&'p self, policy: &TenantPolicy) -> SlotClaim<'p> {
+        SlotClaim {
+            tenant: self.spec.tenant(),
+            micros: self.estimate_micros,
+            weight: policy.weight,
+            max_concurrency: policy.max_concurrency,
+            priority: self.spec.priority,
         }
     }
 

@@ -16,7 +16,9 @@ use klingq_provider::{
     ErrorDetail, GenTimeHistogram, Mode, Operation, PollPolicy, ProviderError, ReadLimits, Run,
     RunFailure, RunStatus, VideoOutput, VideoProvider,
 };
-use klingq_queue::{BudgetDecision, Completion, JobFailure, LeaseError, QueueError, SlotStatus};
+use klingq_queue::{
+    BudgetDecision, Completion, JobFailure, LeaseError, QueueError, SlotClaim, SlotStatus, SlotWait,
+};
 use klingq_storage::{RedactedUrl, RehostError, StorageError, StoredVideo};
 
 use super::*;
@@ -312,6 +314,7 @@ impl FakeCoordination {
                 acquired,
                 in_use: 10,
                 cap: 10,
+                wait: (!acquired).then_some(SlotWait::Full),
             }
         })
     }
@@ -344,6 +347,8 @@ impl Coordination for FakeCoordination {
         _job_id: &'a str,
         micros: u64,
         daily_limit_micros: u64,
+        _tenant: &'a str,
+        _tenant_daily_micros: u64,
     ) -> BoxFuture<'a, Result<BudgetDecision, QueueError>> {
         record(&self.log, Call::ReserveBudget(micros, daily_limit_micros));
         let decision = self.with(|state| state.budget.unwrap_or(BudgetDecision::Reserved));
@@ -354,6 +359,7 @@ impl Coordination for FakeCoordination {
         &'a self,
         name: &'a str,
         holder: &'a str,
+        _claim: SlotClaim<'a>,
         lease: Duration,
         _max: u64,
     ) -> BoxFuture<'a, Result<SlotStatus, QueueError>> {
@@ -364,10 +370,20 @@ impl Coordination for FakeCoordination {
         &'a self,
         name: &'a str,
         holder: &'a str,
+        _claim: SlotClaim<'a>,
         lease: Duration,
         _max: u64,
     ) -> BoxFuture<'a, Result<SlotStatus, QueueError>> {
         ready(Ok(self.acquire(name, holder, lease, true)))
+    }
+
+    fn tenant_policies(
+        &self,
+    ) -> BoxFuture<
+        '_,
+        Result<std::collections::BTreeMap<String, klingq_core::TenantPolicy>, QueueError>,
+    > {
+        ready(Ok(std::collections::BTreeMap::new()))
     }
 
     fn renew_slot<'a>(
@@ -632,6 +648,7 @@ impl Harness {
             metrics: Arc::default(),
             slots: SlotReleaser::new(coord.clone(), PROVIDER_LIMIT, config.limit_lease()),
             gen_times: GenTimes::default(),
+            tenants: Default::default(),
         }
     }
 

@@ -1,0 +1,138 @@
+//! Tenants end to end: the real worker, real Redis, SeaweedFS and the simulator. The issue's
+//! case: tenant A queues 60 clips of 15 s ($2.10 each), then tenant B 30 clips of 3 s ($0.42
+//! each), equal weights, 4 provider slots. While both wait, each starts the same dollars at
+//! the provider (first in, first out would start B nothing until A's last clip). Counts, not
+//! timings: the order runs were created in, from each job's checkpoint.
+
+use std::time::Duration;
+
+use klingq_core::{GenerationRequest, JobSpec, JobState, VideoDuration};
+use klingq_queue::{NewJob, SlotClaim};
+use klingq_sim::SimConfig;
+use klingq_testkit::redis::{redis_url, require_shared_redis};
+use klingq_testkit::wait_for;
+
+use crate::pipeline::{Env, InProcessWorker, env_on};
+
+const SLOTS: u64 = 4;
+
+fn clip(tenant: &str, seconds: u32, n: usize) -> NewJob {
+    let mut request = GenerationRequest::new(
+        "https://example.com/start.png",
+        format!("{tenant} clip {n}"),
+    );
+    request.duration = VideoDuration::new(seconds).unwrap();
+    let mut spec = JobSpec::new(request);
+    spec.tenant = Some(tenant.to_owned());
+    let mut new_job = NewJob::new(&spec).unwrap();
+    new_job.tenant = spec.tenant.clone();
+    new_job.estimated_micros = u64::from(seconds) * 140_000;
+    new_job
+}
+
+async fn enqueue(env: &Env, tenant: &str, seconds: u32, n: usize) -> Vec<String> {
+    let jobs: Vec<NewJob> = (0..n).map(|i| clip(tenant, seconds, i)).collect();
+    env.queue
+        .enqueue_many(&jobs, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tenants_waiting_start_equal_dollars_at_the_provider() {
+    require_shared_redis().await.unwrap();
+    let (env, _) = env_on(redis_url(), "tenants-fair", SimConfig::fast(), false).await;
+    let mut settings = env.services.worker_settings();
+    settings.worker.provider_concurrency = SLOTS;
+    // Another tenant holds every slot while A and B queue up, so both wait from the start
+    // (as they would behind a busy account); its slots are then given back one by one.
+    let blockers: Vec<String> = (0..SLOTS).map(|i| format!("blocker-{i}")).collect();
+    for blocker in &blockers {
+        let claim = SlotClaim {
+            tenant: "z",
+            ..SlotClaim::anonymous()
+        };
+        let status = env
+            .queue
+            .acquire_slot_or_wait("provider", blocker, claim, Duration::from_secs(600), SLOTS)
+            .await
+            .unwrap();
+        assert!(status.acquired);
+    }
+    let a = enqueue(&env, "a", 15, 60).await;
+    let b = enqueue(&env, "b", 3, 30).await;
+    let worker = InProcessWorker::start_with(settings).await;
+    wait_for(
+        "A and B waiting for a slot",
+        Duration::from_secs(60),
+        || async {
+            let usage = env.queue.tenant_usage().await.ok()?;
+            let waiting = |name: &str| {
+                usage
+                    .iter()
+                    .find(|u| u.tenant == name)
+                    .map_or(0, |u| u.waiting_for_slot)
+            };
+            (waiting("a") == 60 && waiting("b") == 30).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    for blocker in &blockers {
+        env.queue.release_slot("provider", blocker).await.unwrap();
+    }
+    let ids: Vec<String> = a.iter().chain(&b).cloned().collect();
+    let records = wait_for("all 90 clips done", Duration::from_secs(300), || async {
+        let records = env.queue.jobs(&ids).await.ok()?;
+        records
+            .iter()
+            .all(|r| r.state == JobState::Succeeded)
+            .then_some(records)
+    })
+    .await
+    .unwrap();
+    worker.stop().await;
+
+    // The order runs were created in (each job's checkpoint stamps its create).
+    let mut started: Vec<(u64, bool)> = records
+        .iter()
+        .map(|r| {
+            let at = r
+                .checkpoint
+                .as_ref()
+                .and_then(|c| c["provider"]["submitted_at_ms"].as_u64());
+            (
+                at.expect("a succeeded job was submitted"),
+                b.contains(&r.id),
+            )
+        })
+        .collect();
+    started.sort();
+    let last_b = started.iter().rposition(|(_, is_b)| *is_b).unwrap();
+    let (mut dollars_a, mut dollars_b) = (0u64, 0u64);
+    for (_, is_b) in &started[..=last_b] {
+        if *is_b {
+            dollars_b += 420_000;
+        } else {
+            dollars_a += 2_100_000;
+        }
+    }
+    let ratio = dollars_a as f64 / dollars_b as f64;
+    assert!(
+        (0.8..=1.2).contains(&ratio),
+        "while both waited A started ${:.2} and B ${:.2}",
+        dollars_a as f64 / 1e6,
+        dollars_b as f64 / 1e6
+    );
+    // Paid once each, and the usage agrees.
+    assert_eq!(env.sim.charges().len(), 90);
+    let usage = env.queue.tenant_usage().await.unwrap();
+    let a_usage = usage.iter().find(|u| u.tenant == "a").unwrap();
+    assert_eq!(a_usage.finished.get("succeeded"), Some(&60));
+    assert_eq!((a_usage.active(), a_usage.in_flight), (0, 0));
+    assert_eq!(a_usage.started_micros, 60 * 2_100_000);
+    env.queue.delete_namespace().await.unwrap();
+}
