@@ -136,3 +136,110 @@ async fn two_tenants_waiting_start_equal_dollars_at_the_provider() {
     assert_eq!(a_usage.started_micros, 60 * 2_100_000);
     env.queue.delete_namespace().await.unwrap();
 }
+
+/// A batch whose jobs keep failing for good stops spending: past `max_failed` it pauses with
+/// one `batch.paused` event, the jobs that come after are held at submit (no run created),
+/// and a resume submits them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_past_its_failure_guard_pauses_and_a_resume_finishes_it() {
+    require_shared_redis().await.unwrap();
+    let (env, _) = env_on(redis_url(), "batch-guard", SimConfig::fast(), false).await;
+    let batch = klingq_core::JobId::new().to_string();
+    env.queue
+        .open_batch(&batch, &serde_json::json!({"max_failed": 2}), 0)
+        .await
+        .unwrap();
+    let moderated: Vec<NewJob> = (0..3)
+        .map(|i| clip("default", 5, i))
+        .map(|mut job| {
+            let mut spec: JobSpec = serde_json::from_str(&job.payload).unwrap();
+            spec.tenant = None;
+            spec.request.prompt = Some(format!("refused {} [[sim:moderation]]", job.id));
+            job.payload = serde_json::to_string(&spec).unwrap();
+            job.tenant = None;
+            job
+        })
+        .collect();
+    let moderated_ids: Vec<String> = env
+        .queue
+        .enqueue_many(&moderated, Some(&batch))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    let worker = InProcessWorker::start_with(env.services.worker_settings()).await;
+    for id in &moderated_ids {
+        wait_for(
+            "a moderated job failed",
+            Duration::from_secs(60),
+            || async {
+                let record = env.queue.job(id).await.ok()??;
+                (record.state == JobState::Failed).then_some(())
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let paused = wait_for("the batch paused", Duration::from_secs(30), || async {
+        env.queue.batch(&batch).await.ok()?.filter(|b| b.paused)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        paused.pause_reason.as_deref(),
+        Some("3 jobs failed, more than max_failed 2")
+    );
+    let runs_before = env.sim.runs().len();
+
+    // Jobs that come after are held: scheduled, with the reason, and nothing created.
+    let later: Vec<NewJob> = (0..4).map(|i| clip("default", 5, 10 + i)).collect();
+    let later_ids: Vec<String> = env
+        .queue
+        .enqueue_many(&later, Some(&batch))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    env.queue.seal_batch(&batch).await.unwrap();
+    wait_for("the later jobs held", Duration::from_secs(60), || async {
+        let records = env.queue.jobs(&later_ids).await.ok()?;
+        records
+            .iter()
+            .all(|r| {
+                r.state == JobState::Scheduled
+                    && r.reason
+                        .as_deref()
+                        .is_some_and(|reason| reason.contains("paused"))
+            })
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        env.sim.runs().len(),
+        runs_before,
+        "a paused batch creates no run"
+    );
+    let events = env.queue.recent_events(100).await.unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.event_type == "batch.paused")
+            .count(),
+        1
+    );
+
+    // A resume submits them at once (not at the end of their hour-long wait).
+    assert_eq!(env.queue.resume_batch(&batch).await.unwrap(), 4);
+    let done = wait_for("the batch done", Duration::from_secs(60), || async {
+        env.queue.batch(&batch).await.ok()?.filter(|b| b.done)
+    })
+    .await
+    .unwrap();
+    worker.stop().await;
+    assert_eq!(done.counts.get("succeeded"), Some(&4));
+    assert_eq!(done.counts.get("failed"), Some(&3));
+    env.queue.delete_namespace().await.unwrap();
+}

@@ -6,7 +6,7 @@ use serde_json::Value;
 use crate::job::{BatchId, JobError, JobId, JobState, StoredVideo};
 
 /// What happened. Serialized as `job.succeeded`, `job.failed`, `job.cancelled`,
-/// `batch.completed`.
+/// `batch.completed`, `batch.paused`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EventType {
     #[serde(rename = "job.succeeded")]
@@ -18,6 +18,9 @@ pub enum EventType {
     JobCancelled,
     #[serde(rename = "batch.completed")]
     BatchCompleted,
+    /// A batch's failure guard (`max_failure_rate`, `max_failed`) stopped its submissions.
+    #[serde(rename = "batch.paused")]
+    BatchPaused,
 }
 
 impl EventType {
@@ -27,6 +30,7 @@ impl EventType {
             EventType::JobFailed => "job.failed",
             EventType::JobCancelled => "job.cancelled",
             EventType::BatchCompleted => "batch.completed",
+            EventType::BatchPaused => "batch.paused",
         }
     }
 

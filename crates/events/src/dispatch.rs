@@ -220,7 +220,7 @@ impl Dispatcher {
                         .map(str::to_owned)
                 });
             }
-        } else if event_type == "batch.completed" && !subject.is_empty() {
+        } else if event_type.starts_with("batch.") && !subject.is_empty() {
             batch_id = Some(subject.clone());
         }
         if let Some(batch_id) = batch_id

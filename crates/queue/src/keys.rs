@@ -40,6 +40,8 @@ shapes! {
     BATCH = "batch", "batch:{}";
     /// List of a batch's job ids, in enqueue order.
     BATCH_JOBS = "batch_jobs", "batch:{}:jobs";
+    /// Sorted set of a paused batch's jobs held at submit (score: when), woken by a resume.
+    BATCH_HELD = "batch_held", "batch:{}:held";
     /// Hash of a queue's counters (jobs finished per state, spend, parked jobs).
     STATS = "stats", "q:{}:stats";
     /// Hash of a queue's counters sampled once a minute: the minute (ms since the epoch) to
@@ -186,6 +188,11 @@ impl Keys {
     /// See [`BATCH`].
     pub fn batch(&self, batch_id: &str) -> String {
         self.key(BATCH, &[batch_id])
+    }
+
+    /// See [`BATCH_HELD`].
+    pub fn batch_held(&self, batch_id: &str) -> String {
+        self.key(BATCH_HELD, &[batch_id])
     }
 
     /// See [`BATCH_JOBS`].

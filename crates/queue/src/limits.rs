@@ -34,6 +34,8 @@ pub enum BudgetDecision {
     OverDailyBudget {
         spent_micros: u64,
     },
+    /// The job's batch is paused by its failure guard: the job is held until a resume.
+    BatchPaused,
     /// The tenant's spend today plus this job would pass the tenant's daily budget.
     OverTenantBudget {
         spent_micros: u64,
@@ -346,6 +348,7 @@ impl Queue {
             "tenant" => BudgetDecision::OverTenantBudget {
                 spent_micros: spent,
             },
+            "paused" => BudgetDecision::BatchPaused,
             "batch" => BudgetDecision::OverBatchBudget {
                 committed_micros: committed,
             },
@@ -358,8 +361,10 @@ impl Queue {
         }
         // Reserved before (an earlier attempt, an earlier day): nothing to do.
         let (check, _, _): (String, u64, u64) = self.run_script(in_job_partition("check")).await?;
-        if check == "already" {
-            return Ok(BudgetDecision::Reserved);
+        match check.as_str() {
+            "already" => return Ok(BudgetDecision::Reserved),
+            "paused" => return Ok(BudgetDecision::BatchPaused),
+            _ => {}
         }
         let (decision, spent, new) = self
             .budget_day(
@@ -377,7 +382,7 @@ impl Queue {
             self.run_script(in_job_partition("partition")).await?;
         // Refused by the batch: today's reservation is given back (whichever call made it).
         // Reserved meanwhile by another attempt: only what this call added goes back.
-        if decision == "batch" || (decision == "already" && new == 1) {
+        if decision == "batch" || decision == "paused" || (decision == "already" && new == 1) {
             self.budget_day(job_id, &day, micros, (0, tenant, 0), "release")
                 .await?;
         }

@@ -630,6 +630,18 @@ impl Queue {
         )
     }
 
+    /// Resumes a batch its failure guard paused: the jobs it held are submitted again, and
+    /// the guard counts from now. Returns how many held jobs were woken.
+    pub async fn resume_batch(&self, batch_id: &str) -> Result<u64, QueueError> {
+        let p = self.inner.parts.of(batch_id);
+        let cmd = self.call(&scripts::BATCH_RESUME, p, &BatchHeader { batch: batch_id });
+        let woken: i64 = self.run_script(cmd).await?;
+        if woken < 0 {
+            return Err(QueueError::BatchNotFound(batch_id.to_owned()));
+        }
+        Ok(woken as u64)
+    }
+
     /// Seals a batch once all its jobs are enqueued; it is done when they are all terminal.
     pub async fn seal_batch(&self, batch_id: &str) -> Result<u64, QueueError> {
         let p = self.inner.parts.of(batch_id);

@@ -109,6 +109,10 @@ pub struct BatchRecord {
     pub info: Value,
     pub created_ms: u64,
     pub finished_ms: Option<u64>,
+    /// Its failure guard stopped its submissions; a resume or a cancel decides the rest.
+    pub paused: bool,
+    /// Why it paused (the failures counted against the guard).
+    pub pause_reason: Option<String>,
 }
 
 impl BatchRecord {
@@ -146,6 +150,11 @@ impl BatchRecord {
                 .unwrap_or(Value::Null),
             created_ms: number("created_ms").unwrap_or(0),
             finished_ms: number("finished_ms"),
+            paused: fields.get("paused").is_some_and(|d| d == "1"),
+            pause_reason: fields
+                .get("pause_reason")
+                .filter(|r| !r.is_empty())
+                .cloned(),
         })
     }
 }

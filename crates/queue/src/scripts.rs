@@ -26,6 +26,7 @@ macro_rules! script {
 script!(ENQUEUE, "lua/enqueue.lua");
 script!(BATCH_OPEN, "lua/batch_open.lua");
 script!(BATCH_SEAL, "lua/batch_seal.lua");
+script!(BATCH_RESUME, "lua/batch_resume.lua");
 script!(START, "lua/start.lua");
 script!(SETTLE, "lua/settle.lua");
 script!(CHECKPOINT, "lua/checkpoint.lua");
@@ -46,11 +47,12 @@ script!(WAKE, "lua/wake.lua");
 script!(GEN_TIME_RECORD, "lua/gen_time_record.lua");
 
 /// Every script, for loading them all at connect time (avoids a NOSCRIPT round trip later).
-pub(crate) fn all() -> [&'static Script; 21] {
+pub(crate) fn all() -> [&'static Script; 22] {
     [
         &ENQUEUE,
         &BATCH_OPEN,
         &BATCH_SEAL,
+        &BATCH_RESUME,
         &START,
         &SETTLE,
         &CHECKPOINT,

@@ -1155,3 +1155,6 @@ mod cost;
 
 #[path = "it/fair_share.rs"]
 mod fair_share;
+
+#[path = "it/batch_guard.rs"]
+mod batch_guard;

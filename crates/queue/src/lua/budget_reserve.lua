@@ -3,12 +3,19 @@
 -- in micros, 0: none), tenant, tenant_daily (the tenant's limit in micros, 0: none), mode: 'all' (the job lives in partition 0, with the daily budget), 'check' (only
 -- whether the job reserved already: 'already' or 'go') or 'partition' (the daily side was
 -- reserved by budget_day.lua in partition 0).
--- Returns {'ok'|'daily'|'tenant'|'batch'|'already'|'go', spent today (mode 'all'; the
+-- Returns {'ok'|'daily'|'tenant'|'batch'|'paused'|'already'|'go', spent today (mode 'all'; the
 -- tenant's for 'tenant'), batch committed}.
 local micros, daily, mode = tonumber(A.micros), tonumber(A.daily), A.mode
 local all = mode == 'all'
 local jk = K.job(A.id)
 local f = redis.call('HMGET', jk, 'reserved_micros', 'batch', 'q')
+-- A paused batch submits nothing: the job is held until the batch is resumed.
+if f[2] and redis.call('HGET', K.batch(f[2]), 'paused') == '1' then
+  local hk = K.batch_held(f[2])
+  redis.call('ZADD', hk, now(), A.id)
+  redis.call('EXPIRE', hk, RETENTION)
+  return { 'paused', 0, 0 }
+end
 local dk = K.daily_budget(A.day)
 if f[1] then
   if not all then return { 'already', 0, 0 } end

@@ -140,6 +140,35 @@ local function check_batch_done(batch)
   redis.call('EXPIRE', K.batch_jobs(batch), RETENTION)
 end
 
+-- Pauses a batch whose failure guard is exceeded, once, with a `batch.paused` event: its
+-- waiting jobs are not submitted (budget_reserve.lua holds them) until it is resumed
+-- (batch_resume.lua). The guard counts permanent failures (state `failed`: moderation,
+-- invalid input, …; not `dead`, which transient errors exhaust) since the last resume:
+-- more than `guard_failed`, or a share above `guard_rate` once `guard_min` jobs finished.
+local function check_batch_guard(batch)
+  local bk = K.batch(batch)
+  local b = redis.call('HMGET', bk, 'guard_rate', 'guard_min', 'guard_failed', 'paused',
+    'n:failed', 'terminal', 'guard_base_failed', 'guard_base_terminal')
+  local rate, min, max_failed = tonumber(b[1] or 0), tonumber(b[2] or 0), tonumber(b[3] or 0)
+  if (rate <= 0 and max_failed <= 0) or b[4] == '1' then return end
+  local failed = tonumber(b[5] or 0) - tonumber(b[7] or 0)
+  local finished = tonumber(b[6] or 0) - tonumber(b[8] or 0)
+  local reason
+  if max_failed > 0 and failed > max_failed then
+    reason = failed .. ' jobs failed, more than max_failed ' .. max_failed
+  elseif rate > 0 and finished >= math.max(min, 1) and failed / finished > rate then
+    reason = failed .. ' of ' .. finished .. ' finished jobs failed, more than max_failure_rate '
+      .. b[1]
+  end
+  if not reason then return end
+  local pauses = redis.call('HINCRBY', bk, 'pauses', 1)
+  redis.call('HSET', bk, 'paused', 1, 'paused_ms', now(), 'pause_reason', reason)
+  local event_id = 'evt_batch_' .. batch .. '_paused_' .. (pauses - 1)
+  local body = cjson.encode({ id = event_id, type = 'batch.paused', timestamp = iso(now()),
+    data = { batch_id = batch, reason = reason, failed = failed, finished = finished } })
+  append_event(event_id, 'batch.paused', batch, body, false)
+end
+
 -- Batches one of whose jobs became terminal in this call: checked for completion once their
 -- counters are written.
 local FINISHING = {}
@@ -165,7 +194,10 @@ local function flush()
     end
   end
   COUNTS = {}
-  for batch in pairs(FINISHING) do check_batch_done(batch) end
+  for batch in pairs(FINISHING) do
+    check_batch_guard(batch)
+    check_batch_done(batch)
+  end
   FINISHING = {}
   for stream, entries in pairs(DONE_ENTRIES) do
     redis.call('XACK', stream, GROUP, unpack(entries))

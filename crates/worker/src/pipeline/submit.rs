@@ -12,6 +12,9 @@ use klingq_queue::{BudgetDecision, JobFailure, SlotClaim, SlotWait};
 
 use super::{Attempt, CREDIT_PAUSE, PROVIDER_LIMIT, Step, redis_retry};
 
+/// How long a job of a paused batch waits before it looks again (a resume wakes it first).
+const BATCH_PAUSED_WAIT: Duration = Duration::from_secs(3600);
+
 /// How long a run stays bound to its job past the job's deadline.
 const RUN_BINDING_SLACK: Duration = Duration::from_secs(3600);
 
@@ -73,6 +76,21 @@ impl Attempt<'_> {
             .map_err(redis_retry)?
         {
             BudgetDecision::Reserved => {}
+            BudgetDecision::BatchPaused => {
+                // Held by the batch until a resume wakes it (or a cancel ends it); the long
+                // wait is only a fallback.
+                let reason = "its batch is paused by its failure guard: resume or cancel the batch";
+                // A slot the fair share gave this job while it waited goes to the next.
+                self.pipeline.slots.release(&client_ref).await;
+                self.lease
+                    .set_state(JobState::Scheduled, reason)
+                    .await
+                    .map_err(JobFailure::from)?;
+                return Err(JobFailure::Defer {
+                    after: BATCH_PAUSED_WAIT,
+                    reason: reason.to_owned(),
+                });
+            }
             over => {
                 let reason = match over {
                     BudgetDecision::OverDailyBudget { spent_micros } => format!(
