@@ -241,5 +241,10 @@ async fn a_batch_past_its_failure_guard_pauses_and_a_resume_finishes_it() {
     worker.stop().await;
     assert_eq!(done.counts.get("succeeded"), Some(&4));
     assert_eq!(done.counts.get("failed"), Some(&3));
+    // Every run it created was timed, for its ETA; a done batch has nothing left.
+    assert_eq!(done.runs, 7);
+    assert!(done.run_ms > 0);
+    let eta = done.eta(klingq_core::job::now_ms());
+    assert_eq!((eta.remaining_secs, eta.remaining_usd), (Some(0.0), 0.0));
     env.queue.delete_namespace().await.unwrap();
 }

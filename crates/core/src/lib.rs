@@ -6,6 +6,7 @@
 //! next and the previous.
 
 pub mod cost;
+pub mod eta;
 pub mod event;
 pub mod job;
 pub mod request;
@@ -17,6 +18,7 @@ pub mod urls;
 pub mod validation;
 
 pub use cost::CostModel;
+pub use eta::{BatchEta, EtaInputs};
 pub use event::{CompletionEvent, EventType, JobEventData};
 pub use job::{
     BatchId, Checkpoint, JobError, JobId, JobSpec, JobState, Priority, ProviderCheckpoint,

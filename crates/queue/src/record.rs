@@ -113,6 +113,9 @@ pub struct BatchRecord {
     pub paused: bool,
     /// Why it paused (the failures counted against the guard).
     pub pause_reason: Option<String>,
+    /// Its runs that ended, and their summed time from create to end (ms): its ETA's basis.
+    pub runs: u64,
+    pub run_ms: u64,
 }
 
 impl BatchRecord {
@@ -155,6 +158,30 @@ impl BatchRecord {
                 .get("pause_reason")
                 .filter(|r| !r.is_empty())
                 .cloned(),
+            runs: number("runs").unwrap_or(0),
+            run_ms: number("run_ms").unwrap_or(0),
+        })
+    }
+
+    /// The batch's estimated finish and remaining spend, now.
+    pub fn eta(&self, now_ms: u64) -> klingq_core::BatchEta {
+        let remaining = self.total.saturating_sub(self.terminal);
+        let running = ["submitting", "generating"]
+            .iter()
+            .filter_map(|state| self.counts.get(*state))
+            .sum();
+        let remaining_micros = if self.total == 0 {
+            0
+        } else {
+            self.estimated_micros.saturating_mul(remaining) / self.total
+        };
+        klingq_core::BatchEta::estimate(klingq_core::EtaInputs {
+            remaining,
+            running,
+            runs: self.runs,
+            run_ms: self.run_ms,
+            remaining_micros,
+            now_ms,
         })
     }
 }

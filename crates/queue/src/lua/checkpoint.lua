@@ -11,5 +11,10 @@ if A.checkpoint ~= '' then
   fields[#fields + 1] = 'checkpoint'
   fields[#fields + 1] = A.checkpoint
 end
+-- When the job's run was asked for: a batch learns how long its runs hold a slot (finish).
+if A.state == 'submitting' then
+  fields[#fields + 1] = 'submitted_ms'
+  fields[#fields + 1] = now()
+end
 set_state(job, A.state, fields, true)
 return 'ok'

@@ -227,7 +227,7 @@ end
 -- The job fields the state-changing helpers use, read by load_job with one HMGET. A field
 -- cleared by writing '' (so that clearing costs no HDEL) reads as false, like an absent one.
 local JOB_FIELDS = { 'state', 'q', 'batch', 'prio', 'entry', 'worker', 'parked', 'wake',
-  'attempts', 'charged_micros', 'trace', 'bstate', 'tenant' }
+  'attempts', 'charged_micros', 'trace', 'bstate', 'tenant', 'submitted_ms' }
 
 -- A job as a table of JOB_FIELDS (plus `extra` fields), `id` and `key`; nil when missing.
 local function load_job(id, extra)
@@ -235,7 +235,8 @@ local function load_job(id, extra)
   local v
   if extra then
     v = redis.call('HMGET', key, 'state', 'q', 'batch', 'prio', 'entry', 'worker', 'parked',
-      'wake', 'attempts', 'charged_micros', 'trace', 'bstate', 'tenant', unpack(extra))
+      'wake', 'attempts', 'charged_micros', 'trace', 'bstate', 'tenant', 'submitted_ms',
+      unpack(extra))
   else
     v = redis.call('HMGET', key, unpack(JOB_FIELDS))
   end
@@ -246,9 +247,10 @@ local function load_job(id, extra)
   -- One constructor: the table is built at its size, not grown field by field.
   local job = { id = id, key = key, state = v[1], q = v[2], batch = v[3], prio = v[4],
     entry = v[5], worker = v[6], parked = v[7], wake = v[8], attempts = v[9],
-    charged_micros = v[10], trace = v[11], bstate = v[12], tenant = v[13] or 'default' }
+    charged_micros = v[10], trace = v[11], bstate = v[12], tenant = v[13] or 'default',
+    submitted_ms = v[14] }
   if extra then
-    for i, name in ipairs(extra) do job[name] = v[13 + i] end
+    for i, name in ipairs(extra) do job[name] = v[14 + i] end
   end
   return job
 end
@@ -277,7 +279,7 @@ end
 -- What each change clears (clearing).
 local CLEAR_READY = { 'run_at_ms', 'worker', 'parked', 'wake' }
 local CLEAR_PARKED = { 'parked' }
-local CLEAR_FINISHED = { 'entry', 'worker', 'run_at_ms', 'wake' }
+local CLEAR_FINISHED = { 'entry', 'worker', 'run_at_ms', 'wake', 'submitted_ms' }
 local CLEAR_WAITING = { 'entry', 'worker', 'wake' }
 
 -- Appends `name ''` to `fields` for each of `names` the job has: cleared in the same HSET.
@@ -333,6 +335,7 @@ end
 -- Ends a job: terminal state, error, charge, dead-letter index, event, retention.
 -- `ev`: {id, type, body} of its event (body '' for none).
 local function finish(job, state, reason, err, ev, charged, fields)
+  local submitted = tonumber(job.submitted_ms)
   fields = clearing(job, fields or {}, CLEAR_FINISHED)
   fields[#fields + 1] = 'finished_ms'
   fields[#fields + 1] = now()
@@ -354,6 +357,11 @@ local function finish(job, state, reason, err, ev, charged, fields)
     redis.call('EXPIRE', ck, 3 * 86400, 'NX')
   end
   if state == 'dead' then redis.call('ZADD', K.dead(job.q), now(), job.id) end
+  if job.batch and submitted then
+    -- How long the batch's runs take from their create to their end (its ETA).
+    count(K.batch(job.batch), 'run_ms', now() - submitted)
+    count(K.batch(job.batch), 'runs', 1)
+  end
   count(stats, 'finished:' .. state, 1)
   count(stats, 't:' .. job.tenant .. ':finished:' .. state, 1)
   if ev.body ~= '' then append_event(ev.id, ev.type, job.id, ev.body, job.trace) end
