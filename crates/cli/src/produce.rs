@@ -93,6 +93,10 @@ pub(crate) struct EnqueueArgs {
     /// Not submitted before this time (RFC 3339).
     #[arg(long, value_name = "TIME")]
     not_before: Option<String>,
+    /// The customer the job is for (default: `default`): its share of the provider, limits
+    /// and budget.
+    #[arg(long, value_name = "NAME")]
+    tenant: Option<String>,
     /// JSON output; with FILE (`-` for stdin), the job itself comes from FILE as JSON.
     #[arg(long, value_name = "FILE", num_args = 0..=1)]
     json: Option<Option<PathBuf>>,
@@ -112,6 +116,9 @@ pub(crate) enum BatchCommand {
     Status(IdArgs),
     /// Cancel every unfinished job of a batch.
     Cancel(IdArgs),
+    /// Resume a batch its failure guard paused (`max_failed`, `max_failure_rate`): its held
+    /// jobs are submitted again and the guard counts from now.
+    Resume(IdArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -140,6 +147,19 @@ pub(crate) struct SubmitArgs {
     /// The same key within 24 h returns the first batch's id instead of a new batch.
     #[arg(long, value_name = "KEY")]
     idempotency_key: Option<String>,
+    /// The tenant of the batch's jobs that name none (default: `default`).
+    #[arg(long, value_name = "NAME")]
+    tenant: Option<String>,
+    /// Pause the batch once more than this share (0 to 1) of its finished jobs failed for good
+    /// (moderation, invalid input), judged after --min-finished jobs.
+    #[arg(long, value_name = "RATE")]
+    max_failure_rate: Option<f64>,
+    /// Finished jobs --max-failure-rate waits for (default 20).
+    #[arg(long, value_name = "N")]
+    min_finished: Option<u64>,
+    /// Pause the batch once more than N of its jobs failed for good.
+    #[arg(long, value_name = "N")]
+    max_failed: Option<u64>,
     /// Show progress until every job is finished, then a summary.
     #[arg(long)]
     wait: bool,
@@ -253,6 +273,20 @@ pub(crate) async fn run(
                         result.cost_committed
                     );
                 }
+            }
+        }
+        ProduceCommand::Batch(BatchCommand::Resume(args)) => {
+            let producer = connect(&settings, cost).await?;
+            let result = producer.resume_batch(&args.id).await?;
+            if args.json {
+                print_json(&result)?;
+            } else if result.was_paused {
+                println!(
+                    "batch {}: resumed, {} held jobs submitted again",
+                    result.id, result.resumed
+                );
+            } else {
+                println!("batch {}: not paused; nothing to resume", result.id);
             }
         }
         ProduceCommand::Status(args) => {
@@ -411,6 +445,7 @@ fn flag_of(path: &str) -> Option<&'static str> {
         "idempotency_key" => "--idempotency-key",
         "priority" => "--priority",
         "not_before" => "--not-before",
+        "tenant" => "--tenant",
         _ => return None,
     })
 }
@@ -431,6 +466,7 @@ async fn enqueue(args: EnqueueArgs, settings: &Settings, cost: CostModel) -> any
                 || args.idempotency_key.is_some()
                 || args.priority.is_some()
                 || args.not_before.is_some()
+                || args.tenant.is_some()
             {
                 return Err(invalid(
                     json,
@@ -517,6 +553,7 @@ fn job_from_flags(args: &EnqueueArgs, json: bool) -> anyhow::Result<Value> {
     );
     put("priority", args.priority.clone().map(Value::from));
     put("not_before", args.not_before.clone().map(Value::from));
+    put("tenant", args.tenant.clone().map(Value::from));
     if let Some(text) = &args.metadata {
         let metadata: Value = serde_json::from_str(text).map_err(|error| {
             let mut errors = ValidationErrors::default();
@@ -596,6 +633,10 @@ async fn submit(args: SubmitArgs, settings: &Settings, cost: CostModel) -> anyho
         idempotency_key: args.idempotency_key.clone(),
         source: Some("cli".to_owned()),
         trace: crate::logging::env_trace_parent(),
+        tenant: args.tenant.clone(),
+        max_failure_rate: args.max_failure_rate,
+        min_finished: args.min_finished,
+        max_failed: args.max_failed,
     };
 
     // Everything is checked before connecting, so a bad file is exit code 2 even with Redis
@@ -750,8 +791,45 @@ fn batch_table(batch: &BatchView) -> String {
     out.push_str(&format!("created      {}\n", batch.created_at));
     if let Some(finished) = &batch.finished_at {
         out.push_str(&format!("finished     {finished}\n"));
+    } else {
+        out.push_str(&format!("{}\n", eta_text(&batch.eta)));
+    }
+    if batch.paused {
+        out.push_str(&format!(
+            "PAUSED       {} (klingq batch resume {} or klingq batch cancel {})\n",
+            batch
+                .pause_reason
+                .as_deref()
+                .unwrap_or("by its failure guard"),
+            batch.id,
+            batch.id
+        ));
     }
     out
+}
+
+/// A batch's estimate in one line, labelled as one.
+pub(crate) fn eta_text(eta: &klingq_producer::view::EtaView) -> String {
+    match (eta.remaining_secs, &eta.finish_at) {
+        (Some(secs), Some(at)) => format!(
+            "eta          ~{} (estimate: at {at}), ~${:.2} left",
+            human_secs(secs),
+            eta.remaining_usd
+        ),
+        _ => format!(
+            "eta          estimating (after its first run ends), ~${:.2} left",
+            eta.remaining_usd
+        ),
+    }
+}
+
+fn human_secs(secs: f64) -> String {
+    let secs = secs.round() as u64;
+    match secs {
+        0..=119 => format!("{secs}s"),
+        120..=7199 => format!("{}m", secs / 60),
+        _ => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
+    }
 }
 
 fn job_text(job: &JobView) -> String {

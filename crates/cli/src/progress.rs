@@ -34,14 +34,16 @@ pub(crate) async fn wait_for_batch(
     loop {
         let batch = producer.batch(id).await?;
         let line = progress_line(&batch);
+        // The estimate changes at every look: it is shown, not compared.
+        let eta = eta_suffix(&batch);
         if let Some(bar) = &bar {
             bar.set_length(batch.total);
             bar.set_position(batch.terminal);
-            bar.set_message(line.clone());
+            bar.set_message(format!("{line}{eta}"));
         } else if !quiet_lines
             && (line != last_line || last_printed.elapsed() >= Duration::from_secs(30))
         {
-            eprintln!("{}/{} {line}", batch.terminal, batch.total);
+            eprintln!("{}/{} {line}{eta}", batch.terminal, batch.total);
             last_line = line;
             last_printed = tokio::time::Instant::now();
         }
@@ -52,6 +54,27 @@ pub(crate) async fn wait_for_batch(
             return Ok(batch);
         }
         tokio::time::sleep(interval).await;
+    }
+}
+
+/// The batch's estimated finish (labelled an estimate), or its pause.
+fn eta_suffix(batch: &BatchView) -> String {
+    if batch.paused {
+        return format!(
+            " · PAUSED: {} (klingq batch resume {})",
+            batch
+                .pause_reason
+                .as_deref()
+                .unwrap_or("by its failure guard"),
+            batch.id
+        );
+    }
+    match batch.eta.remaining_secs {
+        Some(secs) if !batch.done => {
+            let secs = secs.round() as u64;
+            format!(" · eta ~{}m{:02}s (estimate)", secs / 60, secs % 60)
+        }
+        _ => String::new(),
     }
 }
 

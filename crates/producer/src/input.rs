@@ -39,6 +39,7 @@ pub const JOB_FIELDS: &[&str] = &[
     "idempotency_key",
     "priority",
     "not_before",
+    "tenant",
 ];
 
 /// The request's fields, as CSV columns.

@@ -17,13 +17,16 @@ use tracing::Instrument;
 
 use crate::error::{BatchErrors, CappedErrors, ProducerError};
 use crate::view::{
-    BatchAccepted, BatchCancelResult, BatchView, CancelResult, EventView, JobAccepted, JobPage,
-    JobView, NotDead, RedriveResult,
+    BatchAccepted, BatchCancelResult, BatchResumeResult, BatchView, CancelResult, EventView,
+    JobAccepted, JobPage, JobView, NotDead, RedriveResult,
 };
 
 /// Longest batch idempotency key, in bytes: per-job keys derived from it stay within the
 /// 255 bytes a job's key may have.
 pub const MAX_BATCH_IDEMPOTENCY_KEY_BYTES: usize = 200;
+
+/// The finished jobs a batch's `max_failure_rate` waits for before it judges.
+pub const DEFAULT_MIN_FINISHED: u64 = 20;
 
 /// Jobs cancelled concurrently when cancelling a batch.
 const CANCEL_CONCURRENCY: usize = 32;
@@ -44,6 +47,14 @@ pub struct BatchOptions {
     /// The caller's trace (an HTTP `traceparent`, the CLI's `TRACEPARENT`): the batch's
     /// enqueue span continues it. Each job still gets a trace of its own, linked to it.
     pub trace: Option<TraceParent>,
+    /// The tenant of the batch's jobs that name none (kept in its info).
+    pub tenant: Option<String>,
+    /// The failure guard: pause the batch once more than this share of its finished jobs
+    /// failed for good (after `min_finished`, default 20) ...
+    pub max_failure_rate: Option<f64>,
+    pub min_finished: Option<u64>,
+    /// ... or once more than this many failed for good.
+    pub max_failed: Option<u64>,
 }
 
 /// What to re-drive from the dead letters.
@@ -225,6 +236,26 @@ impl Producer {
         if let Some(budget) = options.budget_usd {
             info["budget_usd"] = json!(budget);
         }
+        if let Some(tenant) = &options.tenant {
+            info["tenant"] = json!(tenant);
+        }
+        if let Some(rate) = options.max_failure_rate {
+            info["max_failure_rate"] = json!(rate);
+            info["min_finished"] = json!(options.min_finished.unwrap_or(DEFAULT_MIN_FINISHED));
+        }
+        if let Some(failed) = options.max_failed {
+            info["max_failed"] = json!(failed);
+        }
+        let valid: Vec<(usize, JobSpec)> = match &options.tenant {
+            None => valid,
+            Some(tenant) => valid
+                .into_iter()
+                .map(|(index, mut spec)| {
+                    spec.tenant.get_or_insert_with(|| tenant.clone());
+                    (index, spec)
+                })
+                .collect(),
+        };
         let budget_micros = options.budget_usd.map(usd_to_micros).unwrap_or(0);
 
         // With a batch idempotency key, the batch is opened at once, claiming the key for its
@@ -427,6 +458,18 @@ impl Producer {
     }
 
     /// Cancels every unfinished job of the batch.
+    /// Resumes a batch its failure guard paused: its held jobs are submitted again, and the
+    /// guard counts from now.
+    pub async fn resume_batch(&self, id: &str) -> Result<BatchResumeResult, ProducerError> {
+        let batch = self.batch(id).await?;
+        let resumed = self.queue.resume_batch(&batch.id).await?;
+        Ok(BatchResumeResult {
+            id: batch.id,
+            was_paused: batch.paused,
+            resumed,
+        })
+    }
+
     pub async fn cancel_batch(&self, id: &str) -> Result<BatchCancelResult, ProducerError> {
         let batch = self.batch(id).await?;
         let mut result = BatchCancelResult {
@@ -603,6 +646,30 @@ pub fn check_batch_options(
         if let Err(found) = probe.validate() {
             errors.extend(found);
         }
+    }
+    if let Some(tenant) = &options.tenant {
+        klingq_core::tenant::validate_tenant_name(&mut errors, "tenant", tenant);
+    }
+    if let Some(rate) = options.max_failure_rate
+        && !(rate.is_finite() && rate > 0.0 && rate < 1.0)
+    {
+        errors.push(
+            "max_failure_rate",
+            "range",
+            format!("must be more than 0 and less than 1, got {rate}"),
+        );
+    }
+    if let Some(min) = options.min_finished
+        && !(1..=1_000_000).contains(&min)
+    {
+        errors.push(
+            "min_finished",
+            "range",
+            format!("must be 1 to 1000000, got {min}"),
+        );
+    }
+    if options.max_failed == Some(0) {
+        errors.push("max_failed", "range", "must be 1 or more");
     }
     if let Some(budget) = options.budget_usd
         && !(budget.is_finite() && budget > 0.0)

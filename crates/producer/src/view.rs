@@ -290,10 +290,51 @@ pub struct BatchView {
     pub created_at: String,
     #[schema(format = DateTime)]
     pub finished_at: Option<String>,
+    /// Its failure guard (`max_failed`, `max_failure_rate`) stopped its submissions: resume
+    /// or cancel it.
+    pub paused: bool,
+    /// Why it paused.
+    pub pause_reason: Option<String>,
+    /// An estimate of when it finishes and what its remaining jobs cost.
+    pub eta: EtaView,
+}
+
+/// A batch's estimated finish: from the mean time of its finished runs, the provider slots
+/// it holds now (its tenant's current share) and the jobs left. An estimate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EtaView {
+    /// Always true: this is an estimate.
+    pub estimate: bool,
+    /// Seconds until its last job is expected to finish; absent until one of its runs ended
+    /// or while none of its jobs holds a provider slot.
+    pub remaining_secs: Option<f64>,
+    /// When it is expected to finish.
+    #[schema(format = DateTime)]
+    pub finish_at: Option<String>,
+    /// The estimated cost of its jobs left, in USD.
+    pub remaining_usd: f64,
+    /// Its runs' mean time from create to end, in seconds.
+    pub mean_run_secs: Option<f64>,
+    /// Provider slots its jobs hold now.
+    pub slots_now: u64,
+}
+
+impl From<klingq_core::BatchEta> for EtaView {
+    fn from(eta: klingq_core::BatchEta) -> Self {
+        EtaView {
+            estimate: eta.estimate,
+            remaining_secs: eta.remaining_secs,
+            finish_at: eta.finish_at_ms.map(format_ms),
+            remaining_usd: eta.remaining_usd,
+            mean_run_secs: eta.mean_run_secs,
+            slots_now: eta.slots_now,
+        }
+    }
 }
 
 impl BatchView {
     pub fn from_record(record: BatchRecord) -> Self {
+        let eta = EtaView::from(record.eta(klingq_core::job::now_ms()));
         let mut counts: BTreeMap<String, u64> = JobState::ALL
             .iter()
             .map(|state| (state.as_str().to_owned(), 0))
@@ -324,6 +365,9 @@ impl BatchView {
                 .map(redact_url),
             created_at: format_ms(record.created_ms),
             finished_at: record.finished_ms.map(format_ms),
+            paused: record.paused,
+            pause_reason: record.pause_reason,
+            eta,
         }
     }
 
@@ -398,6 +442,17 @@ pub struct BatchCancelResult {
     pub cost_committed: u64,
     /// Jobs that had already finished.
     pub already_terminal: u64,
+}
+
+/// The outcome of resuming a batch its failure guard paused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BatchResumeResult {
+    #[schema(format = "uuid")]
+    pub id: String,
+    /// Whether it was paused (a resume of a running batch changes nothing).
+    pub was_paused: bool,
+    /// Held jobs submitted again now.
+    pub resumed: u64,
 }
 
 /// Re-drive some dead jobs, or all of them.

@@ -24,7 +24,8 @@ use crate::view::ErrorDetail;
 /// How the body is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Format {
-    /// An array of jobs, or `{"jobs": [...], "webhook_url", "budget_usd", "partial"}`.
+    /// An array of jobs, or `{"jobs": [...], "webhook_url", "budget_usd", "partial",
+    /// "tenant", "max_failure_rate", "min_finished", "max_failed"}`.
     Json,
     /// One job per line.
     JsonLines,
@@ -36,6 +37,10 @@ pub(crate) struct BodyOptions {
     pub(crate) webhook_url: Option<String>,
     pub(crate) budget_usd: Option<f64>,
     pub(crate) partial: Option<bool>,
+    pub(crate) tenant: Option<String>,
+    pub(crate) max_failure_rate: Option<f64>,
+    pub(crate) min_finished: Option<u64>,
+    pub(crate) max_failed: Option<u64>,
 }
 
 /// A batch that may be enqueued: its valid jobs by entry index, the errors of the entries left
@@ -248,6 +253,56 @@ fn object_form(text: &str) -> Result<(Entries<'_>, BodyOptions), ApiError> {
         Some("false") => options.partial = Some(false),
         Some(_) => push(&mut errors, "partial", "type", "must be true or false"),
     }
+    match parts.tenant.map(RawValue::get) {
+        None | Some("null") => {}
+        Some(raw) => match (raw.len() <= 512)
+            .then(|| serde_json::from_str::<Value>(raw).ok())
+            .flatten()
+        {
+            Some(Value::String(name)) => options.tenant = Some(name),
+            _ => push(&mut errors, "tenant", "type", "must be a string"),
+        },
+    }
+    let number = |raw: Option<&RawValue>| match raw.map(RawValue::get) {
+        None | Some("null") => Ok(None),
+        Some(raw) => match (raw.len() <= 64)
+            .then(|| serde_json::from_str::<Value>(raw).ok())
+            .flatten()
+        {
+            Some(Value::Number(number)) => Ok(Some(number)),
+            _ => Err(()),
+        },
+    };
+    match number(parts.max_failure_rate) {
+        Ok(rate) => options.max_failure_rate = rate.and_then(|n| n.as_f64()),
+        Err(()) => push(&mut errors, "max_failure_rate", "type", "must be a number"),
+    }
+    for (name, raw, slot) in [
+        (
+            "min_finished",
+            parts.min_finished,
+            &mut options.min_finished,
+        ),
+        ("max_failed", parts.max_failed, &mut options.max_failed),
+    ] {
+        match number(raw) {
+            Ok(None) => {}
+            Ok(Some(n)) => match n.as_u64().or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 1e15)
+                    .map(|f| f as u64)
+            }) {
+                Some(n) => *slot = Some(n),
+                None => push(
+                    &mut errors,
+                    name,
+                    "type",
+                    "must be a whole number, 0 or more",
+                ),
+            },
+            Err(()) => push(&mut errors, name, "type", "must be a whole number"),
+        }
+    }
     if !errors.is_empty() {
         let n_errors = errors.total();
         let summary = format!(
@@ -266,6 +321,10 @@ struct ObjectParts<'a> {
     webhook_url: Option<&'a RawValue>,
     budget_usd: Option<&'a RawValue>,
     partial: Option<&'a RawValue>,
+    tenant: Option<&'a RawValue>,
+    max_failure_rate: Option<&'a RawValue>,
+    min_finished: Option<&'a RawValue>,
+    max_failed: Option<&'a RawValue>,
     errors: CappedErrors,
 }
 
@@ -286,13 +345,18 @@ impl<'de> Visitor<'de> for ObjectVisitor {
                 Key::WebhookUrl => ("webhook_url", &mut parts.webhook_url),
                 Key::BudgetUsd => ("budget_usd", &mut parts.budget_usd),
                 Key::Partial => ("partial", &mut parts.partial),
+                Key::Tenant => ("tenant", &mut parts.tenant),
+                Key::MaxFailureRate => ("max_failure_rate", &mut parts.max_failure_rate),
+                Key::MinFinished => ("min_finished", &mut parts.min_finished),
+                Key::MaxFailed => ("max_failed", &mut parts.max_failed),
                 Key::Other(name) => {
                     map.next_value::<IgnoredAny>()?;
                     parts.errors.push(ErrorDetail::new(FieldError::new(
                         name,
                         "unknown_field",
                         "is not a field of a batch; known fields: jobs, webhook_url, \
-                         budget_usd, partial",
+                         budget_usd, partial, tenant, max_failure_rate, min_finished, \
+                         max_failed",
                     )));
                     continue;
                 }
@@ -317,6 +381,10 @@ enum Key {
     WebhookUrl,
     BudgetUsd,
     Partial,
+    Tenant,
+    MaxFailureRate,
+    MinFinished,
+    MaxFailed,
     Other(String),
 }
 
@@ -337,6 +405,10 @@ impl<'de> Deserialize<'de> for Key {
                     "webhook_url" => Key::WebhookUrl,
                     "budget_usd" => Key::BudgetUsd,
                     "partial" => Key::Partial,
+                    "tenant" => Key::Tenant,
+                    "max_failure_rate" => Key::MaxFailureRate,
+                    "min_finished" => Key::MinFinished,
+                    "max_failed" => Key::MaxFailed,
                     other => Key::Other(other.chars().take(100).collect()),
                 })
             }

@@ -24,8 +24,8 @@ use crate::api::openapi;
 use crate::input::parse_job_value;
 use crate::producer::{BatchOptions, MAX_BATCH_IDEMPOTENCY_KEY_BYTES, RedriveTarget, canonical_id};
 use crate::view::{
-    BatchAccepted, BatchCancelResult, BatchView, CancelResult, ErrorBody, EventView, Health,
-    JobAccepted, JobPage, JobView, RedriveRequest, RedriveResult,
+    BatchAccepted, BatchCancelResult, BatchResumeResult, BatchView, CancelResult, ErrorBody,
+    EventView, Health, JobAccepted, JobPage, JobView, RedriveRequest, RedriveResult,
 };
 
 /// Most ids one re-drive request may name.
@@ -348,6 +348,10 @@ pub(crate) async fn create_batch(
                 idempotency_key: key,
                 source: Some("api".to_owned()),
                 trace,
+                tenant: from_body.tenant,
+                max_failure_rate: from_body.max_failure_rate,
+                min_finished: from_body.min_finished,
+                max_failed: from_body.max_failed,
             };
             match errors.is_empty() {
                 true => Ok(options),
@@ -567,6 +571,31 @@ pub(crate) async fn cancel_batch(
 ) -> Result<Json<BatchCancelResult>, ApiError> {
     let id = path_id(path, "batch")?;
     Ok(Json(app.producer.cancel_batch(&id).await?))
+}
+
+/// Resume a batch its failure guard paused.
+///
+/// Its held jobs are submitted again now, and the guard (`max_failed`, `max_failure_rate`)
+/// counts from here. A batch that is not paused is left as it is.
+#[utoipa::path(
+    post,
+    path = "/v1/batches/{id}/resume",
+    tag = "batches",
+    operation_id = "resume_batch",
+    params(("id" = String, Path, format = "uuid", description = "The batch's id.")),
+    responses(
+        (status = 200, description = "The batch runs again.", body = BatchResumeResult),
+        (status = 401, description = "Missing or wrong bearer token.", body = ErrorBody),
+        (status = 404, description = "No such batch.", body = ErrorBody),
+        (status = 503, description = "Redis is unavailable.", body = ErrorBody),
+    )
+)]
+pub(crate) async fn resume_batch(
+    State(app): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<BatchResumeResult>, ApiError> {
+    let id = path_id(path, "batch")?;
+    Ok(Json(app.producer.resume_batch(&id).await?))
 }
 
 /// List dead jobs, most recent first.

@@ -204,6 +204,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/batches/{id}", get(handlers::get_batch))
         .route("/v1/batches/{id}/jobs", get(handlers::batch_jobs))
         .route("/v1/batches/{id}/cancel", post(handlers::cancel_batch))
+        .route("/v1/batches/{id}/resume", post(handlers::resume_batch))
         .route("/v1/dead-letters", get(handlers::dead_letters))
         .route(
             "/v1/dead-letters/redrive",

@@ -22,9 +22,9 @@ use crate::ops::{
     ProviderLimitView, QueueDepth, SpendView, StatsView,
 };
 use crate::view::{
-    BatchAccepted, BatchCancelResult, BatchView, CancelResult, ErrorBody, ErrorDetail, ErrorInfo,
-    ErrorView, EventView, Health, JobAccepted, JobPage, JobView, NotDead, ProviderView,
-    RedriveRequest, RedriveResult, TimelineView, VideoView,
+    BatchAccepted, BatchCancelResult, BatchResumeResult, BatchView, CancelResult, ErrorBody,
+    ErrorDetail, ErrorInfo, ErrorView, EtaView, EventView, Health, JobAccepted, JobPage, JobView,
+    NotDead, ProviderView, RedriveRequest, RedriveResult, TimelineView, VideoView,
 };
 use klingq_events::{
     AttemptOutcome, AttemptRecord, DeliveryDetail, DeliveryPage, DeliveryStatus, DeliverySummary,
@@ -52,6 +52,7 @@ use klingq_events::{
         handlers::get_batch,
         handlers::batch_jobs,
         handlers::cancel_batch,
+        handlers::resume_batch,
         handlers::dead_letters,
         handlers::redrive,
         handlers::events,
@@ -92,6 +93,8 @@ use klingq_events::{
         BatchAccepted,
         CancelResult,
         BatchCancelResult,
+        BatchResumeResult,
+        EtaView,
         RedriveRequest,
         RedriveResult,
         NotDead,

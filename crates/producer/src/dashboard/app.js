@@ -868,8 +868,13 @@ function renderBatchHead(batch) {
   fillKeyed($('batch-head'), batch, () => [
     el('div', { class: 'panel-head' },
       el('div', { class: 'head-title' }, el('h2', {}, 'Batch'),
-        el('span', { class: 'badge ' + (batch.done ? 'succeeded' : 'active') }, batch.done ? 'done' : batch.sealed ? 'running' : 'enqueueing')),
-      el('div', { class: 'actions inline' }, batch.done ? null : el('button', {
+        el('span', { class: 'badge ' + (batch.done ? 'succeeded' : batch.paused ? 'failed' : 'active') }, batch.done ? 'done' : batch.paused ? 'paused' : batch.sealed ? 'running' : 'enqueueing')),
+      el('div', { class: 'actions inline' }, batch.paused && !batch.done ? el('button', {
+        type: 'button', id: 'batch-resume',
+        onclick: (e) => act(e.currentTarget, `Resume batch ${batch.id}? Its held jobs are submitted again.`, 'Resume batch',
+          () => post(`/v1/batches/${encodeURIComponent(batch.id)}/resume`),
+          (res) => `resumed: ${res.resumed} held job${res.resumed === 1 ? '' : 's'} submitted again`),
+      }, 'Resume batch') : null, batch.done ? null : el('button', {
         type: 'button', id: 'batch-cancel', class: 'danger',
         onclick: (e) => act(e.currentTarget, `Cancel the ${batch.total - batch.terminal} unfinished jobs of batch ${batch.id}?`, 'Cancel batch',
           () => post(`/v1/batches/${encodeURIComponent(batch.id)}/cancel`),
@@ -882,11 +887,23 @@ function renderBatchHead(batch) {
       el('div', {}, el('dt', {}, 'jobs'), el('dd', {}, batch.total)),
       el('div', {}, el('dt', {}, 'in flight'), el('dd', {}, batch.in_flight)),
       el('div', {}, el('dt', {}, 'estimated'), el('dd', {}, usd(batch.estimated_usd))),
-      el('div', {}, el('dt', {}, 'charged'), el('dd', { id: 'batch-charged' }, usd(batch.charged_usd)))),
+      el('div', {}, el('dt', {}, 'charged'), el('dd', { id: 'batch-charged' }, usd(batch.charged_usd))),
+      batch.done ? null : el('div', {}, el('dt', {}, 'finish (estimate)'), el('dd', { id: 'batch-eta' }, etaText(batch.eta))),
+      batch.done ? null : el('div', {}, el('dt', {}, 'left (estimate)'), el('dd', {}, usd(batch.eta.remaining_usd)))),
+    batch.paused ? el('p', { id: 'batch-paused', class: 'error' }, 'Paused: ', batch.pause_reason || 'by its failure guard',
+      '. Its waiting jobs are held; runs already paid finish. Resume or cancel it.') : null,
     el('p', { class: 'muted' }, batch.budget_usd ? `budget ${usd(batch.budget_usd)} · ` : 'no budget · ',
       `created ${when(batch.created_at)}`, batch.finished_at ? ` · finished ${when(batch.finished_at)}` : '',
       batch.webhook_url ? [' · webhook ', el('code', {}, batch.webhook_url)] : null),
   ]);
+}
+
+// A batch's estimated finish, labelled as one.
+function etaText(eta) {
+  if (!eta || eta.remaining_secs == null) return 'estimating…';
+  const secs = Math.round(eta.remaining_secs);
+  const span = secs < 120 ? `${secs} s` : secs < 7200 ? `${Math.round(secs / 60)} min` : `${(secs / 3600).toFixed(1)} h`;
+  return `~${span}` + (eta.finish_at ? ` (${when(eta.finish_at)})` : '');
 }
 
 function videoTile(job) {

@@ -141,6 +141,7 @@ async fn health_is_open_and_every_other_route_needs_a_token() {
         ("GET", format!("/v1/batches/{id}")),
         ("GET", format!("/v1/batches/{id}/jobs")),
         ("POST", format!("/v1/batches/{id}/cancel")),
+        ("POST", format!("/v1/batches/{id}/resume")),
         ("GET", "/v1/dead-letters".to_owned()),
         ("POST", "/v1/dead-letters/redrive".to_owned()),
         ("GET", "/v1/events".to_owned()),

@@ -363,6 +363,14 @@ fn job_properties() -> Map<String, Value> {
             "format": "date-time",
             "description": "The job is not submitted before this time (RFC 3339).",
         },
+        "tenant": {
+            "type": ["string", "null"],
+            "minLength": 1,
+            "maxLength": klingq_core::tenant::MAX_TENANT_LEN,
+            "pattern": "^[A-Za-z0-9_-]+$",
+            "description": "The customer the job is for (`default` when absent): its fair \
+                share of the provider, its limits and its daily budget.",
+        },
     });
     match properties {
         Value::Object(map) => map,
@@ -436,6 +444,34 @@ pub(super) fn schemas() -> Vec<(&'static str, Value)> {
                 "type": ["boolean", "null"],
                 "description": "Enqueue the valid jobs and report the invalid ones, instead of \
                     rejecting the batch (default false).",
+            },
+            "tenant": {
+                "type": ["string", "null"],
+                "minLength": 1,
+                "maxLength": klingq_core::tenant::MAX_TENANT_LEN,
+                "pattern": "^[A-Za-z0-9_-]+$",
+                "description": "The tenant of the batch's jobs that name none (`default` when \
+                    absent): its share of the provider, its limits and budget.",
+            },
+            "max_failure_rate": {
+                "type": ["number", "null"],
+                "exclusiveMinimum": 0,
+                "exclusiveMaximum": 1,
+                "description": "Pause the batch once more than this share of its finished jobs \
+                    failed for good (moderation, invalid input; not transient failures), \
+                    judged after `min_finished` jobs finished.",
+            },
+            "min_finished": {
+                "type": ["integer", "null"],
+                "minimum": 1,
+                "maximum": 1_000_000,
+                "description": "Finished jobs `max_failure_rate` waits for (default 20).",
+            },
+            "max_failed": {
+                "type": ["integer", "null"],
+                "minimum": 1,
+                "description": "Pause the batch once more than this many of its jobs failed for \
+                    good.",
             },
         },
         "required": ["jobs"],
