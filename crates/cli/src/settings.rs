@@ -3,9 +3,11 @@
 //! layers: the registry's defaults, then a file given with `--config`, then environment
 //! variables. A variable named `<VAR>_FILE` reads a secret from a file (Kubernetes secrets).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, bail};
+use klingq_core::TenantPolicy;
 use klingq_queue::QueueConfig;
 use serde::Deserialize;
 use toml::{Table, Value};
@@ -571,6 +573,9 @@ pub(crate) struct Settings {
     pub(crate) api: klingq_producer::ApiConfig,
     pub(crate) webhooks: klingq_events::WebhookConfig,
     pub(crate) telemetry: TelemetrySettings,
+    /// `[tenants.NAME]` tables: each tenant's policy (`[tenants.default]` for the rest).
+    #[serde(default)]
+    pub(crate) tenants: BTreeMap<String, TenantPolicy>,
 }
 
 impl Settings {
@@ -609,8 +614,21 @@ pub(crate) fn render_default_toml() -> String {
             out.push_str(&format!("{name} = {}\n", setting.default));
         }
     }
+    out.push_str(TENANTS_EXAMPLE);
     out
 }
+
+/// The tenant tables, as an example (tenants have no defaults to list).
+const TENANTS_EXAMPLE: &str = "
+# [tenants.NAME]: one tenant's share of the provider and its limits; [tenants.default]
+# applies to every tenant without a table of its own. `PUT /v1/tenants/{name}` overrides
+# these for every process. Names: 1 to 64 ASCII letters, digits, '_' or '-'.
+# [tenants.default]
+# weight = 1.0            # relative share of the provider, by dollars started
+# max_concurrency = 0     # provider runs at once across replicas (0: only the shared limit)
+# daily_budget_usd = 0.0  # estimated spend per UTC day (0: none)
+# priority_cap = \"high\"   # the highest priority its jobs get (high, normal, low)
+";
 
 /// Renders the configuration reference (a Markdown table per section) for the README.
 pub(crate) fn render_reference_markdown() -> String {
@@ -659,9 +677,22 @@ pub(crate) fn load_with(
 ) -> anyhow::Result<Settings> {
     let mut table = merged_table(file, env)?;
     move_callback_secret(&mut table);
-    Value::Table(table)
+    let mut settings: Settings = Value::Table(table)
         .try_into()
-        .context("invalid configuration")
+        .context("invalid configuration")?;
+    for (name, policy) in &settings.tenants {
+        if let Err((_, message)) = klingq_core::tenant::check_tenant_name(name) {
+            bail!("invalid configuration: tenant name [tenants.{name}] {message}");
+        }
+        if let Err(errors) = policy.validate() {
+            let first = errors.iter().next().map_or_else(String::new, |e| {
+                format!("tenants.{name}.{} {} ({})", e.path, e.message, e.rule)
+            });
+            bail!("invalid configuration: {first}");
+        }
+    }
+    settings.worker.tenants = settings.tenants.clone();
+    Ok(settings)
 }
 
 /// `provider.callback_secret` is read by the API (`klingq serve` checks Runflow's callbacks),
@@ -753,6 +784,7 @@ fn known_prefix(path: &str) -> bool {
             "provider.reconcile_grace",
             "storage.access_key_id",
             "storage.secret_access_key",
+            "tenants",
         ]
         .iter()
         .any(|p| path == *p || path.starts_with(&format!("{p}.")))
@@ -950,6 +982,35 @@ mod tests {
             format!("{error:#}")
                 .contains("KLINGQ_MAX_ATTEMPTS: many is not a valid value for queue.max_attempts")
         );
+    }
+
+    #[test]
+    fn tenant_tables_reach_the_worker_and_bad_ones_name_the_field() {
+        let dir = std::env::temp_dir().join(format!("klingq-tenants-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        std::fs::write(
+            &good,
+            "[tenants.default]\nmax_concurrency = 2\n[tenants.acme]\nweight = 3.0\n\
+             daily_budget_usd = 50.0\npriority_cap = \"normal\"\n",
+        )
+        .unwrap();
+        let settings = load_with(Some(&good), |_| None).unwrap();
+        let acme = &settings.worker.tenants["acme"];
+        assert_eq!((acme.weight, acme.daily_budget_usd), (3.0, 50.0));
+        assert_eq!(acme.priority_cap, Some(klingq_core::Priority::Normal));
+        assert_eq!(settings.worker.tenants["default"].max_concurrency, 2);
+        assert_eq!(settings.worker.tenants["default"].weight, 1.0);
+        for (text, expected) in [
+            ("[tenants.acme]\nweight = 0.0\n", "tenants.acme.weight"),
+            ("[tenants.\"a b\"]\nweight = 1.0\n", "[tenants.a b]"),
+            ("[tenants.acme]\nwieght = 1.0\n", "wieght"),
+        ] {
+            let bad = dir.join("bad-tenant.toml");
+            std::fs::write(&bad, text).unwrap();
+            let error = format!("{:#}", load_with(Some(&bad), |_| None).unwrap_err());
+            assert!(error.contains(expected), "{error}");
+        }
     }
 
     #[test]
