@@ -273,7 +273,7 @@ async fn demo(
     let cost = CostModel {
         usd_per_second: settings.worker.usd_per_second,
     };
-    let producer = Producer::new(queue.clone(), cost);
+    let producer = Producer::new(queue.clone(), cost).with_tenants(settings.tenants.clone());
     let mut api_config = settings.api.clone();
     api_config.tokens.clear();
     if !callback_secrets.is_empty() {

@@ -53,6 +53,16 @@ pub(crate) enum ProduceCommand {
     /// Completion events.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Tenants: each one's policy (weight, max concurrency, daily budget), provider runs in
+    /// flight, jobs waiting for a slot, jobs per state and spend today.
+    Tenants(TenantsArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TenantsArgs {
+    /// JSON output (`{"tenants": [...]}`, as `GET /v1/tenants`).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -275,6 +285,15 @@ pub(crate) async fn run(
                 }
             }
         }
+        ProduceCommand::Tenants(args) => {
+            let producer = connect(&settings, cost).await?;
+            let tenants = producer.tenants().await?;
+            if args.json {
+                print_json(&klingq_producer::view::TenantList { tenants })?;
+            } else {
+                print!("{}", tenants_table(&tenants));
+            }
+        }
         ProduceCommand::Batch(BatchCommand::Resume(args)) => {
             let producer = connect(&settings, cost).await?;
             let result = producer.resume_batch(&args.id).await?;
@@ -358,7 +377,8 @@ pub(crate) async fn run(
 async fn connect(settings: &Settings, cost: CostModel) -> anyhow::Result<Producer> {
     Ok(Producer::connect(settings.queue.clone(), cost)
         .await?
-        .with_max_batch_jobs(settings.api.max_batch_jobs))
+        .with_max_batch_jobs(settings.api.max_batch_jobs)
+        .with_tenants(settings.tenants.clone()))
 }
 
 fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
@@ -804,6 +824,46 @@ fn batch_table(batch: &BatchView) -> String {
             batch.id,
             batch.id
         ));
+    }
+    out
+}
+
+fn tenants_table(tenants: &[klingq_producer::view::TenantView]) -> String {
+    let mut out = format!(
+        "{:<20} {:>6} {:>5} {:>8} {:>7} {:>7} {:>9} {:>6} {:>11} {:>11}\n",
+        "tenant",
+        "weight",
+        "max",
+        "inflight",
+        "waiting",
+        "active",
+        "succeeded",
+        "failed",
+        "est. today",
+        "charged"
+    );
+    for t in tenants {
+        let max = if t.policy.max_concurrency == 0 {
+            "-".to_owned()
+        } else {
+            t.policy.max_concurrency.to_string()
+        };
+        out.push_str(&format!(
+            "{:<20} {:>6} {:>5} {:>8} {:>7} {:>7} {:>9} {:>6} {:>11} {:>11}\n",
+            t.tenant,
+            t.policy.weight,
+            max,
+            t.in_flight,
+            t.waiting_for_slot,
+            t.counts.active,
+            t.counts.succeeded,
+            t.counts.failed,
+            format!("${:.2}", t.spend_today.estimated_usd),
+            format!("${:.2}", t.spend_today.charged_usd),
+        ));
+    }
+    if tenants.is_empty() {
+        out.push_str("(no tenant has had a job yet)\n");
     }
     out
 }

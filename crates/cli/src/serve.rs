@@ -23,7 +23,9 @@ pub(crate) async fn run(args: ServeArgs, settings: Settings) -> anyhow::Result<(
     let cost = CostModel {
         usd_per_second: settings.worker.usd_per_second,
     };
-    let producer = Producer::connect(settings.queue, cost).await?;
+    let producer = Producer::connect(settings.queue, cost)
+        .await?
+        .with_tenants(settings.tenants.clone());
     let listener = tokio::net::TcpListener::bind(&config.bind)
         .await
         .with_context(|| format!("listening on {}", config.bind))?;

@@ -18,6 +18,7 @@ mod error;
 pub mod input;
 pub mod ops;
 mod producer;
+mod tenants;
 pub mod view;
 
 pub use api::{

@@ -3,6 +3,7 @@
 //! Everything submitted is validated before anything is written. A batch is opened, its jobs
 //! are enqueued in pipelined chunks and then it is sealed; the queue keeps its counters.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -70,6 +71,7 @@ pub struct Producer {
     queue: Queue,
     cost: CostModel,
     max_batch_jobs: usize,
+    tenants: crate::tenants::TenantPolicies,
 }
 
 impl Producer {
@@ -81,7 +83,19 @@ impl Producer {
             queue: queue.failing_fast(),
             cost,
             max_batch_jobs: 200_000,
+            tenants: crate::tenants::TenantPolicies::default(),
         }
+    }
+
+    /// The settings file's tenant policies (`[tenants.NAME]`): the priority cap at enqueue
+    /// and the tenant views read them under the API's.
+    pub fn with_tenants(mut self, file: BTreeMap<String, klingq_core::TenantPolicy>) -> Self {
+        self.tenants = crate::tenants::TenantPolicies::new(file);
+        self
+    }
+
+    pub(crate) fn tenant_policies(&self) -> &crate::tenants::TenantPolicies {
+        &self.tenants
     }
 
     /// Connects to the queue; a Redis that does not answer gives a message naming the
@@ -132,7 +146,8 @@ impl Producer {
         parent: Option<TraceParent>,
     ) -> Result<JobAccepted, ProducerError> {
         job.validate().map_err(ProducerError::Invalid)?;
-        let mut new_job = self.new_job(&job, job.idempotency_key.clone(), None)?;
+        let policies = self.policy_snapshot().await?;
+        let mut new_job = self.new_job(&job, job.idempotency_key.clone(), None, &policies)?;
         let span = tracing::info_span!(
             "enqueue",
             job_id = %new_job.id,
@@ -305,6 +320,7 @@ impl Producer {
             trace_id = tracing::field::Empty,
         );
         klingq_telemetry::continue_trace(&span, options.trace);
+        let policies = self.policy_snapshot().await?;
         let mut new_jobs = Vec::with_capacity(valid.len());
         let mut estimated_micros = 0u64;
         for (index, spec) in &valid {
@@ -314,7 +330,7 @@ impl Producer {
                     .as_ref()
                     .map(|batch_key| format!("batch:{batch_key}:{index}"))
             });
-            let mut job = self.new_job(spec, key, Some(&batch_id))?;
+            let mut job = self.new_job(spec, key, Some(&batch_id), &policies)?;
             job.trace = Some(klingq_telemetry::new_job_trace(&span, &job.id));
             estimated_micros += job.estimated_micros;
             new_jobs.push(job);
@@ -364,11 +380,22 @@ impl Producer {
         spec: &JobSpec,
         key: Option<String>,
         batch: Option<&str>,
+        policies: &crate::tenants::PolicySnapshot,
     ) -> Result<NewJob, ProducerError> {
+        // A tenant's priority cap lowers what its job asked for, in the stored job too.
+        let priority = policies.policy(spec.tenant()).cap_priority(spec.priority);
+        let payload = if priority == spec.priority {
+            serde_json::to_string(spec)?
+        } else {
+            serde_json::to_string(&JobSpec {
+                priority,
+                ..spec.clone()
+            })?
+        };
         Ok(NewJob {
             id: self.queue.new_job_id(batch, key.as_deref()),
-            payload: serde_json::to_string(spec)?,
-            priority: spec.priority,
+            payload,
+            priority,
             run_at_ms: spec.not_before.map(epoch_ms),
             idempotency_key: key,
             estimated_micros: self.estimate_micros(spec),

@@ -32,6 +32,8 @@ pub struct JobView {
     pub redrives: u32,
     #[schema(schema_with = priority_schema)]
     pub priority: Priority,
+    /// The customer the job is for (`default` when it named none).
+    pub tenant: String,
     #[schema(format = DateTime)]
     pub created_at: String,
     #[schema(format = DateTime)]
@@ -196,6 +198,10 @@ impl JobView {
             max_attempts: record.max_attempts,
             redrives: record.redrives,
             priority: record.priority,
+            tenant: spec
+                .as_ref()
+                .map_or(klingq_core::DEFAULT_TENANT, |s| s.tenant())
+                .to_owned(),
             created_at: format_ms(record.created_ms),
             updated_at: format_ms(updated_ms),
             started_at: record.started_ms.map(format_ms),
@@ -625,4 +631,109 @@ fn priority_schema() -> ObjectBuilder {
     ObjectBuilder::new()
         .schema_type(Type::String)
         .enum_values(Some(Priority::ALL.iter().map(|p| p.as_str())))
+}
+
+/// A tenant: its policy in force, where that comes from, and what it uses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TenantView {
+    pub tenant: String,
+    pub policy: TenantPolicyView,
+    /// Where the policy comes from: `api` (`PUT /v1/tenants/{name}`), `file`
+    /// (`[tenants.NAME]` or `[tenants.default]`) or `default`.
+    pub source: String,
+    pub counts: TenantCounts,
+    /// Provider runs it holds now, across replicas.
+    pub in_flight: u64,
+    /// Its jobs waiting for a provider slot.
+    pub waiting_for_slot: u64,
+    /// Estimated dollars of the runs it started at the provider.
+    pub started_usd: f64,
+    pub spend_today: TenantSpend,
+}
+
+/// A tenant's policy: its share of the provider and its limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TenantPolicyView {
+    /// Relative share of the provider, by dollars started (more than 0, at most 1000;
+    /// default 1).
+    #[serde(default = "default_weight")]
+    #[schema(exclusive_minimum = 0, maximum = 1000)]
+    pub weight: f64,
+    /// Provider runs it may hold at once across replicas (0: only the shared limit).
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 100000)]
+    pub max_concurrency: u64,
+    /// Estimated spend it may start per UTC day, in USD (0: none).
+    #[serde(default)]
+    #[schema(minimum = 0)]
+    pub daily_budget_usd: f64,
+    /// The highest priority its jobs get (none: no cap).
+    #[serde(default)]
+    #[schema(schema_with = optional_priority_schema)]
+    pub priority_cap: Option<Priority>,
+}
+
+fn default_weight() -> f64 {
+    1.0
+}
+
+fn optional_priority_schema() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([
+            Type::String,
+            Type::Null,
+        ]))
+        .enum_values(Some(
+            Priority::ALL
+                .iter()
+                .map(|p| serde_json::Value::from(p.as_str()))
+                .chain([serde_json::Value::Null]),
+        ))
+}
+
+impl From<klingq_core::TenantPolicy> for TenantPolicyView {
+    fn from(policy: klingq_core::TenantPolicy) -> Self {
+        TenantPolicyView {
+            weight: policy.weight,
+            max_concurrency: policy.max_concurrency,
+            daily_budget_usd: policy.daily_budget_usd,
+            priority_cap: policy.priority_cap,
+        }
+    }
+}
+
+impl From<TenantPolicyView> for klingq_core::TenantPolicy {
+    fn from(view: TenantPolicyView) -> Self {
+        klingq_core::TenantPolicy {
+            weight: view.weight,
+            max_concurrency: view.max_concurrency,
+            daily_budget_usd: view.daily_budget_usd,
+            priority_cap: view.priority_cap,
+        }
+    }
+}
+
+/// A tenant's jobs: enqueued, finished per outcome, and not yet finished (`active`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TenantCounts {
+    pub enqueued: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    pub dead: u64,
+    pub active: u64,
+}
+
+/// What a tenant spent today (UTC): estimated at submit, and charged by the provider.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TenantSpend {
+    pub estimated_usd: f64,
+    pub charged_usd: f64,
+}
+
+/// Every tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TenantList {
+    pub tenants: Vec<TenantView>,
 }

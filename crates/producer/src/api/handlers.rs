@@ -67,7 +67,10 @@ fn is_json_lines(media_type: Option<&str>) -> bool {
     )
 }
 
-fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+pub(super) fn body_bytes(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -85,7 +88,7 @@ fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes
     })
 }
 
-fn json_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
+pub(super) fn json_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
     if !is_json(media_type(headers).as_deref()) {
         return Err(ApiError::unsupported_media_type("application/json"));
     }
@@ -385,7 +388,7 @@ fn once<T>(
     query.or(body)
 }
 
-fn json_kind(value: &Value) -> &'static str {
+pub(super) fn json_kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -397,7 +400,7 @@ fn json_kind(value: &Value) -> &'static str {
 }
 
 /// A serde error of a small body, as one field error.
-fn serde_field_error(error: &serde_json::Error) -> ApiError {
+pub(super) fn serde_field_error(error: &serde_json::Error) -> ApiError {
     let text = error.to_string();
     let rule = if text.starts_with("unknown field") {
         "unknown_field"

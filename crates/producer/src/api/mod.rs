@@ -19,6 +19,7 @@ mod handlers;
 mod history;
 mod openapi;
 mod ops;
+mod tenants;
 mod video;
 
 use std::net::SocketAddr;
@@ -186,6 +187,11 @@ pub fn router(state: ApiState) -> Router {
                 .get(ops::list_batches),
         )
         .route("/v1/stats", get(ops::stats))
+        .route("/v1/tenants", get(tenants::list_tenants))
+        .route(
+            "/v1/tenants/{name}",
+            get(tenants::get_tenant).put(tenants::put_tenant),
+        )
         .route("/v1/stats/history", get(history::stats_history))
         .route("/v1/webhooks/deliveries", get(ops::list_deliveries))
         .route("/v1/webhooks/deliveries/{id}", get(ops::get_delivery))

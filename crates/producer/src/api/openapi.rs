@@ -14,7 +14,7 @@ use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 use crate::api::callbacks::{CallbackReceived, RunflowCallback, RunflowEvent, RunflowStatus};
 use crate::api::history::{HistoryPointView, HistoryView};
 use crate::api::video::VideoLinkView;
-use crate::api::{callbacks, handlers, history, ops, video};
+use crate::api::{callbacks, handlers, history, ops, tenants, video};
 
 mod input_schema;
 use crate::ops::{
@@ -24,7 +24,8 @@ use crate::ops::{
 use crate::view::{
     BatchAccepted, BatchCancelResult, BatchResumeResult, BatchView, CancelResult, ErrorBody,
     ErrorDetail, ErrorInfo, ErrorView, EtaView, EventView, Health, JobAccepted, JobPage, JobView,
-    NotDead, ProviderView, RedriveRequest, RedriveResult, TimelineView, VideoView,
+    NotDead, ProviderView, RedriveRequest, RedriveResult, TenantCounts, TenantList,
+    TenantPolicyView, TenantSpend, TenantView, TimelineView, VideoView,
 };
 use klingq_events::{
     AttemptOutcome, AttemptRecord, DeliveryDetail, DeliveryPage, DeliveryStatus, DeliverySummary,
@@ -58,6 +59,9 @@ use klingq_events::{
         handlers::events,
         ops::stats,
         history::stats_history,
+        tenants::list_tenants,
+        tenants::get_tenant,
+        tenants::put_tenant,
         ops::list_jobs,
         ops::list_batches,
         ops::list_deliveries,
@@ -95,6 +99,11 @@ use klingq_events::{
         BatchCancelResult,
         BatchResumeResult,
         EtaView,
+        TenantList,
+        TenantView,
+        TenantPolicyView,
+        TenantCounts,
+        TenantSpend,
         RedriveRequest,
         RedriveResult,
         NotDead,

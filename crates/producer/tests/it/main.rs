@@ -8,6 +8,7 @@ mod kinds;
 mod library;
 mod ops;
 mod outage;
+mod tenants;
 
 use std::time::Duration;
 
