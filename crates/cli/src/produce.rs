@@ -663,7 +663,7 @@ async fn submit(args: SubmitArgs, settings: &Settings, cost: CostModel) -> anyho
     // down. A file over the batch limit is refused before any line is parsed; lines are
     // parsed one at a time and only the first errors are kept.
     let max_batch_jobs = settings.api.max_batch_jobs;
-    let mut check = BatchCheck::new(max_batch_jobs);
+    let mut check = BatchCheck::new(max_batch_jobs).with_tenant(options.tenant.as_deref());
     let mut jobs = Vec::new();
     let mut keep = |check: &BatchCheck, checked: Option<(usize, klingq_core::JobSpec)>| {
         if check.has_invalid() && !args.partial {

@@ -49,6 +49,7 @@ pub(crate) fn api_state_for(
     worker: &klingq_worker::WorkerConfig,
 ) -> ApiState {
     let queue = producer.queue().clone();
+    let scraped = producer.clone();
     let limits = StatsLimits {
         provider_limit: klingq_worker::pipeline::PROVIDER_LIMIT.to_owned(),
         provider_max: worker.provider_concurrency,
@@ -61,17 +62,18 @@ pub(crate) fn api_state_for(
     state.callback_metrics().register(&mut process);
     let metrics = axum::Router::new()
         .route("/metrics", axum::routing::get(metrics))
-        .with_state((queue, std::sync::Arc::new(process)));
+        .with_state((scraped, std::sync::Arc::new(process)));
     state.with_public_routes(metrics)
 }
 
-/// Queue depth, jobs finished, spend and webhook deliveries, read from Redis for this scrape,
-/// then the process's own metrics (Redis errors, the Runflow callbacks it answered,
+/// Queue depth, jobs finished, spend, webhook deliveries and per-tenant usage (the 20 most
+/// active tenants, the rest as `tenant="_other"`), read from Redis for this scrape, then the
+/// process's own metrics (Redis errors, the Runflow callbacks it answered,
 /// `klingq_build_info`); OpenMetrics or Prometheus text as the scraper's `Accept` asks. 503 when
 /// Redis does not answer.
 async fn metrics(
-    axum::extract::State((queue, process)): axum::extract::State<(
-        klingq_queue::Queue,
+    axum::extract::State((producer, process)): axum::extract::State<(
+        Producer,
         std::sync::Arc<prometheus_client::registry::Registry>,
     )>,
     headers: axum::http::HeaderMap,
@@ -83,11 +85,23 @@ async fn metrics(
             .get(axum::http::header::ACCEPT)
             .and_then(|value| value.to_str().ok()),
     );
+    let queue = producer.queue();
     let webhooks = queue.for_queue(klingq_events::DELIVERY_QUEUE);
-    match QueueMetrics::read(&queue, Some(&webhooks)).await {
-        Ok(queue_metrics) => {
+    let read = async {
+        let queue_metrics = QueueMetrics::read(queue, Some(&webhooks))
+            .await
+            .map_err(|e| e.to_string())?;
+        let tenant_metrics = producer
+            .tenant_metrics()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>((queue_metrics, tenant_metrics))
+    };
+    match read.await {
+        Ok((queue_metrics, tenant_metrics)) => {
             let mut scrape = prometheus_client::registry::Registry::default();
             queue_metrics.register(&mut scrape);
+            tenant_metrics.register(&mut scrape);
             (
                 [(axum::http::header::CONTENT_TYPE, format.content_type())],
                 format.encode(&[&scrape, &process]),

@@ -50,8 +50,8 @@ pub struct BatchOptions {
     pub trace: Option<TraceParent>,
     /// The tenant of the batch's jobs that name none (kept in its info).
     pub tenant: Option<String>,
-    /// The failure guard: pause the batch once more than this share of its finished jobs
-    /// failed for good (after `min_finished`, default 20) ...
+    /// The failure guard: pause the batch once more than this share (0: none, to 1) of its
+    /// finished jobs failed for good (after `min_finished`, default 20) ...
     pub max_failure_rate: Option<f64>,
     pub min_finished: Option<u64>,
     /// ... or once more than this many failed for good.
@@ -177,7 +177,8 @@ impl Producer {
         jobs: Vec<Result<JobSpec, ValidationErrors>>,
         options: BatchOptions,
     ) -> Result<BatchAccepted, ProducerError> {
-        let mut check = BatchCheck::new(self.max_batch_jobs);
+        let mut check =
+            BatchCheck::new(self.max_batch_jobs).with_tenant(options.tenant.as_deref());
         let mut valid = Vec::new();
         if jobs.len() > self.max_batch_jobs {
             check.skip(jobs.len());
@@ -215,7 +216,11 @@ impl Producer {
             ..BatchErrors::default()
         };
         for (index, spec) in &jobs {
-            if let Err(found) = spec.validate() {
+            let found = match spec.validate() {
+                Ok(()) => batch_tenant_error(options.tenant.as_deref(), spec),
+                Err(found) => Some(found),
+            };
+            if let Some(found) = found {
                 errors.invalid_entries += 1;
                 errors.entries.push_entry(*index, None, found);
             }
@@ -678,12 +683,12 @@ pub fn check_batch_options(
         klingq_core::tenant::validate_tenant_name(&mut errors, "tenant", tenant);
     }
     if let Some(rate) = options.max_failure_rate
-        && !(rate.is_finite() && rate > 0.0 && rate < 1.0)
+        && !(rate.is_finite() && (0.0..=1.0).contains(&rate))
     {
         errors.push(
             "max_failure_rate",
             "range",
-            format!("must be more than 0 and less than 1, got {rate}"),
+            format!("must be 0 (none) to 1, got {rate}"),
         );
     }
     if let Some(min) = options.min_finished
@@ -739,6 +744,7 @@ pub fn check_batch_options(
 #[derive(Debug, Clone)]
 pub struct BatchCheck {
     max_batch_jobs: usize,
+    tenant: Option<String>,
     entries: usize,
     valid: usize,
     errors: BatchErrors,
@@ -748,10 +754,18 @@ impl BatchCheck {
     pub fn new(max_batch_jobs: usize) -> Self {
         Self {
             max_batch_jobs: max_batch_jobs.max(1),
+            tenant: None,
             entries: 0,
             valid: 0,
             errors: BatchErrors::default(),
         }
+    }
+
+    /// The batch's tenant (`BatchOptions::tenant`): an entry naming another is invalid
+    /// (`tenant`, rule `batch_tenant`).
+    pub fn with_tenant(mut self, tenant: Option<&str>) -> Self {
+        self.tenant = tenant.map(str::to_owned);
+        self
     }
 
     /// The batch limit this check applies.
@@ -793,6 +807,10 @@ impl BatchCheck {
         if self.entries > self.max_batch_jobs {
             return None;
         }
+        let entry = entry.and_then(|spec| match batch_tenant_error(self.tenant.as_deref(), &spec) {
+            Some(errors) => Err(errors),
+            None => Ok(spec),
+        });
         match entry {
             Ok(spec) => {
                 self.valid += 1;
@@ -836,6 +854,20 @@ impl BatchCheck {
         }
         Ok(errors)
     }
+}
+
+/// A batch's entry naming a tenant other than the batch's: rule `batch_tenant` at `tenant`.
+fn batch_tenant_error(batch: Option<&str>, spec: &JobSpec) -> Option<ValidationErrors> {
+    let (batch, own) = (batch?, spec.tenant.as_deref()?);
+    (own != batch).then(|| {
+        let mut errors = ValidationErrors::default();
+        errors.push(
+            "tenant",
+            "batch_tenant",
+            format!("the batch is for tenant {batch:?}; this job names {own:?}"),
+        );
+        errors
+    })
 }
 
 /// The canonical spelling of a job or batch id, or `None` if it is not one.

@@ -292,6 +292,9 @@ pub struct BatchView {
     pub budget_usd: Option<f64>,
     /// The batch's webhook URL, with any query string redacted.
     pub webhook_url: Option<String>,
+    /// The tenant of its jobs (`default` when the batch named none).
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
+    pub tenant: String,
     #[schema(format = DateTime)]
     pub created_at: String,
     #[schema(format = DateTime)]
@@ -369,6 +372,12 @@ impl BatchView {
                 .get("webhook_url")
                 .and_then(Value::as_str)
                 .map(redact_url),
+            tenant: record
+                .info
+                .get("tenant")
+                .and_then(Value::as_str)
+                .unwrap_or(klingq_core::DEFAULT_TENANT)
+                .to_owned(),
             created_at: format_ms(record.created_ms),
             finished_at: record.finished_ms.map(format_ms),
             paused: record.paused,
@@ -591,7 +600,7 @@ pub struct ErrorDetail {
     pub path: String,
     /// A stable rule code: `required`, `type`, `unknown_field`, `exclusive`, `one_of`, `range`,
     /// `max_length`, `min_items`, `max_items`, `url`, `sum`, `element_kind`, `control_char`,
-    /// `format`, `json`, `utf8`.
+    /// `format`, `json`, `utf8`, `batch_tenant` (a batch's entry naming another tenant).
     pub rule: String,
     pub message: String,
 }
@@ -661,7 +670,7 @@ pub struct TenantPolicyView {
     #[schema(exclusive_minimum = 0, maximum = 1000)]
     pub weight: f64,
     /// Provider runs it may hold at once across replicas (0: only the shared limit).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole_number")]
     #[schema(minimum = 0, maximum = 100000)]
     pub max_concurrency: u64,
     /// Estimated spend it may start per UTC day, in USD (0: none).
@@ -676,6 +685,21 @@ pub struct TenantPolicyView {
 
 fn default_weight() -> f64 {
     1.0
+}
+
+/// A whole number, written as an integer or as a float with no fraction (`10.0`), as JSON
+/// Schema's `integer` allows.
+fn whole_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    let number = serde_json::Number::deserialize(deserializer)?;
+    number
+        .as_u64()
+        .or_else(|| {
+            number
+                .as_f64()
+                .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= 9.0e15)
+                .map(|f| f as u64)
+        })
+        .ok_or_else(|| serde::de::Error::custom(format!("must be a whole number, got {number}")))
 }
 
 fn optional_priority_schema() -> ObjectBuilder {

@@ -297,6 +297,17 @@ impl Queue {
         self.run_script(cmd).await
     }
 
+    /// The holders of a shared limit's slots (live or lapsed, not yet tidied), for tools.
+    pub async fn slot_holders(&self, name: &str) -> Result<Vec<String>, QueueError> {
+        self.query(
+            redis::cmd("ZRANGE")
+                .arg(self.keys().limit(name))
+                .arg(0)
+                .arg(-1),
+        )
+        .await
+    }
+
     /// Slots in use and the live cap of a shared limit, for metrics.
     pub async fn slot_usage(&self, name: &str, max: u64) -> Result<(u64, u64), QueueError> {
         let keys = self.keys();

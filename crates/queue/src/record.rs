@@ -170,11 +170,11 @@ impl BatchRecord {
             .iter()
             .filter_map(|state| self.counts.get(*state))
             .sum();
-        let remaining_micros = if self.total == 0 {
-            0
-        } else {
-            self.estimated_micros.saturating_mul(remaining) / self.total
-        };
+        let remaining_micros = self
+            .estimated_micros
+            .saturating_mul(remaining)
+            .checked_div(self.total)
+            .unwrap_or(0);
         klingq_core::BatchEta::estimate(klingq_core::EtaInputs {
             remaining,
             running,

@@ -4,6 +4,7 @@
 //! batches, Redis command shares, sim timestamps) lives here.
 
 mod enqueue;
+mod fairness;
 mod inflight;
 mod pipeline;
 mod queue;
@@ -42,6 +43,10 @@ pub(crate) enum BenchCommand {
     /// lost: ideal makespan / measured, and the lag from a run's completion to its job's
     /// `succeeded`.
     Utilization(utilization::UtilizationBenchArgs),
+    /// Fairness: the provider's slots shared between tenants by dollars started, the real
+    /// scheduler scripts on Redis driven in virtual time (scenarios 1:1, 3:1 and 10 tenants),
+    /// with the batch ETA's error against each tenant's real finish.
+    Fairness(fairness::FairnessBenchArgs),
 }
 
 pub(crate) async fn run(command: BenchCommand, settings: Settings) -> anyhow::Result<()> {
@@ -52,6 +57,7 @@ pub(crate) async fn run(command: BenchCommand, settings: Settings) -> anyhow::Re
         BenchCommand::Enqueue(args) => enqueue::run(args, settings).await,
         BenchCommand::Pipeline(args) => pipeline::run(args, settings).await,
         BenchCommand::Utilization(args) => utilization::run(args, settings).await,
+        BenchCommand::Fairness(args) => fairness::run(args, settings).await,
     }
 }
 

@@ -440,6 +440,32 @@ async function refreshBatches() {
   $('batches-note').textContent = page.next_offset !== null && page.next_offset !== undefined ? 'the 20 newest' : '';
 }
 
+// ---- tenants (overview) ------------------------------------------------------------------
+
+async function refreshTenants() {
+  // An older server has no /v1/tenants: the panel says so instead of failing the page.
+  const body = await apiOptional('/v1/tenants');
+  if (body === null) {
+    fill(document.querySelector('#tenants tbody'), [el('tr', {}, el('td', { colspan: 9, class: 'muted' }, 'This server does not report tenants.'))]);
+    return;
+  }
+  const rows = body.tenants.map((t) => el('tr', { 'data-tenant': t.tenant },
+    el('td', {}, el('code', {}, t.tenant), el('div', { class: 'muted', title: 'where the policy comes from' }, t.source)),
+    el('td', { class: 'num' }, t.policy.weight),
+    el('td', { class: 'num' }, t.policy.max_concurrency ? t.policy.max_concurrency : '–'),
+    el('td', { class: 'num', 'data-field': 'in_flight' }, t.in_flight),
+    el('td', { class: 'num', 'data-field': 'waiting_for_slot' }, t.waiting_for_slot),
+    el('td', { class: 'num', 'data-field': 'active' }, t.counts.active),
+    el('td', { class: 'num ok' }, t.counts.succeeded),
+    el('td', { class: 'num bad' }, t.counts.failed),
+    el('td', { class: 'num' }, usd(t.spend_today.charged_usd),
+      el('div', { class: 'muted' }, 'est. ' + usd(t.spend_today.estimated_usd) +
+        (t.policy.daily_budget_usd ? ' / budget ' + usd(t.policy.daily_budget_usd) : ''))),
+  ));
+  if (!rows.length) rows.push(el('tr', {}, el('td', { colspan: 9, class: 'muted' }, 'No tenant has had a job yet.')));
+  fill(document.querySelector('#tenants tbody'), rows);
+}
+
 // ---- jobs (overview) ---------------------------------------------------------------------
 
 function stepTimings(job) {
@@ -806,6 +832,7 @@ function renderJobHead(job) {
         el('div', {}, el('dt', {}, 'estimated'), el('dd', {}, usd(job.estimated_usd))),
         el('div', {}, el('dt', {}, 'charged'), el('dd', { id: 'job-charged' }, usd(job.charged_usd)))),
       el('p', { class: 'muted' }, `created ${ago(job.created_at)}`,
+        ' · tenant ', el('code', { id: 'job-tenant' }, job.tenant || 'default'),
         job.batch_id ? [' · batch ', batchLink(job.batch_id)] : null,
         job.run_at && !TERMINAL.has(job.state) ? ` · due ${when(job.run_at)}` : null),
     ];
@@ -892,7 +919,8 @@ function renderBatchHead(batch) {
       batch.done ? null : el('div', {}, el('dt', {}, 'left (estimate)'), el('dd', {}, usd(batch.eta.remaining_usd)))),
     batch.paused ? el('p', { id: 'batch-paused', class: 'error' }, 'Paused: ', batch.pause_reason || 'by its failure guard',
       '. Its waiting jobs are held; runs already paid finish. Resume or cancel it.') : null,
-    el('p', { class: 'muted' }, batch.budget_usd ? `budget ${usd(batch.budget_usd)} · ` : 'no budget · ',
+    el('p', { class: 'muted' }, 'tenant ', el('code', { id: 'batch-tenant' }, batch.tenant || 'default'), ' · ',
+      batch.budget_usd ? `budget ${usd(batch.budget_usd)} · ` : 'no budget · ',
       `created ${when(batch.created_at)}`, batch.finished_at ? ` · finished ${when(batch.finished_at)}` : '',
       batch.webhook_url ? [' · webhook ', el('code', {}, batch.webhook_url)] : null),
   ]);
@@ -1011,7 +1039,7 @@ async function refreshViews() {
   let work;
   if (view.name === 'job') work = [refreshJobPage(view)];
   else if (view.name === 'batch') work = [refreshBatchPage(view)];
-  else work = [refreshBatches(), refreshJobs(), refreshDead(), refreshWebhooks()];
+  else work = [refreshBatches(), refreshTenants(), refreshJobs(), refreshDead(), refreshWebhooks()];
   const results = await Promise.allSettled(work);
   const failed = results.find((r) => r.status === 'rejected');
   if (failed) report(failed.reason);

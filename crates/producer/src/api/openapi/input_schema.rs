@@ -455,9 +455,9 @@ pub(super) fn schemas() -> Vec<(&'static str, Value)> {
             },
             "max_failure_rate": {
                 "type": ["number", "null"],
-                "exclusiveMinimum": 0,
-                "exclusiveMaximum": 1,
-                "description": "Pause the batch once more than this share of its finished jobs \
+                "minimum": 0,
+                "maximum": 1,
+                "description": "Pause the batch once more than this share (0: none) of its finished jobs \
                     failed for good (moderation, invalid input; not transient failures), \
                     judged after `min_finished` jobs finished.",
             },
@@ -475,6 +475,13 @@ pub(super) fn schemas() -> Vec<(&'static str, Value)> {
             },
         },
         "required": ["jobs"],
+        // A job naming a tenant other than the batch's is refused (`batch_tenant`); JSON
+        // Schema cannot compare the two, so it states the stricter form: a batch naming a
+        // tenant has jobs that name none.
+        "if": {"properties": {"tenant": {"type": "string"}}, "required": ["tenant"]},
+        "then": {"properties": {"jobs": {"items": {"properties": {"tenant": {"type": "null"}}}}}},
+        "description": "A batch with its options. A job may name the batch's tenant or none; \
+            naming another is refused (rule `batch_tenant`).",
     });
     vec![
         (
