@@ -91,10 +91,7 @@ async fn metrics(
         let queue_metrics = QueueMetrics::read(queue, Some(&webhooks))
             .await
             .map_err(|e| e.to_string())?;
-        let tenant_metrics = producer
-            .tenant_metrics()
-            .await
-            .map_err(|e| e.to_string())?;
+        let tenant_metrics = producer.tenant_metrics().await.map_err(|e| e.to_string())?;
         Ok::<_, String>((queue_metrics, tenant_metrics))
     };
     match read.await {

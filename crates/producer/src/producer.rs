@@ -177,8 +177,7 @@ impl Producer {
         jobs: Vec<Result<JobSpec, ValidationErrors>>,
         options: BatchOptions,
     ) -> Result<BatchAccepted, ProducerError> {
-        let mut check =
-            BatchCheck::new(self.max_batch_jobs).with_tenant(options.tenant.as_deref());
+        let mut check = BatchCheck::new(self.max_batch_jobs).with_tenant(options.tenant.as_deref());
         let mut valid = Vec::new();
         if jobs.len() > self.max_batch_jobs {
             check.skip(jobs.len());
@@ -807,10 +806,13 @@ impl BatchCheck {
         if self.entries > self.max_batch_jobs {
             return None;
         }
-        let entry = entry.and_then(|spec| match batch_tenant_error(self.tenant.as_deref(), &spec) {
-            Some(errors) => Err(errors),
-            None => Ok(spec),
-        });
+        let entry =
+            entry.and_then(
+                |spec| match batch_tenant_error(self.tenant.as_deref(), &spec) {
+                    Some(errors) => Err(errors),
+                    None => Ok(spec),
+                },
+            );
         match entry {
             Ok(spec) => {
                 self.valid += 1;

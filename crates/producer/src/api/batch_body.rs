@@ -90,8 +90,7 @@ pub(crate) fn check(
     };
     let options = options(body_options)?;
 
-    let mut check =
-        BatchCheck::new(limits.max_batch_jobs).with_tenant(options.tenant.as_deref());
+    let mut check = BatchCheck::new(limits.max_batch_jobs).with_tenant(options.tenant.as_deref());
     // Positions of the valid entries; the jobs are built again if the batch is accepted.
     let mut valid: Vec<(usize, &str)> = Vec::new();
     let count = entries.count()?;

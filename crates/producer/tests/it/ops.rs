@@ -156,7 +156,9 @@ async fn the_dashboard_is_served_without_a_token() {
     let server = Server::start("api-dashboard").await;
     for (path, kind, needle) in [
         ("/", "text/html", "/dashboard/app.js"),
+        ("/", "text/html", "id=\"tenants\""),
         ("/dashboard/app.js", "text/javascript", "/v1/events"),
+        ("/dashboard/app.js", "text/javascript", "/v1/tenants"),
         ("/dashboard/style.css", "text/css", ".progress"),
     ] {
         let response = server.client.get(server.url(path)).send().await.unwrap();
