@@ -164,7 +164,8 @@ klingq_provider_credit_pauses_total klingq_bytes_rehosted_total klingq_provider_
 klingq_worker_jobs_in_flight klingq_provider_slot_releases_pending
 klingq_provider_slot_releases_deferred_total klingq_provider_limit_in_use
 klingq_provider_limit_cap"
-api_expected="$common klingq_provider_callbacks_total"
+api_expected="$common klingq_provider_callbacks_total klingq_tenant_in_flight
+klingq_tenant_jobs klingq_tenant_spend_today_usd"
 
 openmetrics_accept="application/openmetrics-text;version=1.0.0;q=0.6,application/openmetrics-text;version=0.0.1;q=0.5,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
 failed=0

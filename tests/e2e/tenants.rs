@@ -6,11 +6,13 @@
 
 use std::time::Duration;
 
-use klingq_core::{GenerationRequest, JobSpec, JobState, VideoDuration};
+use klingq_core::{CostModel, GenerationRequest, JobSpec, JobState, VideoDuration};
+use klingq_producer::Producer;
 use klingq_queue::{NewJob, SlotClaim};
 use klingq_sim::SimConfig;
 use klingq_testkit::redis::{redis_url, require_shared_redis};
 use klingq_testkit::wait_for;
+use tokio::io::AsyncBufReadExt;
 
 use crate::pipeline::{Env, InProcessWorker, env_on};
 
@@ -31,9 +33,19 @@ fn clip(tenant: &str, seconds: u32, n: usize) -> NewJob {
 }
 
 async fn enqueue(env: &Env, tenant: &str, seconds: u32, n: usize) -> Vec<String> {
+    enqueue_into(env, tenant, seconds, n, None).await
+}
+
+async fn enqueue_into(
+    env: &Env,
+    tenant: &str,
+    seconds: u32,
+    n: usize,
+    batch: Option<&str>,
+) -> Vec<String> {
     let jobs: Vec<NewJob> = (0..n).map(|i| clip(tenant, seconds, i)).collect();
     env.queue
-        .enqueue_many(&jobs, None)
+        .enqueue_many(&jobs, batch)
         .await
         .unwrap()
         .into_iter()
@@ -62,7 +74,14 @@ async fn two_tenants_waiting_start_equal_dollars_at_the_provider() {
             .unwrap();
         assert!(status.acquired);
     }
-    let a = enqueue(&env, "a", 15, 60).await;
+    // A's clips are one batch, whose ETA is read while both tenants share the provider.
+    let a_batch = klingq_core::JobId::new().to_string();
+    env.queue
+        .open_batch(&a_batch, &serde_json::json!({"tenant": "a"}), 0)
+        .await
+        .unwrap();
+    let a = enqueue_into(&env, "a", 15, 60, Some(&a_batch)).await;
+    env.queue.seal_batch(&a_batch).await.unwrap();
     let b = enqueue(&env, "b", 3, 30).await;
     let worker = InProcessWorker::start_with(settings).await;
     wait_for(
@@ -81,9 +100,65 @@ async fn two_tenants_waiting_start_equal_dollars_at_the_provider() {
     )
     .await
     .unwrap();
+    // The scheduler's decisions, in the order it made them: each grant charges its tenant's
+    // dollars started (HINCRBY on the fair-share hash, inside the script), which Redis's
+    // MONITOR shows in execution order. The order runs reach the provider differs by the
+    // worker's few ms to deliver a woken job, several grants apart when runs take 0.1 s.
+    let fair_key = env.queue.keys().limit_fair("provider");
+    let mut monitor = tokio::process::Command::new("redis-cli")
+        .arg("-u")
+        .arg(redis_url())
+        .arg("monitor")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-cli runs");
+    let mut lines = tokio::io::BufReader::new(monitor.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("OK"));
+    let b_total = 30 * 420_000u64;
+    let grants = tokio::spawn(async move {
+        let needle = format!("\"HINCRBY\" \"{fair_key}\" \"started:");
+        let mut order = String::new();
+        let mut b = 0u64;
+        while let Ok(Some(line)) = lines.next_line().await {
+            let Some(at) = line.find(&needle) else {
+                continue;
+            };
+            let rest = &line[at + needle.len()..];
+            match rest.chars().next() {
+                Some('a') => order.push('A'),
+                Some('b') => {
+                    order.push('B');
+                    b += 420_000;
+                    if b >= b_total {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        order
+    });
     for blocker in &blockers {
         env.queue.release_slot("provider", blocker).await.unwrap();
     }
+    // Once a run of A's ended, its batch's ETA plays the fair share forward over both
+    // tenants' jobs left (the API's batch view).
+    let producer =
+        Producer::new(env.queue.clone(), CostModel::default()).with_provider_slots(SLOTS);
+    let eta = wait_for(
+        "A's batch estimated from the fair share",
+        Duration::from_secs(120),
+        || async {
+            let view = producer.batch(&a_batch).await.ok()?;
+            (view.eta.basis == "fair_share").then_some(view.eta)
+        },
+    )
+    .await
+    .unwrap();
+    assert!(eta.estimate);
+    assert!(eta.remaining_secs.is_some_and(|s| s > 0.0), "{eta:?}");
+    assert!(eta.remaining_usd > 0.0, "{eta:?}");
     let ids: Vec<String> = a.iter().chain(&b).cloned().collect();
     let records = wait_for("all 90 clips done", Duration::from_secs(300), || async {
         let records = env.queue.jobs(&ids).await.ok()?;
@@ -96,34 +171,28 @@ async fn two_tenants_waiting_start_equal_dollars_at_the_provider() {
     .unwrap();
     worker.stop().await;
 
-    // The order runs were created in (each job's checkpoint stamps its create).
-    let mut started: Vec<(u64, bool)> = records
+    // The order runs were created in at the provider, for the message (the simulator's run
+    // ids are UUIDv7, ordered by creation): A's are the 15 s clips, B's the 3 s ones.
+    assert_eq!(records.len(), 90);
+    let mut runs = env.sim.runs();
+    runs.sort_by_key(|run| run.id);
+    let order: String = runs
         .iter()
-        .map(|r| {
-            let at = r
-                .checkpoint
-                .as_ref()
-                .and_then(|c| c["provider"]["submitted_at_ms"].as_u64());
-            (
-                at.expect("a succeeded job was submitted"),
-                b.contains(&r.id),
-            )
-        })
+        .map(|run| if run.duration_secs == 3 { 'B' } else { 'A' })
         .collect();
-    started.sort();
-    let last_b = started.iter().rposition(|(_, is_b)| *is_b).unwrap();
-    let (mut dollars_a, mut dollars_b) = (0u64, 0u64);
-    for (_, is_b) in &started[..=last_b] {
-        if *is_b {
-            dollars_b += 420_000;
-        } else {
-            dollars_a += 2_100_000;
-        }
-    }
+    // While both waited: up to the slot B's last clip was given.
+    let granted = tokio::time::timeout(Duration::from_secs(60), grants)
+        .await
+        .expect("the grants were read")
+        .unwrap();
+    drop(monitor);
+    let dollars_a = granted.matches('A').count() as u64 * 2_100_000;
+    let dollars_b = granted.matches('B').count() as u64 * 420_000;
+    assert_eq!(dollars_b, b_total, "grants: {granted}");
     let ratio = dollars_a as f64 / dollars_b as f64;
     assert!(
         (0.8..=1.2).contains(&ratio),
-        "while both waited A started ${:.2} and B ${:.2}",
+        "while both waited A started ${:.2} and B ${:.2} (slots given in order: {granted}; runs created in order: {order})",
         dollars_a as f64 / 1e6,
         dollars_b as f64 / 1e6
     );
@@ -134,6 +203,9 @@ async fn two_tenants_waiting_start_equal_dollars_at_the_provider() {
     assert_eq!(a_usage.finished.get("succeeded"), Some(&60));
     assert_eq!((a_usage.active(), a_usage.in_flight), (0, 0));
     assert_eq!(a_usage.started_micros, 60 * 2_100_000);
+    // Every run was timed for the tenant (the ETA's run time for other batches).
+    assert_eq!(a_usage.runs, 60);
+    assert!(a_usage.run_ms > 0);
     env.queue.delete_namespace().await.unwrap();
 }
 
@@ -191,6 +263,7 @@ async fn a_batch_past_its_failure_guard_pauses_and_a_resume_finishes_it() {
         Some("3 jobs failed, more than max_failed 2")
     );
     let runs_before = env.sim.runs().len();
+    let producer = Producer::new(env.queue.clone(), CostModel::default());
 
     // Jobs that come after are held: scheduled, with the reason, and nothing created.
     let later: Vec<NewJob> = (0..4).map(|i| clip("default", 5, 10 + i)).collect();
@@ -231,6 +304,14 @@ async fn a_batch_past_its_failure_guard_pauses_and_a_resume_finishes_it() {
         1
     );
 
+    // Paused, the batch has no finish time, only its spend left.
+    let view = producer.batch(&batch).await.unwrap();
+    assert!(view.paused);
+    assert_eq!(
+        (view.eta.basis.as_str(), view.eta.remaining_secs),
+        ("paused", None)
+    );
+
     // A resume submits them at once (not at the end of their hour-long wait).
     assert_eq!(env.queue.resume_batch(&batch).await.unwrap(), 4);
     let done = wait_for("the batch done", Duration::from_secs(60), || async {
@@ -244,7 +325,7 @@ async fn a_batch_past_its_failure_guard_pauses_and_a_resume_finishes_it() {
     // Every run it created was timed, for its ETA; a done batch has nothing left.
     assert_eq!(done.runs, 7);
     assert!(done.run_ms > 0);
-    let eta = done.eta(klingq_core::job::now_ms());
+    let eta = done.eta(klingq_core::job::now_ms(), None);
     assert_eq!((eta.remaining_secs, eta.remaining_usd), (Some(0.0), 0.0));
     env.queue.delete_namespace().await.unwrap();
 }

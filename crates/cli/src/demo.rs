@@ -273,7 +273,9 @@ async fn demo(
     let cost = CostModel {
         usd_per_second: settings.worker.usd_per_second,
     };
-    let producer = Producer::new(queue.clone(), cost).with_tenants(settings.tenants.clone());
+    let producer = Producer::new(queue.clone(), cost)
+        .with_tenants(settings.tenants.clone())
+        .with_provider_slots(settings.worker.provider_concurrency);
     let mut api_config = settings.api.clone();
     api_config.tokens.clear();
     if !callback_secrets.is_empty() {

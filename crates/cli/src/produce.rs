@@ -378,7 +378,8 @@ async fn connect(settings: &Settings, cost: CostModel) -> anyhow::Result<Produce
     Ok(Producer::connect(settings.queue.clone(), cost)
         .await?
         .with_max_batch_jobs(settings.api.max_batch_jobs)
-        .with_tenants(settings.tenants.clone()))
+        .with_tenants(settings.tenants.clone())
+        .with_provider_slots(settings.worker.provider_concurrency))
 }
 
 fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
@@ -872,8 +873,16 @@ fn tenants_table(tenants: &[klingq_producer::view::TenantView]) -> String {
 pub(crate) fn eta_text(eta: &klingq_producer::view::EtaView) -> String {
     match (eta.remaining_secs, &eta.finish_at) {
         (Some(secs), Some(at)) => format!(
-            "eta          ~{} (estimate: at {at}), ~${:.2} left",
+            "eta          ~{} (estimate{}: at {at}), ~${:.2} left",
             human_secs(secs),
+            match eta.basis.as_str() {
+                "fair_share" => ", from every tenant's jobs left and the fair share",
+                _ => ", at the provider slots it holds now",
+            },
+            eta.remaining_usd
+        ),
+        _ if eta.basis == "paused" => format!(
+            "eta          none while paused (resume it to go on), ~${:.2} left",
             eta.remaining_usd
         ),
         _ => format!(

@@ -25,7 +25,8 @@ pub(crate) async fn run(args: ServeArgs, settings: Settings) -> anyhow::Result<(
     };
     let producer = Producer::connect(settings.queue, cost)
         .await?
-        .with_tenants(settings.tenants.clone());
+        .with_tenants(settings.tenants.clone())
+        .with_provider_slots(settings.worker.provider_concurrency);
     let listener = tokio::net::TcpListener::bind(&config.bind)
         .await
         .with_context(|| format!("listening on {}", config.bind))?;

@@ -18,7 +18,7 @@ pub mod urls;
 pub mod validation;
 
 pub use cost::CostModel;
-pub use eta::{BatchEta, EtaInputs};
+pub use eta::{BatchEta, EtaBasis, EtaInputs, ProviderLoad, TenantLoad};
 pub use event::{CompletionEvent, EventType, JobEventData};
 pub use job::{
     BatchId, Checkpoint, JobError, JobId, JobSpec, JobState, Priority, ProviderCheckpoint,

@@ -30,7 +30,8 @@ pub use config::ApiConfig;
 pub use error::{BatchErrors, CappedErrors, MAX_ERROR_DETAILS, ProducerError};
 pub use ops::StatsLimits;
 pub use producer::{
-    BatchCheck, BatchOptions, DEFAULT_MIN_FINISHED, MAX_BATCH_IDEMPOTENCY_KEY_BYTES, Producer,
-    RedriveTarget, batch_error_details, canonical_id, check_batch_options, is_event_cursor,
+    BatchCheck, BatchOptions, DEFAULT_MIN_FINISHED, DEFAULT_PROVIDER_SLOTS,
+    MAX_BATCH_IDEMPOTENCY_KEY_BYTES, Producer, RedriveTarget, batch_error_details, canonical_id,
+    check_batch_options, is_event_cursor,
 };
 pub use tenants::{MAX_TENANT_LABELS, OTHER_TENANTS, TenantMetrics};

@@ -11,7 +11,9 @@ use klingq_core::cost::{micros_to_usd, usd_to_micros};
 use klingq_core::{
     CostModel, FieldError, JobId, JobSpec, JobState, TraceParent, ValidationErrors, redact_url,
 };
-use klingq_queue::{CancelOutcome, NewJob, Queue, QueueConfig, QueueError, RedriveOutcome};
+use klingq_queue::{
+    BatchRecord, CancelOutcome, NewJob, Queue, QueueConfig, QueueError, RedriveOutcome,
+};
 use serde_json::json;
 use time::OffsetDateTime;
 use tracing::Instrument;
@@ -28,6 +30,10 @@ pub const MAX_BATCH_IDEMPOTENCY_KEY_BYTES: usize = 200;
 
 /// The finished jobs a batch's `max_failure_rate` waits for before it judges.
 pub const DEFAULT_MIN_FINISHED: u64 = 20;
+
+/// The provider slots a producer assumes the workers allow unless told
+/// ([`Producer::with_provider_slots`]): the workers' default `provider_concurrency`.
+pub const DEFAULT_PROVIDER_SLOTS: u64 = 10;
 
 /// Jobs cancelled concurrently when cancelling a batch.
 const CANCEL_CONCURRENCY: usize = 32;
@@ -72,6 +78,7 @@ pub struct Producer {
     cost: CostModel,
     max_batch_jobs: usize,
     tenants: crate::tenants::TenantPolicies,
+    provider_slots: u64,
 }
 
 impl Producer {
@@ -84,7 +91,19 @@ impl Producer {
             cost,
             max_batch_jobs: 200_000,
             tenants: crate::tenants::TenantPolicies::default(),
+            provider_slots: DEFAULT_PROVIDER_SLOTS,
         }
+    }
+
+    /// The provider runs the workers allow at once (`worker.provider_concurrency`), which the
+    /// batch ETA shares out between tenants (default 10, the workers' default).
+    pub fn with_provider_slots(mut self, slots: u64) -> Self {
+        self.provider_slots = slots;
+        self
+    }
+
+    pub(crate) fn provider_slots(&self) -> u64 {
+        self.provider_slots
     }
 
     /// The settings file's tenant policies (`[tenants.NAME]`): the priority cap at enqueue
@@ -299,7 +318,7 @@ impl Producer {
                     && let Some(record) = self.queue.batch(&opened.id).await?
                     && record.sealed
                 {
-                    let view = BatchView::from_record(record);
+                    let view = BatchView::from_record(record, None);
                     return Ok(BatchAccepted {
                         id: opened.id,
                         created: false,
@@ -430,7 +449,19 @@ impl Producer {
             .batch(&id)
             .await?
             .ok_or(ProducerError::BatchNotFound(id))?;
-        Ok(BatchView::from_record(record))
+        let load = self.load_for(&record).await?;
+        Ok(BatchView::from_record(record, load.as_ref()))
+    }
+
+    /// The provider's load for a batch's ETA: read only while the batch has jobs left.
+    pub async fn load_for(
+        &self,
+        record: &BatchRecord,
+    ) -> Result<Option<klingq_core::ProviderLoad>, ProducerError> {
+        if record.done || record.terminal >= record.total {
+            return Ok(None);
+        }
+        Ok(Some(self.provider_load().await?))
     }
 
     /// A page of the batch's jobs, in enqueue order.

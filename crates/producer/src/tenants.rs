@@ -207,6 +207,45 @@ impl TenantMetrics {
 }
 
 impl Producer {
+    /// The provider's load now, as the batch ETA plays the fair share forward: the live cap
+    /// of the shared provider limit (the configured slots, lowered while the provider
+    /// throttles) and every tenant with jobs left, with its policy in force, the runs it
+    /// holds, its runs' measured times and its mean cost started.
+    pub async fn provider_load(&self) -> Result<klingq_core::ProviderLoad, ProducerError> {
+        let queue = self.queue();
+        let (usage, policies, (_, slots)) = tokio::try_join!(
+            async { Ok::<_, ProducerError>(queue.tenant_usage().await?) },
+            self.policy_snapshot(),
+            async {
+                Ok::<_, ProducerError>(
+                    queue
+                        .slot_usage(klingq_queue::PROVIDER_LIMIT, self.provider_slots())
+                        .await?,
+                )
+            },
+        )?;
+        let tenants = usage
+            .into_iter()
+            .filter(|u| u.active() > 0)
+            .map(|u| {
+                let policy = policies.policy(&u.tenant);
+                let started = u.runs + u.in_flight;
+                klingq_core::TenantLoad {
+                    weight: policy.weight,
+                    max_concurrency: policy.max_concurrency,
+                    remaining: u.active(),
+                    running: u.in_flight,
+                    runs: u.runs,
+                    run_ms: u.run_ms,
+                    mean_micros: (started > 0 && u.started_micros > 0)
+                        .then(|| u.started_micros as f64 / started as f64),
+                    tenant: u.tenant,
+                }
+            })
+            .collect();
+        Ok(klingq_core::ProviderLoad { slots, tenants })
+    }
+
     /// Reads every tenant's usage for one scrape of `/metrics`.
     pub async fn tenant_metrics(&self) -> Result<TenantMetrics, ProducerError> {
         Ok(tenant_metrics(self.queue().tenant_usage().await?))
@@ -247,6 +286,8 @@ pub(crate) fn top_tenants(
         other.in_flight += u.in_flight;
         other.waiting_for_slot += u.waiting_for_slot;
         other.started_micros += u.started_micros;
+        other.runs += u.runs;
+        other.run_ms += u.run_ms;
         other.reserved_today_micros += u.reserved_today_micros;
         other.charged_today_micros += u.charged_today_micros;
     }

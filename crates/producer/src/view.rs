@@ -326,6 +326,11 @@ pub struct EtaView {
     pub mean_run_secs: Option<f64>,
     /// Provider slots its jobs hold now.
     pub slots_now: u64,
+    /// What the time rests on: `fair_share` (every tenant's jobs left played forward
+    /// through the provider's slots, shared as the scheduler shares them), `slots_now` (the
+    /// batch keeps the slots it holds now) or `paused` (no time until it is resumed).
+    #[schema(pattern = "^(fair_share|slots_now|paused)$")]
+    pub basis: String,
 }
 
 impl From<klingq_core::BatchEta> for EtaView {
@@ -337,13 +342,16 @@ impl From<klingq_core::BatchEta> for EtaView {
             remaining_usd: eta.remaining_usd,
             mean_run_secs: eta.mean_run_secs,
             slots_now: eta.slots_now,
+            basis: eta.basis.as_str().to_owned(),
         }
     }
 }
 
 impl BatchView {
-    pub fn from_record(record: BatchRecord) -> Self {
-        let eta = EtaView::from(record.eta(klingq_core::job::now_ms()));
+    /// The view of `record`; its ETA plays the fair share forward over `provider`, when
+    /// given ([`crate::Producer::provider_load`]).
+    pub fn from_record(record: BatchRecord, provider: Option<&klingq_core::ProviderLoad>) -> Self {
+        let eta = EtaView::from(record.eta(klingq_core::job::now_ms(), provider));
         let mut counts: BTreeMap<String, u64> = JobState::ALL
             .iter()
             .map(|state| (state.as_str().to_owned(), 0))

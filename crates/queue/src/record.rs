@@ -163,8 +163,22 @@ impl BatchRecord {
         })
     }
 
-    /// The batch's estimated finish and remaining spend, now.
-    pub fn eta(&self, now_ms: u64) -> klingq_core::BatchEta {
+    /// The batch's tenant (`default` when it names none).
+    pub fn tenant(&self) -> &str {
+        self.info
+            .get("tenant")
+            .and_then(Value::as_str)
+            .unwrap_or(klingq_core::DEFAULT_TENANT)
+    }
+
+    /// The batch's estimated finish and remaining spend, now: with `provider` (every
+    /// tenant's load, [`crate::Queue::provider_load`]) the fair share is played forward;
+    /// without it the batch is assumed to keep the slots it holds.
+    pub fn eta(
+        &self,
+        now_ms: u64,
+        provider: Option<&klingq_core::ProviderLoad>,
+    ) -> klingq_core::BatchEta {
         let remaining = self.total.saturating_sub(self.terminal);
         let running = ["submitting", "generating"]
             .iter()
@@ -182,6 +196,9 @@ impl BatchRecord {
             run_ms: self.run_ms,
             remaining_micros,
             now_ms,
+            tenant: self.tenant(),
+            provider,
+            paused: self.paused,
         })
     }
 }

@@ -33,6 +33,9 @@ pub struct TenantUsage {
     pub waiting_for_slot: u64,
     /// Estimated micro-dollars of the runs the tenant started at the provider.
     pub started_micros: u64,
+    /// The tenant's runs that ended, and their summed time from create to end (ms).
+    pub runs: u64,
+    pub run_ms: u64,
     /// Estimated spend reserved today (UTC), against the tenant's daily budget.
     pub reserved_today_micros: u64,
     /// What the provider charged for the tenant's jobs that finished today (UTC).
@@ -128,6 +131,8 @@ impl Queue {
                 match counter {
                     "enqueued" => usage.enqueued += value,
                     "redriven" => usage.redriven += value,
+                    "runs" => usage.runs += value,
+                    "run_ms" => usage.run_ms += value,
                     other => {
                         if let Some(outcome) = other.strip_prefix("finished:") {
                             *usage.finished.entry(outcome.to_owned()).or_default() += value;

@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use clap::Args;
-use klingq_core::{BatchEta, EtaInputs};
+use klingq_core::{BatchEta, EtaInputs, ProviderLoad, TenantLoad};
 use klingq_queue::{NewJob, PROVIDER_LIMIT, Queue, SlotClaim};
 use serde::Serialize;
 
@@ -310,7 +310,50 @@ async fn run_scenario(
         .map(|t| ((t.share - t.target) / t.target).abs() * 100.0)
         .fold(0.0, f64::max);
 
-    // ETA: each tenant's jobs as one batch, sampled when a fraction of it is done.
+    // ETA: each tenant's jobs as one batch, sampled when a fraction of it is done, from what
+    // the batch view would read then: every tenant's jobs left, runs held, runs ended and
+    // their time, mean cost started.
+    let mut start_of = vec![f64::INFINITY; jobs.len()];
+    for (s, i) in &starts {
+        start_of[*i] = *s;
+    }
+    let load_at = |at: f64| ProviderLoad {
+        slots: args.slots,
+        tenants: scenario
+            .tenants
+            .iter()
+            .enumerate()
+            .map(|(t, plan)| {
+                let mine = (0..jobs.len()).filter(|i| jobs[*i].tenant == t);
+                let (mut remaining, mut running, mut runs, mut run_ms) = (0, 0, 0, 0.0);
+                let (mut started, mut started_micros) = (0u64, 0u64);
+                for i in mine {
+                    let begun = start_of[i] <= at;
+                    if begun {
+                        started += 1;
+                        started_micros += jobs[i].micros;
+                    }
+                    if finished_at[i] <= at {
+                        runs += 1;
+                        run_ms += (finished_at[i] - start_of[i]) * 1000.0;
+                    } else {
+                        remaining += 1;
+                        running += u64::from(begun);
+                    }
+                }
+                TenantLoad {
+                    tenant: plan.name.clone(),
+                    weight: plan.weight,
+                    max_concurrency: 0,
+                    remaining,
+                    running,
+                    runs,
+                    run_ms: run_ms as u64,
+                    mean_micros: (started > 0).then(|| started_micros as f64 / started as f64),
+                }
+            })
+            .collect(),
+    };
     let mut eta = Vec::new();
     for (t, plan) in scenario.tenants.iter().enumerate() {
         let mine: Vec<usize> = (0..jobs.len()).filter(|i| jobs[*i].tenant == t).collect();
@@ -320,33 +363,18 @@ async fn run_scenario(
         for fraction in [0.10, 0.25, 0.50, 0.75] {
             let k = ((fraction * mine.len() as f64).ceil() as usize).max(1);
             let at = ends[k - 1];
-            let start_of = |i: usize| {
-                starts
-                    .iter()
-                    .find(|(_, j)| *j == i)
-                    .map_or(0.0, |(s, _)| *s)
-            };
-            let done: Vec<usize> = mine
-                .iter()
-                .copied()
-                .filter(|i| finished_at[*i] <= at)
-                .collect();
-            let running_now = mine
-                .iter()
-                .filter(|i| finished_at[**i] > at && start_of(**i) <= at)
-                .count() as u64;
-            let run_ms: f64 = done
-                .iter()
-                .map(|i| (finished_at[*i] - start_of(*i)) * 1000.0)
-                .sum();
-            let remaining = (mine.len() - done.len()) as u64;
+            let provider = load_at(at);
+            let own = &provider.tenants[t];
             let estimate = BatchEta::estimate(EtaInputs {
-                remaining,
-                running: running_now,
-                runs: done.len() as u64,
-                run_ms: run_ms as u64,
+                remaining: own.remaining,
+                running: own.running,
+                runs: own.runs,
+                run_ms: own.run_ms,
                 remaining_micros: 0,
                 now_ms: 0,
+                tenant: &plan.name,
+                provider: Some(&provider),
+                paused: false,
             });
             if let Some(secs) = estimate.remaining_secs
                 && real_finish > at
@@ -429,4 +457,53 @@ fn print_figures(scenario: &Scenario, f: &ScenarioFigures) {
         worst(0.50),
         worst(0.75)
     );
+}
+
+#[cfg(test)]
+mod tests {
+    //! The figures docs/benchmarks.md and the README state, on the real scheduler scripts
+    //! (a real Redis) in virtual time: deterministic (seeded run times), no wall clock.
+    use super::*;
+
+    async fn figures(scenario: &str) -> ScenarioFigures {
+        let mut settings = crate::settings::load_with(None, |_| None).unwrap();
+        settings.queue.redis_url = klingq_testkit::redis::redis_url();
+        let args = FairnessBenchArgs {
+            slots: 4,
+            scenario: Some(scenario.to_owned()),
+            seed: 7,
+        };
+        let scenario = scenarios()
+            .into_iter()
+            .find(|s| s.name == scenario)
+            .unwrap();
+        run_scenario(&scenario, &args, &settings).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn dollars_are_shared_by_weight_and_the_batch_eta_holds_within_a_quarter() {
+        for scenario in ["1:1", "3:1", "10"] {
+            let f = figures(scenario).await;
+            assert!(
+                f.max_deviation_pct <= 20.0,
+                "{scenario}: dollars started {:.1} % off the weighted share",
+                f.max_deviation_pct
+            );
+            // Every tenant's batch, sampled at 10, 25, 50 and 75 % done.
+            let samples = f.eta.len();
+            assert!(
+                samples >= 4 * f.tenants.len() - 1,
+                "{scenario}: {samples} samples"
+            );
+            for e in &f.eta {
+                assert!(
+                    e.error_pct.abs() <= 25.0,
+                    "{scenario}: {}'s ETA at {:.0} % done off by {:.0} %",
+                    e.tenant,
+                    e.at_done * 100.0,
+                    e.error_pct
+                );
+            }
+        }
+    }
 }

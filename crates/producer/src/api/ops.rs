@@ -342,9 +342,14 @@ pub(crate) async fn list_batches(
         .collect()
         .await;
     let mut items = Vec::with_capacity(records.len());
+    // One read of the provider's load serves every batch of the page.
+    let mut load: Option<klingq_core::ProviderLoad> = None;
     for record in records {
         if let Some(record) = record.map_err(queue_error)? {
-            items.push(BatchView::from_record(record));
+            if load.is_none() {
+                load = app.producer.load_for(&record).await?;
+            }
+            items.push(BatchView::from_record(record, load.as_ref()));
         }
     }
     Ok(Json(BatchListPage {

@@ -928,10 +928,12 @@ function renderBatchHead(batch) {
 
 // A batch's estimated finish, labelled as one.
 function etaText(eta) {
+  if (eta && eta.basis === 'paused') return 'none while paused';
   if (!eta || eta.remaining_secs == null) return 'estimating…';
   const secs = Math.round(eta.remaining_secs);
   const span = secs < 120 ? `${secs} s` : secs < 7200 ? `${Math.round(secs / 60)} min` : `${(secs / 3600).toFixed(1)} h`;
-  return `~${span}` + (eta.finish_at ? ` (${when(eta.finish_at)})` : '');
+  const basis = eta.basis === 'fair_share' ? ', from every tenant\'s jobs left and the fair share' : ', at the slots it holds now';
+  return `~${span}` + (eta.finish_at ? ` (${when(eta.finish_at)}${basis})` : '');
 }
 
 function videoTile(job) {

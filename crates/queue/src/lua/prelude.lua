@@ -357,10 +357,15 @@ local function finish(job, state, reason, err, ev, charged, fields)
     redis.call('EXPIRE', ck, 3 * 86400, 'NX')
   end
   if state == 'dead' then redis.call('ZADD', K.dead(job.q), now(), job.id) end
-  if job.batch and submitted then
-    -- How long the batch's runs take from their create to their end (its ETA).
-    count(K.batch(job.batch), 'run_ms', now() - submitted)
-    count(K.batch(job.batch), 'runs', 1)
+  if submitted then
+    -- How long the runs take from their create to their end, per batch and per tenant (the
+    -- batch ETA's run times).
+    if job.batch then
+      count(K.batch(job.batch), 'run_ms', now() - submitted)
+      count(K.batch(job.batch), 'runs', 1)
+    end
+    count(stats, 't:' .. job.tenant .. ':run_ms', now() - submitted)
+    count(stats, 't:' .. job.tenant .. ':runs', 1)
   end
   count(stats, 'finished:' .. state, 1)
   count(stats, 't:' .. job.tenant .. ':finished:' .. state, 1)
