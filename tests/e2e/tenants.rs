@@ -44,8 +44,13 @@ async fn enqueue_into(
     batch: Option<&str>,
 ) -> Vec<String> {
     let jobs: Vec<NewJob> = (0..n).map(|i| clip(tenant, seconds, i)).collect();
+    enqueue_jobs(env, &jobs, batch).await
+}
+
+/// Enqueues `jobs` (into `batch`), returning their ids.
+async fn enqueue_jobs(env: &Env, jobs: &[NewJob], batch: Option<&str>) -> Vec<String> {
     env.queue
-        .enqueue_many(&jobs, batch)
+        .enqueue_many(jobs, batch)
         .await
         .unwrap()
         .into_iter()
@@ -232,14 +237,7 @@ async fn a_batch_past_its_failure_guard_pauses_and_a_resume_finishes_it() {
             job
         })
         .collect();
-    let moderated_ids: Vec<String> = env
-        .queue
-        .enqueue_many(&moderated, Some(&batch))
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let moderated_ids = enqueue_jobs(&env, &moderated, Some(&batch)).await;
     let worker = InProcessWorker::start_with(env.services.worker_settings()).await;
     for id in &moderated_ids {
         wait_for(
@@ -267,14 +265,7 @@ async fn a_batch_past_its_failure_guard_pauses_and_a_resume_finishes_it() {
 
     // Jobs that come after are held: scheduled, with the reason, and nothing created.
     let later: Vec<NewJob> = (0..4).map(|i| clip("default", 5, 10 + i)).collect();
-    let later_ids: Vec<String> = env
-        .queue
-        .enqueue_many(&later, Some(&batch))
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let later_ids = enqueue_jobs(&env, &later, Some(&batch)).await;
     env.queue.seal_batch(&batch).await.unwrap();
     wait_for("the later jobs held", Duration::from_secs(60), || async {
         let records = env.queue.jobs(&later_ids).await.ok()?;
