@@ -273,7 +273,8 @@ pub(crate) struct BatchQuery {
     operation_id = "create_batch",
     params(
         ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 200,
-            description = "Retries with the same key return the first batch."),
+            pattern = "^[!-~]([ -~]*[!-~])?$",
+            description = "Retries with the same key return the first batch. Visible ASCII (spaces inside), no control character."),
         ("traceparent" = Option<String>, Header,
             description = "W3C Trace Context: the batch's enqueue continues the caller's trace; each job gets a trace of its own, linked to it. An invalid value is ignored."),
     ),
