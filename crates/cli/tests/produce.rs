@@ -1,6 +1,6 @@
 //! The producer commands, run as the built `klingq` binary against the shared Redis, each test
 //! in its own namespace: enqueue, batch files (JSON Lines and CSV, good and bad), `--wait`,
-//! status, cancel, dead letters, events, `--json` output and exit codes.
+//! status, cancel, dead letters, events, tenants, `--json` output and exit codes.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -824,4 +824,90 @@ async fn rediss_sentinel_verifies_the_certificates_of_sentinels_and_primary() {
         format!("# redis: sentinel (service mymaster), primaries [127.0.0.1:{primary}], TLS")
     );
     refused_without_trust(&cli, &url);
+}
+
+/// `klingq tenants` lists each tenant's policy (from the settings file), its jobs per state
+/// and its spend, as a table and as `GET /v1/tenants`' JSON; `--tenant` puts a job and a batch
+/// in a tenant, whose priority cap holds.
+#[tokio::test]
+async fn tenants_lists_policies_jobs_and_spend() {
+    let cli = Cli::new("cli-tenants").await;
+    let config = cli.file(
+        "tenants.toml",
+        "[tenants.acme]\nweight = 3.0\nmax_concurrency = 2\ndaily_budget_usd = 50.0\n\
+         priority_cap = \"normal\"\n",
+    );
+    let with_config = |args: &[&str]| {
+        let mut all = vec!["--config", config.as_str()];
+        all.extend_from_slice(args);
+        all.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let run = |args: Vec<String>| {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli.ok(&refs)
+    };
+    let empty = run(with_config(&["tenants"]));
+    assert!(
+        empty.contains("acme"),
+        "a configured tenant is listed: {empty}"
+    );
+    let id = run(with_config(&[
+        "enqueue",
+        "--tenant",
+        "acme",
+        "--priority",
+        "high",
+        "--image",
+        "https://example.com/a.png",
+        "--prompt",
+        "a fox runs",
+    ]));
+    let job = cli.json(&["status", id.trim(), "--json"]);
+    assert_eq!(job["tenant"], "acme");
+    assert_eq!(job["priority"], "normal", "acme's priority cap: {job}");
+    let file = cli.file(
+        "globex.jsonl",
+        &format!("{}\n{}\n", job_line(1), job_line(2)),
+    );
+    let accepted = run(with_config(&[
+        "batch", "submit", &file, "--tenant", "globex", "--json",
+    ]));
+    let accepted: Value = serde_json::from_str(accepted.trim()).unwrap();
+    assert_eq!(accepted["total"], 2, "{accepted}");
+
+    let listed: Value =
+        serde_json::from_str(run(with_config(&["tenants", "--json"])).trim()).unwrap();
+    let tenants = listed["tenants"].as_array().unwrap();
+    let find = |name: &str| {
+        tenants
+            .iter()
+            .find(|t| t["tenant"] == name)
+            .unwrap_or_else(|| panic!("{name} missing in {listed}"))
+            .clone()
+    };
+    let acme = find("acme");
+    assert_eq!(acme["source"], "file");
+    assert_eq!(acme["policy"]["weight"], 3.0);
+    assert_eq!(acme["policy"]["max_concurrency"], 2);
+    assert_eq!(acme["policy"]["daily_budget_usd"], 50.0);
+    assert_eq!(acme["counts"]["enqueued"], 1);
+    assert_eq!(acme["in_flight"], 0);
+    let globex = find("globex");
+    assert_eq!(globex["policy"]["weight"], 1.0);
+    assert_eq!(globex["counts"]["enqueued"], 2);
+    assert_eq!(globex["spend_today"]["charged_usd"], 0.0);
+
+    let table = run(with_config(&["tenants"]));
+    let row = |name: &str| {
+        table
+            .lines()
+            .find(|line| line.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no {name} row: {table}"))
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert!(table.starts_with("tenant"), "{table}");
+    assert_eq!(row("acme")[1..3], ["3".to_owned(), "2".to_owned()]);
+    assert_eq!(row("globex")[1..3], ["1".to_owned(), "-".to_owned()]);
 }

@@ -44,7 +44,7 @@ pub use api::{
 pub use config::{ConfigError, EndpointConfig, WebhookConfig, parse_duration};
 pub use dispatch::DISPATCH_GROUP;
 pub use error::WebhookError;
-pub use payload::{BatchCompletedData, EndpointSource, endpoint_id};
+pub use payload::{BatchCompletedData, BatchPausedData, EndpointSource, endpoint_id};
 pub use run::run_webhooks;
 pub use signing::{
     SecretError, SignedHeaders, VerifyError, WebhookSecret, parse_secrets, sign, signature_header,

@@ -1,6 +1,6 @@
-//! Wire formats this crate owns: the `batch.completed` data (published by the queue's Lua, so
-//! described here and checked against docs/schemas/), and the delivery job stored in the
-//! `webhooks` queue.
+//! Wire formats this crate owns: the `batch.completed` and `batch.paused` data (published by
+//! the queue's Lua, so described here and checked against docs/schemas/), and the delivery
+//! job stored in the `webhooks` queue.
 
 use std::collections::BTreeMap;
 
@@ -22,6 +22,19 @@ pub struct BatchCompletedData {
     pub estimated_usd: f64,
     /// What the provider charged for the batch, in USD.
     pub charged_usd: f64,
+}
+
+/// The `data` of a `batch.paused` event, as the queue publishes it when a batch's failure
+/// guard (`max_failure_rate`, `max_failed`) is exceeded. Counts are since the last resume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BatchPausedData {
+    pub batch_id: String,
+    /// Why, in words: which limit was passed and by how much.
+    pub reason: String,
+    /// Jobs that failed for good (moderation, invalid input, …) since the last resume.
+    pub failed: u64,
+    /// Jobs that finished (in any final state) since the last resume.
+    pub finished: u64,
 }
 
 /// Where a delivery's endpoint came from, which decides its secret.

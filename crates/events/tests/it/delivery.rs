@@ -242,6 +242,72 @@ async fn events_reach_job_batch_and_global_endpoints_signed_and_once() {
     assert_eq!(detail.attempts_log[0].outcome, AttemptOutcome::Succeeded);
 }
 
+/// A batch whose failure guard trips tells its webhook, and the endpoints that subscribe to
+/// `batch.paused`, once, signed, with a body its schema describes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_batch_sends_batch_paused_to_its_webhook_and_subscribers() {
+    let queue = video_queue("wh-paused", |_| {}).await;
+    let secret = new_secret();
+    let ops_secret = new_secret();
+    let receiver = Receiver::start(
+        loopback(),
+        &[("/batch", &[&secret]), ("/paused-only", &[&ops_secret])],
+    )
+    .await;
+    let mut webhook_config = config(&secret, &["100ms"]);
+    webhook_config.endpoints = vec![EndpointConfig {
+        name: "ops".into(),
+        url: receiver.url("/paused-only"),
+        secret: ops_secret.as_str().into(),
+        event_types: vec![klingq_core::EventType::BatchPaused],
+    }];
+    let webhooks = spawn_webhooks(&queue, webhook_config);
+    let batch = klingq_core::JobId::new().to_string();
+    queue
+        .open_batch(
+            &batch,
+            &serde_json::json!({"webhook_url": receiver.url("/batch"), "max_failed": 1}),
+            0,
+        )
+        .await
+        .unwrap();
+    let jobs = vec![video_job(None, Ending::Fail), video_job(None, Ending::Fail)];
+    queue.enqueue_many(&jobs, Some(&batch)).await.unwrap();
+    let video_worker = spawn_video_worker(&queue);
+
+    // Two job.failed events and the pause reach the batch's URL; only the pause the
+    // subscriber's.
+    let at_batch = receiver.wait_for("/batch", 3, WAIT).await;
+    let at_ops = receiver.wait_for("/paused-only", 1, WAIT).await;
+    video_worker.stop().await;
+    webhooks.stop().await.unwrap();
+    let paused: Vec<_> = at_batch
+        .iter()
+        .filter(|r| r.json()["type"] == "batch.paused")
+        .collect();
+    assert_eq!(paused.len(), 1, "{at_batch:?}");
+    assert_eq!(at_ops.len(), 1);
+    assert_eq!(at_ops[0].id, paused[0].id, "one event, two endpoints");
+    for request in [paused[0], &at_ops[0]] {
+        assert_eq!(
+            request.n_secrets_matched, 1,
+            "signed with the endpoint's secret"
+        );
+        let body = request.json();
+        assert_valid("batch.paused", &body);
+        assert_eq!(body["id"], request.id);
+    }
+    let body = paused[0].json();
+    assert_eq!(body["data"]["batch_id"], batch.as_str());
+    assert_eq!(body["data"]["failed"], 2);
+    assert_eq!(body["data"]["finished"], 2);
+    assert_eq!(
+        body["data"]["reason"],
+        "2 jobs failed, more than max_failed 1"
+    );
+    assert!(queue.batch(&batch).await.unwrap().unwrap().paused);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_arrives_after_the_receiver_was_down_for_a_while() {
     let queue = video_queue("wh-down", |_| {}).await;

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use klingq_core::{
     CompletionEvent, EventType, JobError, JobEventData, JobId, JobState, StoredVideo,
 };
-use klingq_events::BatchCompletedData;
+use klingq_events::{BatchCompletedData, BatchPausedData};
 use serde_json::{Value, json};
 
 /// Keywords the validator understands; a schema using another one fails the test, so the
@@ -316,12 +316,24 @@ fn examples() -> BTreeMap<&'static str, String> {
             charged_usd: 1.4,
         },
     };
+    let paused = Body {
+        id: format!("evt_batch_{}_paused_0", job_id(2)),
+        event_type: "batch.paused",
+        timestamp: "2026-11-24T10:16:01.500Z",
+        data: BatchPausedData {
+            batch_id: job_id(2).to_string(),
+            reason: "3 jobs failed, more than max_failed 2".into(),
+            failed: 3,
+            finished: 5,
+        },
+    };
     let pretty = |value: &dyn erased::Render| value.render();
     BTreeMap::from([
         ("job.succeeded", pretty(&succeeded)),
         ("job.failed", pretty(&failed)),
         ("job.cancelled", pretty(&cancelled)),
         ("batch.completed", pretty(&batch)),
+        ("batch.paused", pretty(&paused)),
     ])
 }
 
@@ -367,13 +379,16 @@ fn schemas_match_payloads_built_from_core_types() {
         );
         assert_eq!(event.event_type.as_str(), event_type);
     }
-    let batch: Value = serde_json::from_str(&examples()["batch.completed"]).unwrap();
-    assert_valid("batch.completed", &batch);
-    let schema = load_schema("batch.completed");
-    assert_eq!(
-        uncovered(&schema, &schema, &batch, "$"),
-        Vec::<String>::new()
-    );
+    for event_type in ["batch.completed", "batch.paused"] {
+        let batch: Value = serde_json::from_str(&examples()[event_type]).unwrap();
+        assert_valid(event_type, &batch);
+        let schema = load_schema(event_type);
+        assert_eq!(
+            uncovered(&schema, &schema, &batch, "$"),
+            Vec::<String>::new(),
+            "{event_type}"
+        );
+    }
     // Minimal bodies (every optional field absent) validate too.
     let mut minimal = fullest(EventType::JobSucceeded, JobState::Succeeded);
     minimal.data = JobEventData {
