@@ -837,21 +837,17 @@ async fn tenants_lists_policies_jobs_and_spend() {
         "[tenants.acme]\nweight = 3.0\nmax_concurrency = 2\ndaily_budget_usd = 50.0\n\
          priority_cap = \"normal\"\n",
     );
-    let with_config = |args: &[&str]| {
+    let run = |args: &[&str]| {
         let mut all = vec!["--config", config.as_str()];
         all.extend_from_slice(args);
-        all.into_iter().map(str::to_owned).collect::<Vec<_>>()
+        cli.ok(&all)
     };
-    let run = |args: Vec<String>| {
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        cli.ok(&refs)
-    };
-    let empty = run(with_config(&["tenants"]));
+    let before = run(&["tenants"]);
     assert!(
-        empty.contains("acme"),
-        "a configured tenant is listed: {empty}"
+        before.contains("acme"),
+        "a configured tenant is listed: {before}"
     );
-    let id = run(with_config(&[
+    let id = run(&[
         "enqueue",
         "--tenant",
         "acme",
@@ -861,7 +857,7 @@ async fn tenants_lists_policies_jobs_and_spend() {
         "https://example.com/a.png",
         "--prompt",
         "a fox runs",
-    ]));
+    ]);
     let job = cli.json(&["status", id.trim(), "--json"]);
     assert_eq!(job["tenant"], "acme");
     assert_eq!(job["priority"], "normal", "acme's priority cap: {job}");
@@ -869,14 +865,11 @@ async fn tenants_lists_policies_jobs_and_spend() {
         "globex.jsonl",
         &format!("{}\n{}\n", job_line(1), job_line(2)),
     );
-    let accepted = run(with_config(&[
-        "batch", "submit", &file, "--tenant", "globex", "--json",
-    ]));
+    let accepted = run(&["batch", "submit", &file, "--tenant", "globex", "--json"]);
     let accepted: Value = serde_json::from_str(accepted.trim()).unwrap();
     assert_eq!(accepted["total"], 2, "{accepted}");
 
-    let listed: Value =
-        serde_json::from_str(run(with_config(&["tenants", "--json"])).trim()).unwrap();
+    let listed: Value = serde_json::from_str(run(&["tenants", "--json"]).trim()).unwrap();
     let tenants = listed["tenants"].as_array().unwrap();
     let find = |name: &str| {
         tenants
@@ -897,7 +890,7 @@ async fn tenants_lists_policies_jobs_and_spend() {
     assert_eq!(globex["counts"]["enqueued"], 2);
     assert_eq!(globex["spend_today"]["charged_usd"], 0.0);
 
-    let table = run(with_config(&["tenants"]));
+    let table = run(&["tenants"]);
     let row = |name: &str| {
         table
             .lines()
